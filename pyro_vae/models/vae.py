@@ -1,0 +1,147 @@
+"""The VAE: p(z) p(x|z) as ``model`` and q(z|x) as ``guide``, both methods of one ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pyro_vae.nets import Decoder, Encoder
+
+__all__ = ["LIKELIHOODS", "VAE"]
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+class VAE(nn.Module):
+    """A VAE with a standard normal prior, a diagonal Gaussian guide and a factorised likelihood.
+
+    ``model(x)`` and ``guide(x)`` are ordinary Pyro functions with one ``pyro.plate("data")``
+    over the rows of ``x`` (N, x_dim), so ``SVI(vae.model, vae.guide, optim, Trace_ELBO())``
+    trains them directly.  Subclass and override ``prior``/``guide``/``likelihood`` to extend.
+
+    ``likelihood="bernoulli"`` decodes to logits; ``"gaussian"`` decodes to a mean with a fixed
+    standard deviation ``x_scale``, or a learned per-pixel one when ``x_scale`` is ``None``.
+
+    ``beta`` weights the KL term: the latent site sits inside the same ``poutine.scale(beta)``
+    in model and guide, so ``Trace_ELBO`` optimises E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))
+    (and ``TraceMeanField_ELBO`` scales its analytic KL by the same beta).  The evaluator
+    ignores such scales and always reports the true ELBO and log p(x).
+    """
+
+    plate_name = "data"
+
+    def __init__(
+        self,
+        x_dim: int = 784,
+        z_dim: int = 50,
+        hidden: Sequence[int] = (400,),
+        activation: str = "relu",
+        likelihood: str = "bernoulli",
+        x_scale: float | None = None,
+        beta: float = 1.0,
+        image_shape: Sequence[int] = (28, 28),
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
+        if z_dim <= 0 or x_dim <= 0 or any(h <= 0 for h in hidden):
+            raise ValueError("x_dim, z_dim and hidden sizes must be positive")
+        if not beta > 0:  # poutine.scale needs a positive scale
+            raise ValueError(f"beta must be positive, got {beta}")
+        if x_scale is not None and x_scale <= 0:
+            raise ValueError(f"x_scale must be positive, got {x_scale}")
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.hidden, self.activation = tuple(hidden), activation
+        self.likelihood_name, self.x_scale, self.beta = likelihood, x_scale, beta
+        self.image_shape = tuple(image_shape)
+        self.encoder = Encoder(x_dim, z_dim, hidden, activation)
+        self.decoder = Decoder(z_dim, x_dim, hidden, activation)
+        if likelihood == "gaussian" and x_scale is None:
+            # softplus(0.5413) = 1: a unit standard deviation to start from.
+            self.x_raw_scale = nn.Parameter(torch.full((x_dim,), 0.5413))
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, as plain values (what a checkpoint stores)."""
+        return {
+            "x_dim": self.x_dim,
+            "z_dim": self.z_dim,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "likelihood": self.likelihood_name,
+            "x_scale": self.x_scale,
+            "beta": self.beta,
+            "image_shape": list(self.image_shape),
+        }
+
+    # -- the three distributions ---------------------------------------------------------
+
+    def prior(self) -> dist.TorchDistribution:
+        """p(z): a standard normal over ``z_dim`` dimensions (one event)."""
+        return dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1)
+
+    def likelihood(self, z: Tensor) -> dist.TorchDistribution:
+        """p(x|z): one event of ``x_dim`` independent pixels."""
+        out = self.decoder(z)
+        if self.likelihood_name == "bernoulli":
+            # Logits, not probabilities: no clamping, and no logit<->prob round trip per step.
+            return dist.Bernoulli(logits=out).to_event(1)
+        return dist.Normal(out, self._x_scale()).to_event(1)
+
+    def posterior(self, x: Tensor) -> dist.TorchDistribution:
+        """q(z|x): a diagonal normal from the encoder (one event)."""
+        loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def _x_scale(self) -> Tensor | float:
+        if self.x_scale is not None:
+            return self.x_scale
+        return F.softplus(self.x_raw_scale) + 1e-3
+
+    # -- model and guide -----------------------------------------------------------------
+
+    def model(self, x: Tensor) -> None:
+        """p(z) p(x|z) for a batch x (N, x_dim), observed at site ``"x"``."""
+        pyro.module("vae", self)
+        with pyro.plate(self.plate_name, x.shape[0]):
+            with poutine.scale(scale=self.beta):
+                z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(z), obs=x)
+
+    def guide(self, x: Tensor) -> None:
+        """q(z|x) for a batch x (N, x_dim), at site ``"z"``."""
+        pyro.module("vae", self)
+        with pyro.plate(self.plate_name, x.shape[0]):
+            with poutine.scale(scale=self.beta):
+                pyro.sample("z", self.posterior(x))
+
+    # -- conveniences (no Pyro involved) -------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and standard deviation of z for each row of x."""
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Mean image for each z: pixel probabilities (Bernoulli) or the Gaussian mean."""
+        out = self.decoder(z)
+        return torch.sigmoid(out) if self.likelihood_name == "bernoulli" else out
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean image decoded from the posterior mean of z."""
+        return self.decode(self.encoder(x)[0])
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Mean images decoded from ``n`` draws of the prior, shape (n, x_dim)."""
+        z = torch.randn(n, self.z_dim, generator=generator).to(self._zero.device)
+        return self.decode(z)

@@ -1,0 +1,248 @@
+"""Figures from tensors and results, each written to one PNG.
+
+Uses matplotlib's object API (``matplotlib.figure.Figure``), so no GUI backend or global
+pyplot state is touched, and ``torchvision.utils.make_grid`` for image grids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import make_grid
+
+__all__ = [
+    "image_grid",
+    "plot_bound_vs_k",
+    "plot_curves",
+    "plot_histogram",
+    "plot_images",
+    "plot_khat",
+    "plot_latent_map",
+    "plot_reconstructions",
+    "save_marginal_likelihood_figures",
+    "save_vae_figures",
+]
+
+
+def _save(fig: Figure, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def image_grid(images: Tensor, image_shape: Sequence[int], nrow: int = 10) -> np.ndarray:
+    """Rows of flat images (N, D) -> one (H, W) grid array with values in [0, 1]."""
+    h, w = image_shape[-2:]
+    x = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+    return grid[0].numpy()
+
+
+def plot_images(
+    images: Tensor, image_shape: Sequence[int], path: Path | str, *, nrow: int = 10, title: str = ""
+) -> Path:
+    """A grid of images (N, D), e.g. samples from the prior or an interpolation."""
+    grid = image_grid(images, image_shape, nrow)
+    fig = Figure(figsize=(grid.shape[1] / 40, grid.shape[0] / 40 + (0.4 if title else 0)))
+    ax = fig.add_subplot()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_reconstructions(
+    originals: Tensor, reconstructions: Tensor, image_shape: Sequence[int], path: Path | str
+) -> Path:
+    """Originals (top row of each pair) above their reconstructions."""
+    n = originals.shape[0]
+    nrow = min(n, 10)
+    rows = []
+    for start in range(0, n, nrow):
+        rows += [originals[start : start + nrow], reconstructions[start : start + nrow]]
+    return plot_images(
+        torch.cat(rows),
+        image_shape,
+        path,
+        nrow=nrow,
+        title="test images (odd rows) and reconstructions",
+    )
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
+    """Training objective and validation ELBO per epoch, in nats per image."""
+    epochs = [m["epoch"] for m in history]
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(epochs, [-m["train_loss"] for m in history], label="train objective (ELBO if beta=1)")
+    if history and "val_elbo" in history[0]:
+        ax.plot(epochs, [m["val_elbo"] for m in history], label="validation ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_latent_map(z: Tensor, labels: Tensor | None, path: Path | str) -> Path:
+    """Posterior means in 2-D, coloured by label; a PCA projection when z has more dimensions."""
+    z = z.detach().float().cpu()
+    if z.shape[1] > 2:
+        centred = z - z.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        z2, title = centred @ v[:2].T, "posterior means, first two principal components"
+    elif z.shape[1] == 2:
+        z2, title = z, "posterior means"
+    else:
+        z2, title = torch.cat([z, torch.zeros_like(z)], 1), "posterior means (1-D)"
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    if labels is None:
+        ax.scatter(z2[:, 0], z2[:, 1], s=2, alpha=0.5)
+    else:
+        labels = labels.cpu()
+        for c in torch.unique(labels).tolist():
+            m = labels == c
+            ax.scatter(z2[m, 0], z2[m, 1], s=2, alpha=0.6, label=str(c), color=f"C{c % 10}")
+        ax.legend(markerscale=5, fontsize=7, loc="best", ncols=2)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_bound_vs_k(
+    ks: Sequence[int], means: Sequence[float], sems: Sequence[float], elbo: float, path: Path | str
+) -> Path:
+    """Mean log p̂_k(x) against k (log axis), with the ELBO as a reference line."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    ax.errorbar(ks, means, yerr=sems, marker="o", capsize=3, label="log p̂_k(x)")
+    ax.axhline(elbo, color="C3", ls="--", label="ELBO")
+    ax.set_xscale("log")
+    ax.set_xlabel("particles k")
+    ax.set_ylabel("nats per image")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_histogram(values: Tensor, path: Path | str, *, xlabel: str, title: str = "") -> Path:
+    """A histogram of per-datapoint values."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    ax.hist(values.detach().cpu().numpy(), bins=50)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("datapoints")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_khat(khat: Tensor, path: Path | str) -> Path:
+    """Pareto k̂ per datapoint with the 0.7 reliability threshold."""
+    k = khat.detach().cpu().numpy()
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.add_subplot()
+    ax.scatter(np.arange(len(k)), k, s=2, alpha=0.5)
+    ax.axhline(0.7, color="C3", ls="--", label="0.7: unreliable above")
+    ax.set_xlabel("datapoint")
+    ax.set_ylabel("Pareto k̂")
+    ax.set_title(f"{(k > 0.7).mean():.1%} of datapoints above 0.7", fontsize=9)
+    ax.legend()
+    return _save(fig, path)
+
+
+def save_vae_figures(
+    vae: Any,
+    images: Tensor,
+    labels: Tensor | None,
+    history: Sequence[Mapping[str, Any]],
+    directory: Path | str,
+    *,
+    seed: int = 0,
+) -> list[Path]:
+    """The standard figures of a trained VAE-like model (with ``encode``, ``decode``,
+    ``reconstruct`` and ``sample``) on held-out images (N, D): ELBO curves, reconstructions,
+    prior samples, the latent map and an interpolation between two images of different labels.
+    """
+    directory = Path(directory)
+    shape = vae.image_shape
+    device = next(vae.parameters()).device
+    x = images.to(device)
+    paths = []
+    if history:
+        paths.append(plot_curves(history, directory / "elbo_curves.png"))
+    originals = x[:30]
+    paths.append(
+        plot_reconstructions(
+            originals, vae.reconstruct(originals), shape, directory / "reconstructions.png"
+        )
+    )
+    gen = torch.Generator().manual_seed(seed)
+    paths.append(
+        plot_images(
+            vae.sample(100, generator=gen),
+            shape,
+            directory / "prior_samples.png",
+            title="samples from the prior (mean images)",
+        )
+    )
+    n_map = min(len(x), 5000)
+    loc = torch.cat([vae.encode(x[i : i + 1000])[0] for i in range(0, n_map, 1000)])
+    paths.append(
+        plot_latent_map(
+            loc, None if labels is None else labels[:n_map], directory / "latent_map.png"
+        )
+    )
+    j = 1
+    if labels is not None:
+        different = (labels != labels[0]).nonzero()
+        j = int(different[0]) if len(different) else 1
+    if len(x) > j:
+        ends = vae.encode(torch.stack([x[0], x[j]]))[0]
+        t = torch.linspace(0, 1, 10, device=device)[:, None]
+        path = vae.decode((1 - t) * ends[0] + t * ends[1])
+        row = torch.cat([x[0:1], path, x[j : j + 1]])
+        paths.append(
+            plot_images(
+                row,
+                shape,
+                directory / "interpolation.png",
+                nrow=12,
+                title="interpolation between two test images in latent space",
+            )
+        )
+    return paths
+
+
+def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list[Path]:
+    """Bound vs K, the histogram of per-datapoint gaps and k̂ per datapoint (when computed)
+    for a ``MarginalLikelihood`` result."""
+    directory = Path(directory)
+    summary = result.summary()
+    ks = sorted(result.bound_vs_k)
+    paths = [
+        plot_bound_vs_k(
+            ks,
+            [summary["bound_vs_k"][str(k)] for k in ks],
+            [summary["bound_vs_k_sem"][str(k)] for k in ks],
+            summary["elbo"],
+            directory / "bound_vs_k.png",
+        ),
+        plot_histogram(
+            result.gap,
+            directory / "gap_histogram.png",
+            xlabel="log p̂(x) − ELBO (nats)",
+            title=f"gap per datapoint, K={result.num_particles}: mean {summary['gap']:.2f} nats",
+        ),
+    ]
+    if result.khat is not None:
+        paths.append(plot_khat(result.khat, directory / "khat.png"))
+    return paths

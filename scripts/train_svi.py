@@ -1,0 +1,235 @@
+"""Train a VAE on MNIST (or Fashion-MNIST) with SVI and report the test ELBO and log p(x).
+
+    python scripts/train_svi.py                 # defaults: a few minutes on a 2-core CPU
+    python scripts/train_svi.py --help
+
+Writes to --out (default runs/vae-<timestamp>): config.json, metrics.jsonl (one line per
+epoch), checkpoint.pt (after every epoch), figures/*.png and evaluation.json.
+All figures are in nats per image.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyro
+from tqdm.auto import tqdm
+
+from pyro_vae.checkpoints import RunDir, default_run_dir, get_rng_state, save_checkpoint
+from pyro_vae.cli import (
+    ArgumentParser,
+    UsageError,
+    add_data_args,
+    add_runtime_args,
+    check_output_dir,
+    hidden_sizes,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    resolve_device,
+    run,
+)
+from pyro_vae.data import BatchLoader, binarize_static, check_images, heldout_split, load_dataset
+from pyro_vae.evaluate import estimate_log_px
+from pyro_vae.models import VAE
+from pyro_vae.nets import ACTIVATIONS
+from pyro_vae.plots import save_vae_figures
+from pyro_vae.train import ELBOS, Trainer, seed_everything
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--epochs", type=positive_int, default=60, help="passes over the training set (default: 60)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, help="images per SVI step (default: 256)"
+    )
+    p.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
+    )
+    p.add_argument("--z-dim", type=positive_int, default=50, help="latent dimensions (default: 50)")
+    p.add_argument(
+        "--hidden",
+        type=hidden_sizes,
+        default=(400,),
+        help="hidden layer sizes, comma-separated (default: 400)",
+    )
+    p.add_argument(
+        "--activation",
+        default="relu",
+        choices=sorted(ACTIVATIONS),
+        help="hidden activation (default: relu)",
+    )
+    p.add_argument(
+        "--likelihood",
+        default="bernoulli",
+        choices=("bernoulli", "gaussian"),
+        help="p(x|z) (default: bernoulli)",
+    )
+    p.add_argument(
+        "--x-scale",
+        type=positive_float,
+        default=None,
+        help="fixed std of the Gaussian likelihood (default: learned per pixel)",
+    )
+    p.add_argument(
+        "--beta", type=positive_float, default=1.0, help="weight of the KL term (default: 1)"
+    )
+    p.add_argument(
+        "--elbo",
+        default="trace",
+        choices=sorted(ELBOS),
+        help="trace: Trace_ELBO; meanfield: analytic KL; jit: JitTrace_ELBO (default: trace)",
+    )
+    p.add_argument(
+        "--num-particles",
+        type=positive_int,
+        default=1,
+        help="particles per ELBO estimate in training (default: 1)",
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=positive_float,
+        default=None,
+        help="clip the gradient norm to this value (default: off)",
+    )
+    p.add_argument(
+        "--eval-particles",
+        type=nonnegative_int,
+        default=500,
+        help="K for the test log p(x) (0: skip; default: 500)",
+    )
+    p.add_argument(
+        "--train-size", type=positive_int, default=None, help="use only the first N training images"
+    )
+    p.add_argument(
+        "--eval-size",
+        type=positive_int,
+        default=None,
+        help="use only the first N validation and test images",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="run directory (default: runs/vae-<timestamp>)"
+    )
+    add_data_args(p)
+    add_runtime_args(p)
+    return p
+
+
+def main(args) -> dict:
+    device = resolve_device(args.device)
+    if args.likelihood == "bernoulli" and args.x_scale is not None:
+        raise UsageError("--x-scale applies to --likelihood gaussian only")
+    out = check_output_dir(args.out or default_run_dir("vae"))
+    seed_everything(args.seed)
+
+    splits = load_dataset(args.dataset, args.data_dir)
+    splits = {
+        "train": splits["train"].subset(slice(0, args.train_size)),
+        "valid": splits["valid"].subset(slice(0, args.eval_size)),
+        "test": splits["test"].subset(slice(0, args.eval_size)),
+    }
+    for name, data in splits.items():
+        check_images(data.images, args.likelihood, args.binarize, name)
+    train = splits["train"]
+    if args.elbo == "jit" and len(train) < args.batch_size:
+        raise UsageError(
+            f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
+        )
+    if args.binarize == "static":
+        train = binarize_static(train, args.seed)
+    valid = heldout_split(splits, "valid", args.binarize, args.seed)
+    test = heldout_split(splits, "test", args.binarize, args.seed)
+
+    pyro.clear_param_store()
+    vae = VAE(
+        x_dim=train.images.shape[1],
+        z_dim=args.z_dim,
+        hidden=args.hidden,
+        activation=args.activation,
+        likelihood=args.likelihood,
+        x_scale=args.x_scale,
+        beta=args.beta,
+        image_shape=train.image_shape,
+    ).to(device)
+    # The data were checked above, so Pyro's per-step argument checks are switched off.
+    trainer = Trainer(
+        vae.model,
+        vae.guide,
+        lr=args.lr,
+        elbo=args.elbo,
+        num_particles=args.num_particles,
+        clip_norm=args.clip_norm,
+        validate=False,
+    )
+    loader = BatchLoader(
+        train,
+        args.batch_size,
+        shuffle=True,
+        binarize="dynamic" if args.binarize == "dynamic" else "none",
+        # JitTrace_ELBO caches its trace by argument count, not shape: no short last batch.
+        drop_last=args.elbo == "jit",
+        seed=args.seed,
+        device=device,
+    )
+
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(out=str(out), model_class="VAE", model_config=vae.config(), device=str(device))
+    rundir = RunDir(out).create()
+    rundir.write_json("config.json", config)
+
+    def on_epoch(trainer: Trainer, metrics: dict) -> None:
+        rundir.write_metrics(trainer.history)
+        save_checkpoint(
+            rundir.checkpoint_path,
+            {
+                "model_class": "VAE",
+                "model_config": vae.config(),
+                "model": vae.state_dict(),
+                "trainer": trainer.state_dict(),
+                "loader": loader.state_dict(),
+                "rng": get_rng_state(),
+                "config": config,
+            },
+        )
+        if not args.quiet:
+            val = f"  val ELBO {metrics['val_elbo']:.2f}" if "val_elbo" in metrics else ""
+            tqdm.write(
+                f"epoch {metrics['epoch']:>3}/{args.epochs}  train objective "
+                f"{-metrics['train_loss']:.2f}{val}  ({metrics['seconds']:.1f} s)"
+            )
+
+    trainer.fit(
+        loader,
+        args.epochs,
+        val_data=(valid.images.to(device),),
+        callbacks=[on_epoch],
+        progress=not args.quiet,
+    )
+
+    test_x = test.images.to(device)
+    report: dict = {"binarize": args.binarize, "dataset": args.dataset, "units": "nats per image"}
+    if args.eval_particles:
+        result = estimate_log_px(
+            vae.model, vae.guide, test_x, num_particles=args.eval_particles, progress=not args.quiet
+        )
+        report.update(result.summary())
+    else:
+        report["elbo"] = trainer.evaluate_elbo(test_x, num_particles=10)
+    rundir.write_json("evaluation.json", report)
+    save_vae_figures(vae, test_x, test.labels, trainer.history, rundir.figures, seed=args.seed)
+
+    lines = [f"test ELBO        {report['elbo']:.2f} nats/image ({args.binarize} binarisation)"]
+    if args.eval_particles:
+        lines += [
+            f"test log p(x)    {report['log_px']:.2f} ± {report['log_px_sem']:.2f} nats/image (K={args.eval_particles})",
+            f"gap (KL to posterior) {report['gap']:.2f} nats/image",
+        ]
+    print("\n".join(lines + [f"run directory    {out}"]))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, build_parser().parse_args()))

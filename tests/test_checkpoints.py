@@ -1,0 +1,95 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import VAE, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from pyro_vae.checkpoints import get_rng_state, set_rng_state
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def vae_state(vae):
+    return {"model_class": "VAE", "model_config": vae.config(), "model": vae.state_dict()}
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    vae = VAE(x_dim=12, z_dim=2, hidden=(5,))
+    path = save_checkpoint(
+        tmp_path / "c.pt", {**vae_state(vae), "epoch": 3, "metrics": [{"a": 1.5}]}
+    )
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == 1 and raw["epoch"] == 3
+    again = model_from_checkpoint(load_checkpoint(path))
+    assert all(torch.equal(p, q) for p, q in zip(vae.parameters(), again.parameters()))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary files left
+
+
+def test_rng_states_round_trip():
+    state = get_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_code_in_a_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format_version": 1, "evil": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    vae = VAE(x_dim=12, z_dim=2, hidden=(5,))
+    path = save_checkpoint(tmp_path / "checkpoint.pt", vae_state(vae))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a pyro-vae checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_architecture_mismatch_is_one_clear_line(tmp_path):
+    vae = VAE(x_dim=12, z_dim=2, hidden=(5,))
+    state = vae_state(vae)
+    state["model_config"]["hidden"] = [6]
+    path = save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match="do not fit the VAE") as info:
+        model_from_checkpoint(load_checkpoint(path))
+    assert "\n" not in str(info.value)
+    state["model_class"] = "Transformer"
+    with pytest.raises(CheckpointError, match="unknown model class"):
+        model_from_checkpoint(state)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

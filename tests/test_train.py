@@ -1,0 +1,101 @@
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_vae import VAE, BatchLoader, NonFiniteError, Trainer, make_elbo
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    return mnist["train"].subset(slice(0, 1024)), mnist["valid"].subset(slice(0, 256))
+
+
+def fit(small, seed=0, epochs=2, **kwargs):
+    train, valid = small
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    vae = VAE(z_dim=8, hidden=(64,))
+    trainer = Trainer(vae.model, vae.guide, lr=3e-3, **kwargs)
+    loader = BatchLoader(train, 128, shuffle=True, binarize="dynamic", seed=seed)
+    val = torch.bernoulli(valid.images, generator=torch.Generator().manual_seed(0))
+    history = trainer.fit(loader, epochs, val_data=(val,), progress=False)
+    return vae, trainer, history
+
+
+def test_loss_decreases(small):
+    _, _, history = fit(small, epochs=4)
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"] + 20
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert history[-1]["step"] == 4 * 8
+
+
+def test_same_seed_same_numbers(small):
+    a, _, ha = fit(small, seed=7)
+    b, _, hb = fit(small, seed=7)
+    c, _, hc = fit(small, seed=8)
+    strip = [{k: v for k, v in m.items() if k != "seconds"} for m in ha]
+    assert strip == [{k: v for k, v in m.items() if k != "seconds"} for m in hb]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert ha[-1]["train_loss"] != hc[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("elbo", ["meanfield", "jit"])
+def test_other_objectives_train(small, elbo):
+    _, trainer, history = fit(small, epochs=2, elbo=elbo)
+    assert all(math.isfinite(m["train_loss"]) for m in history)
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"]
+
+
+def test_vectorised_particles():
+    elbo = make_elbo("trace", num_particles=4)
+    assert elbo.num_particles == 4 and elbo.vectorize_particles
+    vae = VAE(x_dim=10, z_dim=2, hidden=(4,))
+    trainer = Trainer(vae.model, vae.guide, elbo=elbo)
+    assert math.isfinite(trainer.step(torch.bernoulli(torch.full((5, 10), 0.5))))
+
+
+def test_trainer_loss_is_svis_loss():
+    vae = VAE(x_dim=10, z_dim=2, hidden=(4,))
+    x = torch.bernoulli(torch.full((5, 10), 0.5))
+    trainer = Trainer(vae.model, vae.guide)
+    pyro.set_rng_seed(4)
+    ours = float(trainer.elbo.differentiable_loss(vae.model, vae.guide, x).detach())
+    pyro.set_rng_seed(4)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    assert ours == pytest.approx(svi.evaluate_loss(x), rel=1e-6)
+
+
+def test_nonfinite_loss_names_epoch_step_and_site():
+    vae = VAE(x_dim=10, z_dim=2, hidden=(4,))
+    x = torch.bernoulli(torch.full((5, 10), 0.5))
+    trainer = Trainer(vae.model, vae.guide, validate=False)
+    trainer.step(x)
+    with torch.no_grad():
+        vae.decoder.net[-1].bias.fill_(float("nan"))
+    before = [p.detach().clone() for p in vae.parameters()]
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2.*model:x"):
+        trainer.step(x)
+    after = list(vae.parameters())
+    assert all(torch.equal(p, q) or torch.isnan(p).any() for p, q in zip(before, after))
+
+
+def test_skip_nonfinite_counts():
+    vae = VAE(x_dim=10, z_dim=2, hidden=(4,))
+    x = torch.bernoulli(torch.full((5, 10), 0.5))
+    trainer = Trainer(vae.model, vae.guide, skip_nonfinite=True, validate=False)
+    with torch.no_grad():
+        vae.decoder.net[-1].bias.fill_(float("nan"))
+    assert math.isnan(trainer.step(x))
+    assert trainer.skipped_steps == 1
+
+
+def test_bad_trainer_arguments():
+    vae = VAE(x_dim=10, z_dim=2, hidden=(4,))
+    with pytest.raises(ValueError, match="learning rate"):
+        Trainer(vae.model, vae.guide, lr=0)
+    with pytest.raises(ValueError, match="unknown ELBO"):
+        Trainer(vae.model, vae.guide, elbo="renyi")
