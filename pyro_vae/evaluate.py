@@ -176,6 +176,7 @@ def estimate_log_px(
     progress: bool = False,
     max_plate_nesting: int = 1,
     plate_name: str = "data",
+    validate: bool | None = None,
     **kwargs,
 ) -> MarginalLikelihood:
     """Importance-weighted log p(x), ELBO, ESS and PSIS k̂ for every row of ``data``.
@@ -186,7 +187,25 @@ def estimate_log_px(
     memory stays bounded whatever K is.  ``bound_vs_k[k]`` is the mean of log p̂_k(x) over the
     K // k disjoint groups of k particles, for each k in ``ks`` up to K: one run gives the
     whole curve.  k̂ needs at least 20 particles (``None`` otherwise, or when ``psis=False``).
+    ``validate=False`` switches Pyro's distribution checks off for data checked beforehand;
+    ``None`` leaves the global setting alone.
     """
+    if validate is not None:
+        with pyro.validation_enabled(validate):
+            return estimate_log_px(
+                model,
+                guide,
+                *data,
+                num_particles=num_particles,
+                ks=ks,
+                batch_size=batch_size,
+                max_rows=max_rows,
+                psis=psis,
+                progress=progress,
+                max_plate_nesting=max_plate_nesting,
+                plate_name=plate_name,
+                **kwargs,
+            )
     if num_particles < 1:
         raise ValueError(f"num_particles must be positive, got {num_particles}")
     if not data:

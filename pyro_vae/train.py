@@ -189,6 +189,7 @@ class Trainer:
             ks=(),
             psis=False,
             max_plate_nesting=self.max_plate_nesting,
+            validate=self.validate,
         )
         return float(result.elbo.mean())
 

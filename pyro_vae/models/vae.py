@@ -12,6 +12,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyro_vae.distributions import BernoulliImage
 from pyro_vae.nets import Decoder, Encoder
 
 __all__ = ["LIKELIHOODS", "VAE"]
@@ -92,7 +93,7 @@ class VAE(nn.Module):
         out = self.decoder(z)
         if self.likelihood_name == "bernoulli":
             # Logits, not probabilities: no clamping, and no logit<->prob round trip per step.
-            return dist.Bernoulli(logits=out).to_event(1)
+            return BernoulliImage(logits=out)
         return dist.Normal(out, self._x_scale()).to_event(1)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
