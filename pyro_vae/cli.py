@@ -7,6 +7,7 @@ traceback; a run that diverges exits with status 1 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.checkpoints import CheckpointError
+from pyro_vae.checkpoints import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from pyro_vae.data import BINARIZATIONS, DATASETS, DataError
-from pyro_vae.train import NonFiniteError
+from pyro_vae.train import NonFiniteError, TrainingInterrupted
 
 __all__ = [
     "ArgumentParser",
@@ -124,6 +125,84 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
+# Flags a resumed run may change; everything else comes from the run's config.json.
+RESUMABLE_FLAGS = ("epochs", "quiet", "device", "resume", "data_dir")
+
+
+def add_resume_arg(parser: argparse.ArgumentParser) -> None:
+    """``--resume RUN_DIR``: continue a run from its last checkpoint."""
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue the run in this directory from its last checkpoint (its config is "
+        "reused; only --epochs, --device, --data-dir and --quiet may change)",
+    )
+
+
+def resume_state(path: Path) -> tuple[dict | None, dict]:
+    """(checkpoint or None, the run's config) for ``--resume path``.
+
+    A run killed before its first checkpoint has only ``config.json``: it starts afresh in
+    the same directory from that config.
+    """
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    if (run_dir / CHECKPOINT_NAME).is_file() or path.is_file():
+        state = load_checkpoint(path)
+        return state, {**state["config"], "out": str(run_dir)}
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"--resume {path}: no checkpoint.pt or config.json there")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {path}: unreadable config.json ({e})") from None
+    return None, {**config, "out": str(run_dir)}
+
+
+def merge_resumed_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict
+) -> argparse.Namespace:
+    """The saved run's flags, with the command line's resumable flags where given.
+
+    Any other flag set to a non-default value is an error: it would silently not apply.
+    """
+    merged = dict(config)
+    for key, value in vars(args).items():
+        default = parser.get_default(key)
+        if key in RESUMABLE_FLAGS:
+            if value != default or key not in merged:
+                merged[key] = value
+        elif key == "out":
+            continue  # the run directory is the one being resumed
+        elif value != default and value != merged.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{flag} cannot change when resuming (only --epochs, --device, --data-dir, --quiet)"
+            )
+    for key in ("data_dir", "out", "resume"):
+        if merged.get(key) is not None:
+            merged[key] = Path(merged[key])
+    for key, value in merged.items():
+        if isinstance(value, list):
+            merged[key] = tuple(value)
+    known = {a.dest for a in parser._actions}
+    return argparse.Namespace(**{k: v for k, v in merged.items() if k in known})
+
+
+def run_config(args: argparse.Namespace, **extra) -> dict:
+    """A run's config.json: every flag as a plain value, plus ``extra``."""
+    config = {}
+    for key, value in {**vars(args), **extra}.items():
+        if isinstance(value, (Path, torch.device)):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        config[key] = value
+    return config
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` (an error if there is no GPU) or ``auto``."""
     if name == "auto":
@@ -161,6 +240,11 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     except NonFiniteError as e:
         print(f"error: {e}; the last checkpoint was kept", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        out = getattr(e, "run_dir", None)
+        where = f" --resume {out}" if out else " --resume <run directory>"
+        print(f"{e}; checkpoint saved. Resume with: python {sys.argv[0]}{where}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

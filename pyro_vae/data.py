@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -402,15 +403,26 @@ class BatchLoader:
         self.device = torch.device(device)
         self.shuffle_generator = torch.Generator().manual_seed(seed)
         self.binarize_generator = torch.Generator().manual_seed(seed + 1)
+        # Where the current pass stands: the shuffle state it started from and how many
+        # batches it has handed out, so that a pass stopped midway can be replayed exactly.
+        self._epoch_shuffle_state = self.shuffle_generator.get_state()
+        self._handed_out = 0
+        self._resume_at = 0
 
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        if self._resume_at:
+            self.shuffle_generator.set_state(self._epoch_shuffle_state)
+        else:
+            self._epoch_shuffle_state = self.shuffle_generator.get_state()
+        start, self._resume_at = self._resume_at, 0
         n = len(self.data)
         order = torch.randperm(n, generator=self.shuffle_generator) if self.shuffle else None
-        for b in range(len(self)):
+        self._handed_out = start
+        for b in range(start, len(self)):
             idx = slice(b * self.batch_size, (b + 1) * self.batch_size)
             if order is not None:
                 idx = order[idx]
@@ -418,17 +430,26 @@ class BatchLoader:
             if self.binarize == "dynamic":
                 x = torch.bernoulli(x, generator=self.binarize_generator)
             x = x.to(self.device, non_blocking=True)
+            self._handed_out = b + 1
             if self.labels:
                 yield x, self.data.labels[idx].to(self.device, non_blocking=True)
             else:
                 yield (x,)
+        self._handed_out = 0
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self) -> dict[str, Any]:
+        """Generator states and the position within the current pass (0 between passes)."""
         return {
             "shuffle": self.shuffle_generator.get_state(),
             "binarize": self.binarize_generator.get_state(),
+            "epoch_shuffle": self._epoch_shuffle_state,
+            "position": self._handed_out,
         }
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state; the next pass continues after the batches already handed out."""
         self.shuffle_generator.set_state(state["shuffle"])
         self.binarize_generator.set_state(state["binarize"])
+        self._epoch_shuffle_state = state["epoch_shuffle"]
+        self._resume_at = int(state["position"])
+        self._handed_out = self._resume_at

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -26,7 +27,16 @@ from tqdm.auto import tqdm
 
 from pyro_vae.evaluate import estimate_log_px
 
-__all__ = ["ELBOS", "NonFiniteError", "Trainer", "make_elbo", "nonfinite_sites", "seed_everything"]
+__all__ = [
+    "ELBOS",
+    "NonFiniteError",
+    "Trainer",
+    "TrainingInterrupted",
+    "make_elbo",
+    "nonfinite_sites",
+    "seed_everything",
+    "stop_on_sigint",
+]
 
 ELBOS: dict[str, type[ELBO]] = {
     "trace": Trace_ELBO,
@@ -66,6 +76,37 @@ class NonFiniteError(RuntimeError):
         where = f"; non-finite log-probs at sites: {', '.join(sites)}" if sites else ""
         super().__init__(f"non-finite {what} at epoch {epoch}, step {step}{where}")
         self.what, self.epoch, self.step, self.sites = what, epoch, step, list(sites)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a step boundary on request (e.g. Ctrl-C); the state is consistent."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"interrupted during epoch {epoch}, after step {step}")
+        self.epoch, self.step = epoch, step
+        self.run_dir = None  # set by whoever saved a checkpoint for it
+
+
+@contextlib.contextmanager
+def stop_on_sigint(trainer: Trainer):
+    """While active, Ctrl-C asks ``trainer`` to stop after the current step (it then raises
+    ``TrainingInterrupted``); a second Ctrl-C interrupts at once.  Outside the main thread,
+    where handlers cannot be installed, it does nothing."""
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @torch.no_grad()
@@ -125,6 +166,13 @@ class Trainer:
         self.step_count = 0
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
+        self.stop_requested = False
+        # running totals of an epoch stopped midway: {"total", "count", "seconds"}
+        self._partial: dict[str, float] | None = None
+
+    def request_stop(self) -> None:
+        """Ask ``fit`` to stop after the current step, raising ``TrainingInterrupted``."""
+        self.stop_requested = True
 
     def _validation(self):
         if self.validate is None:
@@ -210,9 +258,12 @@ class Trainer:
         """
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
+        self.stop_requested = False
         for epoch in range(self.epoch + 1, epochs + 1):
-            start = time.perf_counter()
-            total, count = 0.0, 0
+            partial = self._partial or {"total": 0.0, "count": 0, "seconds": 0.0}
+            self._partial = None
+            start = time.perf_counter() - partial["seconds"]
+            total, count = partial["total"], int(partial["count"])
             bar = tqdm(
                 loader,
                 desc=f"epoch {epoch}/{epochs}",
@@ -227,6 +278,14 @@ class Trainer:
                     count += batch[0].shape[0]
                 if i % 20 == 0 and count:
                     bar.set_postfix(loss=f"{total / count:.2f}")
+                if self.stop_requested:
+                    bar.close()
+                    self._partial = {
+                        "total": total,
+                        "count": count,
+                        "seconds": time.perf_counter() - start,
+                    }
+                    raise TrainingInterrupted(epoch, self.step_count)
             bar.close()
             metrics: dict[str, Any] = {
                 "epoch": epoch,
@@ -251,6 +310,7 @@ class Trainer:
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
             "history": list(self.history),
+            "partial_epoch": self._partial,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -259,6 +319,7 @@ class Trainer:
         self.step_count = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.history = list(state["history"])
+        self._partial = state.get("partial_epoch")
         if state["optimizer"] is None:
             return
         if self.optimizer is not None:

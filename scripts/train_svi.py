@@ -16,25 +16,30 @@ from pathlib import Path
 import pyro
 from tqdm.auto import tqdm
 
-from pyro_vae.checkpoints import RunDir, default_run_dir, get_rng_state, save_checkpoint
+from pyro_vae.checkpoints import default_run_dir
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
     add_data_args,
+    add_resume_arg,
     add_runtime_args,
     check_output_dir,
     hidden_sizes,
+    merge_resumed_args,
     nonnegative_int,
     positive_float,
     positive_int,
     resolve_device,
+    resume_state,
     run,
+    run_config,
 )
 from pyro_vae.data import BatchLoader, binarize_static, check_images, heldout_split, load_dataset
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import VAE
 from pyro_vae.nets import ACTIVATIONS
 from pyro_vae.plots import save_vae_figures
+from pyro_vae.runs import TrainingRun
 from pyro_vae.train import ELBOS, Trainer, seed_everything
 
 
@@ -111,18 +116,30 @@ def build_parser() -> ArgumentParser:
         help="use only the first N validation and test images",
     )
     p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip (and count) steps whose loss or gradient is not finite, instead of stopping",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="run directory (default: runs/vae-<timestamp>)"
     )
+    add_resume_arg(p)
     add_data_args(p)
     add_runtime_args(p)
     return p
 
 
 def main(args) -> dict:
+    state, out = None, None
+    if args.resume is not None:
+        state, config = resume_state(args.resume)
+        args = merge_resumed_args(build_parser(), args, config)
+        out = args.out
     device = resolve_device(args.device)
     if args.likelihood == "bernoulli" and args.x_scale is not None:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
-    out = check_output_dir(args.out or default_run_dir("vae"))
+    if out is None:
+        out = check_output_dir(args.out or default_run_dir("vae"))
     seed_everything(args.seed)
 
     splits = load_dataset(args.dataset, args.data_dir)
@@ -162,6 +179,7 @@ def main(args) -> dict:
         elbo=args.elbo,
         num_particles=args.num_particles,
         clip_norm=args.clip_norm,
+        skip_nonfinite=args.skip_nonfinite,
         validate=False,
     )
     loader = BatchLoader(
@@ -174,40 +192,23 @@ def main(args) -> dict:
         seed=args.seed,
         device=device,
     )
-
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(out=str(out), model_class="VAE", model_config=vae.config(), device=str(device))
-    rundir = RunDir(out).create()
-    rundir.write_json("config.json", config)
-
-    def on_epoch(trainer: Trainer, metrics: dict) -> None:
-        rundir.write_metrics(trainer.history)
-        save_checkpoint(
-            rundir.checkpoint_path,
-            {
-                "model_class": "VAE",
-                "model_config": vae.config(),
-                "model": vae.state_dict(),
-                "trainer": trainer.state_dict(),
-                "loader": loader.state_dict(),
-                "rng": get_rng_state(),
-                "config": config,
-            },
-        )
-        if not args.quiet:
-            val = f"  val ELBO {metrics['val_elbo']:.2f}" if "val_elbo" in metrics else ""
-            tqdm.write(
-                f"epoch {metrics['epoch']:>3}/{args.epochs}  train objective "
-                f"{-metrics['train_loss']:.2f}{val}  ({metrics['seconds']:.1f} s)"
-            )
-
-    trainer.fit(
-        loader,
-        args.epochs,
-        val_data=(valid.images.to(device),),
-        callbacks=[on_epoch],
-        progress=not args.quiet,
+    config = run_config(args, out=out, model_class="VAE", model_config=vae.config(), device=device)
+    run = TrainingRun(
+        out,
+        model=vae,
+        trainer=trainer,
+        loader=loader,
+        config=config,
+        model_class="VAE",
+        log=None if args.quiet else tqdm.write,
     )
+    if state is None:
+        run.start()  # also when a resumed run had not finished its first epoch
+    else:
+        run.restore(state)
+        if not args.quiet:
+            print(f"resuming {out} after epoch {trainer.epoch}, step {trainer.step_count}")
+    run.fit(args.epochs, val_data=(valid.images.to(device),), progress=not args.quiet)
 
     test_x = test.images.to(device)
     report: dict = {"binarize": args.binarize, "dataset": args.dataset, "units": "nats per image"}
@@ -223,16 +224,17 @@ def main(args) -> dict:
         report.update(result.summary())
     else:
         report["elbo"] = trainer.evaluate_elbo(test_x, num_particles=10)
-    rundir.write_json("evaluation.json", report)
-    save_vae_figures(vae, test_x, test.labels, trainer.history, rundir.figures, seed=args.seed)
+    run.dir.write_json("evaluation.json", report)
+    save_vae_figures(vae, test_x, test.labels, trainer.history, run.dir.figures, seed=args.seed)
 
     lines = [f"test ELBO        {report['elbo']:.2f} nats/image ({args.binarize} binarisation)"]
     if args.eval_particles:
         lines += [
-            f"test log p(x)    {report['log_px']:.2f} ± {report['log_px_sem']:.2f} nats/image (K={args.eval_particles})",
+            f"test log p(x)    {report['log_px']:.2f} ± {report['log_px_sem']:.2f} nats/image"
+            f" (K={args.eval_particles})",
             f"gap (KL to posterior) {report['gap']:.2f} nats/image",
         ]
-    print("\n".join(lines + [f"run directory    {out}"]))
+    print("\n".join([*lines, f"run directory    {out}"]))
     return report
 
 

@@ -37,3 +37,18 @@ def mnist(data_dir):
     from pyro_vae.data import load_dataset
 
     return load_dataset("mnist", data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory):
+    """A run directory from a one-epoch train_svi.py run on 512 images."""
+    from test_scripts import TINY, run_script
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_script(
+        "train_svi.py",
+        ["--epochs", "1", "--eval-particles", "0", *TINY, "--out", str(out)],
+        data_dir,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out

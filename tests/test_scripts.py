@@ -148,18 +148,6 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         assert ("khat.png" in figures) == ("--no-psis" not in args)
 
 
-@pytest.fixture(scope="session")
-def trained_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained") / "run"
-    result = run_script(
-        "train_svi.py",
-        ["--epochs", "1", "--eval-particles", "0", *TINY, "--out", str(out)],
-        data_dir,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
-
-
 def test_evaluation_script_bad_inputs(trained_run, tmp_path, capsys, monkeypatch, data_dir):
     monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
     cases = [
@@ -248,3 +236,17 @@ def test_unusable_paths(data_dir, tmp_path, capsys, monkeypatch):
     )
     assert status == 2 and len(err.strip().splitlines()) == 1 and "data directory" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_settings_that_would_not_apply(tmp_path, capsys, data_dir, monkeypatch):
+    from pyro_vae.cli import run_config
+
+    monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    module = load_script("train_svi.py")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = run_config(module.build_parser().parse_args(["--epochs", "1"]), out=run_dir)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    status, err = run_in_process("train_svi.py", ["--resume", str(run_dir), "--lr", "0.5"], capsys)
+    assert status == 2 and "--lr cannot change when resuming" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]

@@ -1,0 +1,125 @@
+"""A training run tied to a run directory: a checkpoint after every epoch, metrics, exact
+resume, and Ctrl-C that saves before it stops.
+
+Scripts and notebooks build the model, trainer and loader, hand them to ``TrainingRun`` and
+call ``fit``; resuming is ``restore(load_checkpoint(run_dir))`` on freshly built pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from pyro_vae.checkpoints import (
+    CheckpointError,
+    RunDir,
+    get_rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pyro_vae.data import BatchLoader
+from pyro_vae.train import Trainer, TrainingInterrupted, stop_on_sigint
+
+__all__ = ["TrainingRun"]
+
+
+class TrainingRun:
+    """Trains ``model`` with ``trainer`` on ``loader``, saving to ``directory`` as it goes.
+
+    The checkpoint (``checkpoint.pt``) holds the model's ``state_dict``, the trainer's state
+    (optimiser, counters, history, a stopped epoch's running totals), the loader's generator
+    states and position, every global RNG state, the model class and its config, and the
+    run's config: with it a killed run resumes bit for bit where its last checkpoint stood.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        model: nn.Module,
+        trainer: Trainer,
+        loader: BatchLoader,
+        config: dict[str, Any],
+        model_class: str,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.dir = RunDir(directory)
+        self.model, self.trainer, self.loader = model, trainer, loader
+        self.config, self.model_class, self.log = config, model_class, log
+
+    def start(self) -> TrainingRun:
+        """Create the run directory and write ``config.json``."""
+        self.dir.create()
+        self.dir.write_json("config.json", self.config)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model_class": self.model_class,
+            "model_config": self.model.config(),
+            "model": self.model.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": get_rng_state(),
+            "config": self.config,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.dir.checkpoint_path, self.state())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's weights, trainer, loader and RNG states into this run."""
+        if state.get("model_class") != self.model_class:
+            raise CheckpointError(
+                f"checkpoint holds a {state.get('model_class')}, not a {self.model_class}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.trainer.load_state_dict(state["trainer"])
+            self.loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            detail = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"checkpoint does not fit this run: {detail}") from None
+
+    def _on_epoch(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.dir.write_metrics(trainer.history)
+        self.save()
+        if self.log is not None:
+            val = f"  val ELBO {metrics['val_elbo']:.2f}" if "val_elbo" in metrics else ""
+            extra = "".join(
+                f"  {k} {v:.4g}"
+                for k, v in metrics.items()
+                if k.startswith("val_") and k != "val_elbo"
+            )
+            self.log(
+                f"epoch {metrics['epoch']:>3}  train objective {-metrics['train_loss']:.2f}"
+                f"{val}{extra}  ({metrics['seconds']:.1f} s)"
+            )
+
+    def fit(
+        self,
+        epochs: int,
+        *,
+        val_data: Sequence[Tensor] | None = None,
+        callbacks: Sequence[Callable] = (),
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Train up to ``epochs``; on Ctrl-C, save a checkpoint at the step boundary and
+        re-raise ``TrainingInterrupted``."""
+        with stop_on_sigint(self.trainer):
+            try:
+                return self.trainer.fit(
+                    self.loader,
+                    epochs,
+                    val_data=val_data,
+                    callbacks=[self._on_epoch, *callbacks],
+                    progress=progress,
+                )
+            except TrainingInterrupted as e:
+                self.save()
+                e.run_dir = self.dir.path
+                raise
