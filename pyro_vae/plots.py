@@ -18,7 +18,9 @@ from torchvision.utils import make_grid
 
 __all__ = [
     "image_grid",
+    "plot_analogies",
     "plot_bound_vs_k",
+    "plot_confusion",
     "plot_curves",
     "plot_histogram",
     "plot_images",
@@ -246,3 +248,40 @@ def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list
     if result.khat is not None:
         paths.append(plot_khat(result.khat, directory / "khat.png"))
     return paths
+
+
+def plot_confusion(matrix: Tensor, path: Path | str, *, title: str = "") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), with counts."""
+    m = matrix.detach().cpu().numpy()
+    n = m.shape[0]
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    image = ax.imshow(m, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    for i in range(n):
+        for j in range(n):
+            if m[i, j]:
+                color = "white" if m[i, j] > m.max() / 2 else "black"
+                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=6, color=color)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_analogies(
+    originals: Tensor, analogies: Tensor, image_shape: Sequence[int], path: Path | str
+) -> Path:
+    """Each row: a test image, then its style (z) drawn as every class (Kingma et al. 2014)."""
+    rows = torch.cat([originals[:, None, :], analogies], dim=1)
+    n, per_row = rows.shape[:2]
+    return plot_images(
+        rows.reshape(n * per_row, -1),
+        image_shape,
+        path,
+        nrow=per_row,
+        title="test image, then its style drawn as each class",
+    )

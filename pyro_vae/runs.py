@@ -116,7 +116,7 @@ class TrainingRun:
                     self.loader,
                     epochs,
                     val_data=val_data,
-                    callbacks=[self._on_epoch, *callbacks],
+                    callbacks=[*callbacks, self._on_epoch],  # theirs first: they may add metrics
                     progress=progress,
                 )
             except TrainingInterrupted as e:

@@ -62,10 +62,15 @@ def make_elbo(name: str = "trace", num_particles: int = 1, max_plate_nesting: in
         raise ValueError(f"unknown ELBO {name!r}; choose from {', '.join(ELBOS)}")
     if num_particles < 1:
         raise ValueError(f"num_particles must be positive, got {num_particles}")
+    kwargs = {}
+    if name == "enum":
+        # labelled batches of a semi-supervised model have nothing to enumerate, by design
+        kwargs["strict_enumeration_warning"] = False
     return ELBOS[name](
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
         max_plate_nesting=max_plate_nesting,
+        **kwargs,
     )
 
 

@@ -7,11 +7,12 @@ from typing import Any
 from torch import nn
 
 from pyro_vae.checkpoints import CheckpointError
+from pyro_vae.models.ssvae import SSVAE
 from pyro_vae.models.vae import VAE
 
-__all__ = ["MODELS", "VAE", "model_from_checkpoint"]
+__all__ = ["MODELS", "SSVAE", "VAE", "model_from_checkpoint"]
 
-MODELS: dict[str, type[nn.Module]] = {"VAE": VAE}
+MODELS: dict[str, type[nn.Module]] = {"VAE": VAE, "SSVAE": SSVAE}
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:

@@ -1,0 +1,157 @@
+"""The semi-supervised VAE of Kingma et al. (2014), "M2", as one Pyro model/guide pair.
+
+    p(y) = Categorical(1/C),  p(z) = N(0, I),  p(x | y, z) = Bernoulli(decoder([z, y]))
+    q(y | x) = Categorical(classifier(x)),  q(z | x, y) = N(encoder([x, y]))
+
+``model(x, y=None)`` and ``guide(x, y=None)``: labels are observed where given and a latent
+site otherwise.  With ``TraceEnum_ELBO`` the guide's ``y`` is enumerated in parallel (it is
+marked with ``infer={"enumerate": "parallel"}``), so unlabelled data sum over the classes
+exactly instead of sampling them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pyro_vae.distributions import BernoulliImage
+from pyro_vae.nets import Decoder, Encoder, mlp
+
+__all__ = ["SSVAE"]
+
+
+def _with_onehot(h: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """[h, one_hot(y)], broadcasting h's and y's batch dimensions against each other
+    (y may carry an enumeration dimension on the left)."""
+    y1 = F.one_hot(y, num_classes).to(h.dtype)
+    batch = torch.broadcast_shapes(h.shape[:-1], y1.shape[:-1])
+    return torch.cat([h.expand(*batch, h.shape[-1]), y1.expand(*batch, num_classes)], dim=-1)
+
+
+class SSVAE(nn.Module):
+    """M2 with a classifier q(y|x) and an auxiliary classification loss on labelled data.
+
+    ``aux_weight`` (alpha) scales log q(y|x) on labelled batches, added as an observed site
+    ``"y_aux"`` under ``poutine.scale`` in ``model`` when ``aux=True`` is passed (what the
+    training loop does); Kingma et al. use alpha = 0.1 N.  The site is a training device, not
+    part of the generative model: ``model(x, y)`` without ``aux`` is the pure model that the
+    evaluator scores.
+    """
+
+    plate_name = "data"
+
+    def __init__(
+        self,
+        x_dim: int = 784,
+        z_dim: int = 50,
+        num_classes: int = 10,
+        hidden: Sequence[int] = (500,),
+        classifier_hidden: Sequence[int] = (500,),
+        activation: str = "softplus",
+        aux_weight: float = 50.0,
+        image_shape: Sequence[int] = (28, 28),
+    ) -> None:
+        super().__init__()
+        if min(x_dim, z_dim, num_classes) <= 0 or any(
+            h <= 0 for h in (*hidden, *classifier_hidden)
+        ):
+            raise ValueError("dimensions and hidden sizes must be positive")
+        if aux_weight < 0:
+            raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
+        self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
+        self.hidden, self.classifier_hidden = tuple(hidden), tuple(classifier_hidden)
+        self.activation, self.aux_weight = activation, aux_weight
+        self.image_shape = tuple(image_shape)
+        self.classifier = mlp([x_dim, *classifier_hidden, num_classes], activation)
+        self.encoder = Encoder(x_dim + num_classes, z_dim, hidden, activation)
+        self.decoder = Decoder(z_dim + num_classes, x_dim, hidden, activation)
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "x_dim": self.x_dim,
+            "z_dim": self.z_dim,
+            "num_classes": self.num_classes,
+            "hidden": list(self.hidden),
+            "classifier_hidden": list(self.classifier_hidden),
+            "activation": self.activation,
+            "aux_weight": self.aux_weight,
+            "image_shape": list(self.image_shape),
+        }
+
+    # -- model and guide -----------------------------------------------------------------
+
+    def model(self, x: Tensor, y: Tensor | None = None, aux: bool = False) -> None:
+        """p(y) p(z) p(x|y,z) for x (N, x_dim); y (N,) observed when given.  With ``aux`` and
+        labels, adds alpha * log q(y|x) as the observed site ``"y_aux"``."""
+        pyro.module("ssvae", self)
+        with pyro.plate(self.plate_name, x.shape[0]):
+            prior_y = dist.Categorical(logits=self._zero.expand(self.num_classes))
+            y_ = pyro.sample("y", prior_y, obs=y)
+            z = pyro.sample("z", dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1))
+            logits = self.decoder(_with_onehot(z, y_, self.num_classes))
+            pyro.sample("x", BernoulliImage(logits), obs=x)
+            if aux and y is not None and self.aux_weight > 0:
+                with poutine.scale(scale=self.aux_weight):
+                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=y)
+
+    def guide(self, x: Tensor, y: Tensor | None = None, aux: bool = False) -> None:
+        """q(y|x) (enumerated when y is not given) and q(z|x,y)."""
+        pyro.module("ssvae", self)
+        with pyro.plate(self.plate_name, x.shape[0]):
+            if y is None:
+                y = pyro.sample(
+                    "y",
+                    dist.Categorical(logits=self.classifier(x)),
+                    infer={"enumerate": "parallel"},
+                )
+            loc, scale = self.encoder(_with_onehot(x, y, self.num_classes))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- conveniences --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def classify(self, x: Tensor) -> Tensor:
+        """The most probable class under q(y|x), shape (N,)."""
+        return self.classifier(x).argmax(-1)
+
+    @torch.no_grad()
+    def class_probs(self, x: Tensor) -> Tensor:
+        """q(y|x), shape (N, num_classes)."""
+        return torch.softmax(self.classifier(x), -1)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean and sd of q(z|x,y); y defaults to the classifier's choice."""
+        y = self.classify(x) if y is None else y
+        return self.encoder(_with_onehot(x, y, self.num_classes))
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, y: Tensor) -> Tensor:
+        """Pixel probabilities of p(x|y,z)."""
+        return torch.sigmoid(self.decoder(_with_onehot(z, y, self.num_classes)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x)[0], self.classify(x))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, self.z_dim, generator=generator).to(self._zero.device)
+        y = torch.randint(self.num_classes, (n,), generator=generator).to(self._zero.device)
+        return self.decode(z, y)
+
+    @torch.no_grad()
+    def analogies(self, x: Tensor) -> Tensor:
+        """Style and content (Kingma et al. 2014, fig. 1): for each image, z from q(z|x, ŷ)
+        decoded with every class, shape (N, num_classes, x_dim)."""
+        loc, _ = self.encode(x)
+        classes = torch.arange(self.num_classes, device=x.device)
+        return self.decode(loc[:, None, :], classes[None, :].expand(len(x), -1))
