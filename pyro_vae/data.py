@@ -515,12 +515,15 @@ class SemiSupervisedLoader:
         return n + n // self.labelled_every
 
     def _next_labelled(self) -> tuple[Tensor, ...]:
-        if self._labelled_iter is not None:
-            batch = next(self._labelled_iter, None)
-            if batch is not None:
-                return batch
-        self._labelled_iter = iter(self.labelled)
-        return next(self._labelled_iter)
+        # The labelled images cycle: when a pass is used up (or a resumed pass has nothing
+        # left), start the next one.
+        for _ in range(3):
+            if self._labelled_iter is not None:
+                batch = next(self._labelled_iter, None)
+                if batch is not None:
+                    return batch
+            self._labelled_iter = iter(self.labelled)
+        raise DataError("the labelled loader yields no batches")
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         # Position p holds a labelled batch when (p + 1) is a multiple of labelled_every + 1.

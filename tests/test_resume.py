@@ -154,3 +154,63 @@ def test_resume_of_a_directory_without_a_run_is_one_line(data_dir, tmp_path):
     )
     assert result.returncode == 2 and "no checkpoint.pt or config.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+SSVAE_ARGS = [
+    "--labels",
+    "100",
+    "--epochs",
+    "3",
+    "--train-size",
+    "900",
+    "--batch-size",
+    "100",
+    "--eval-size",
+    "64",
+    "--hidden",
+    "32",
+    "--classifier-hidden",
+    "32",
+    "--z-dim",
+    "4",
+    "--eval-particles",
+    "3",
+    "--likelihood-size",
+    "10",
+    "--seed",
+    "2",
+    "--quiet",
+]
+SSVAE_SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
+
+
+def test_semi_supervised_run_resumes_bitwise_after_sigkill_and_ctrl_c(data_dir, tmp_path):
+    def launch(args):
+        return subprocess.Popen(
+            [sys.executable, SSVAE_SCRIPT, *args],
+            env=env(data_dir),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    ref = tmp_path / "reference"
+    proc = launch([*SSVAE_ARGS, "--out", str(ref)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    out = tmp_path / "run"
+    proc = launch([*SSVAE_ARGS, "--out", str(out)])
+    wait_for(lambda: epochs_done(out) >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = launch(["--resume", str(out), "--quiet"])
+    wait_for(lambda: epochs_done(out) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) in (0, 130)  # 0 if the interrupt came after the last step
+    proc = launch(["--resume", str(out), "--quiet"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert_same(outcome(out), outcome(ref))
+    assert torch.equal(
+        load_checkpoint(out / "best.pt")["model"]["classifier.0.weight"],
+        load_checkpoint(ref / "best.pt")["model"]["classifier.0.weight"],
+    )

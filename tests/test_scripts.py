@@ -18,7 +18,40 @@ TINY = ["--train-size", "512", "--eval-size", "128", "--batch-size", "128", "--q
 
 # script -> list of argument lists; every script in scripts/ must appear here.
 # "{run}" stands for a run directory that a tiny train_svi.py run made.
+SSVAE_TINY = [
+    "--labels",
+    "100",
+    "--train-size",
+    "1300",
+    "--batch-size",
+    "100",
+    "--eval-size",
+    "100",
+    "--hidden",
+    "64",
+    "--classifier-hidden",
+    "64",
+    "--z-dim",
+    "8",
+    "--quiet",
+]
 SMOKE_RUNS = {
+    "train_ssvae.py": [
+        ["--epochs", "2", "--eval-particles", "5", "--likelihood-size", "20", *SSVAE_TINY],
+        [
+            "--epochs",
+            "1",
+            "--eval-particles",
+            "0",
+            "--binarize",
+            "static",
+            "--labelled-every",
+            "2",
+            "--aux-weight",
+            "0",
+            *SSVAE_TINY,
+        ],
+    ],
     "evaluate_marginal_likelihood.py": [
         ["--checkpoint", "{run}", "--num-particles", "60", "--eval-size", "40", "--quiet"],
         [
@@ -137,6 +170,19 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
             "latent_map.png",
             "interpolation.png",
         } <= figures
+    if script == "train_ssvae.py":
+        report = json.loads((out / "evaluation.json").read_text())
+        assert 0 <= report["test_error"] <= 1 and report["labels"] == 100
+        assert (out / "best.pt").is_file() and "test accuracy" in result.stdout
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 <= m["val_accuracy"] <= 1 for m in metrics)
+        assert {"confusion.png", "style_content.png"} <= {
+            p.name for p in (out / "figures").glob("*.png")
+        }
+        config = json.loads((out / "config.json").read_text())
+        assert len(config["labelled_indices"]) == 100
+        if "log_px" in report:
+            assert report["log_px"] >= report["log_pxy"]  # summing over y adds mass
     if script == "evaluate_marginal_likelihood.py":
         k = args[args.index("--num-particles") + 1]
         report = json.loads((out / f"marginal_likelihood_k{k}.json").read_text())
