@@ -32,11 +32,14 @@ __all__ = [
 ]
 
 
-def _save(fig: Figure, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+def _save(fig: Figure, path: Path | str | None) -> Figure:
+    """Write the figure to ``path`` (if given) and return it; in a notebook a returned
+    Figure shows inline."""
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
 
 
 def image_grid(images: Tensor, image_shape: Sequence[int], nrow: int = 10) -> np.ndarray:
@@ -48,8 +51,13 @@ def image_grid(images: Tensor, image_shape: Sequence[int], nrow: int = 10) -> np
 
 
 def plot_images(
-    images: Tensor, image_shape: Sequence[int], path: Path | str, *, nrow: int = 10, title: str = ""
-) -> Path:
+    images: Tensor,
+    image_shape: Sequence[int],
+    path: Path | str | None = None,
+    *,
+    nrow: int = 10,
+    title: str = "",
+) -> Figure:
     """A grid of images (N, D), e.g. samples from the prior or an interpolation."""
     grid = image_grid(images, image_shape, nrow)
     fig = Figure(figsize=(grid.shape[1] / 40, grid.shape[0] / 40 + (0.4 if title else 0)))
@@ -62,8 +70,11 @@ def plot_images(
 
 
 def plot_reconstructions(
-    originals: Tensor, reconstructions: Tensor, image_shape: Sequence[int], path: Path | str
-) -> Path:
+    originals: Tensor,
+    reconstructions: Tensor,
+    image_shape: Sequence[int],
+    path: Path | str | None = None,
+) -> Figure:
     """Originals (top row of each pair) above their reconstructions."""
     n = originals.shape[0]
     nrow = min(n, 10)
@@ -79,7 +90,7 @@ def plot_reconstructions(
     )
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
+def plot_curves(history: Sequence[Mapping[str, Any]], path: Path | str | None = None) -> Figure:
     """Training objective and validation ELBO per epoch, in nats per image."""
     epochs = [m["epoch"] for m in history]
     fig = Figure(figsize=(5.5, 3.5))
@@ -94,7 +105,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
     return _save(fig, path)
 
 
-def plot_latent_map(z: Tensor, labels: Tensor | None, path: Path | str) -> Path:
+def plot_latent_map(z: Tensor, labels: Tensor | None, path: Path | str | None = None) -> Figure:
     """Posterior means in 2-D, coloured by label; a PCA projection when z has more dimensions."""
     z = z.detach().float().cpu()
     if z.shape[1] > 2:
@@ -120,8 +131,12 @@ def plot_latent_map(z: Tensor, labels: Tensor | None, path: Path | str) -> Path:
 
 
 def plot_bound_vs_k(
-    ks: Sequence[int], means: Sequence[float], sems: Sequence[float], elbo: float, path: Path | str
-) -> Path:
+    ks: Sequence[int],
+    means: Sequence[float],
+    sems: Sequence[float],
+    elbo: float,
+    path: Path | str | None = None,
+) -> Figure:
     """Mean log p̂_k(x) against k (log axis), with the ELBO as a reference line."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
@@ -135,7 +150,9 @@ def plot_bound_vs_k(
     return _save(fig, path)
 
 
-def plot_histogram(values: Tensor, path: Path | str, *, xlabel: str, title: str = "") -> Path:
+def plot_histogram(
+    values: Tensor, path: Path | str | None = None, *, xlabel: str, title: str = ""
+) -> Figure:
     """A histogram of per-datapoint values."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
@@ -147,7 +164,7 @@ def plot_histogram(values: Tensor, path: Path | str, *, xlabel: str, title: str 
     return _save(fig, path)
 
 
-def plot_khat(khat: Tensor, path: Path | str) -> Path:
+def plot_khat(khat: Tensor, path: Path | str | None = None) -> Figure:
     """Pareto k̂ per datapoint with the 0.7 reliability threshold."""
     k = khat.detach().cpu().numpy()
     fig = Figure(figsize=(5.5, 3.5))
@@ -169,7 +186,7 @@ def save_vae_figures(
     directory: Path | str,
     *,
     seed: int = 0,
-) -> list[Path]:
+) -> list[Figure]:
     """The standard figures of a trained VAE-like model (with ``encode``, ``decode``,
     ``reconstruct`` and ``sample``) on held-out images (N, D): ELBO curves, reconstructions,
     prior samples, the latent map and an interpolation between two images of different labels.
@@ -178,17 +195,17 @@ def save_vae_figures(
     shape = vae.image_shape
     device = next(vae.parameters()).device
     x = images.to(device)
-    paths = []
+    figures = []
     if history:
-        paths.append(plot_curves(history, directory / "elbo_curves.png"))
+        figures.append(plot_curves(history, directory / "elbo_curves.png"))
     originals = x[:30]
-    paths.append(
+    figures.append(
         plot_reconstructions(
             originals, vae.reconstruct(originals), shape, directory / "reconstructions.png"
         )
     )
     gen = torch.Generator().manual_seed(seed)
-    paths.append(
+    figures.append(
         plot_images(
             vae.sample(100, generator=gen),
             shape,
@@ -198,7 +215,7 @@ def save_vae_figures(
     )
     n_map = min(len(x), 5000)
     loc = torch.cat([vae.encode(x[i : i + 1000])[0] for i in range(0, n_map, 1000)])
-    paths.append(
+    figures.append(
         plot_latent_map(
             loc, None if labels is None else labels[:n_map], directory / "latent_map.png"
         )
@@ -212,7 +229,7 @@ def save_vae_figures(
         t = torch.linspace(0, 1, 10, device=device)[:, None]
         path = vae.decode((1 - t) * ends[0] + t * ends[1])
         row = torch.cat([x[0:1], path, x[j : j + 1]])
-        paths.append(
+        figures.append(
             plot_images(
                 row,
                 shape,
@@ -221,16 +238,16 @@ def save_vae_figures(
                 title="interpolation between two test images in latent space",
             )
         )
-    return paths
+    return figures
 
 
-def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list[Path]:
+def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list[Figure]:
     """Bound vs K, the histogram of per-datapoint gaps and k̂ per datapoint (when computed)
     for a ``MarginalLikelihood`` result."""
     directory = Path(directory)
     summary = result.summary()
     ks = sorted(result.bound_vs_k)
-    paths = [
+    figures = [
         plot_bound_vs_k(
             ks,
             [summary["bound_vs_k"][str(k)] for k in ks],
@@ -246,11 +263,11 @@ def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list
         ),
     ]
     if result.khat is not None:
-        paths.append(plot_khat(result.khat, directory / "khat.png"))
-    return paths
+        figures.append(plot_khat(result.khat, directory / "khat.png"))
+    return figures
 
 
-def plot_confusion(matrix: Tensor, path: Path | str, *, title: str = "") -> Path:
+def plot_confusion(matrix: Tensor, path: Path | str | None = None, *, title: str = "") -> Figure:
     """A confusion matrix (rows: true class, columns: predicted), with counts."""
     m = matrix.detach().cpu().numpy()
     n = m.shape[0]
@@ -273,8 +290,8 @@ def plot_confusion(matrix: Tensor, path: Path | str, *, title: str = "") -> Path
 
 
 def plot_analogies(
-    originals: Tensor, analogies: Tensor, image_shape: Sequence[int], path: Path | str
-) -> Path:
+    originals: Tensor, analogies: Tensor, image_shape: Sequence[int], path: Path | str | None = None
+) -> Figure:
     """Each row: a test image, then its style (z) drawn as every class (Kingma et al. 2014)."""
     rows = torch.cat([originals[:, None, :], analogies], dim=1)
     n, per_row = rows.shape[:2]
