@@ -203,6 +203,96 @@ def run_config(args: argparse.Namespace, **extra) -> dict:
     return config
 
 
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    *,
+    name: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    hidden: tuple[int, ...],
+    activation: str,
+    eval_particles: int,
+    eval_particles_help: str,
+) -> None:
+    """The flags both training scripts share, spelled and checked the same way, plus
+    ``--out``, ``--resume``, the data flags and the runtime flags."""
+    from pyro_vae.nets import ACTIVATIONS
+
+    add = parser.add_argument
+    add(
+        "--epochs",
+        type=positive_int,
+        default=epochs,
+        help=f"passes over the training images (default: {epochs})",
+    )
+    add(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help=f"images per step (default: {batch_size})",
+    )
+    add("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default: {lr:g})")
+    add("--z-dim", type=positive_int, default=50, help="latent dimensions (default: 50)")
+    add(
+        "--hidden",
+        type=hidden_sizes,
+        default=hidden,
+        help=f"encoder/decoder hidden sizes, comma-separated (default: {','.join(map(str, hidden))})",
+    )
+    add(
+        "--activation",
+        default=activation,
+        choices=sorted(ACTIVATIONS),
+        help=f"hidden activation (default: {activation})",
+    )
+    add(
+        "--clip-norm",
+        type=positive_float,
+        default=None,
+        help="clip the gradient norm to this value (default: off)",
+    )
+    add(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip (and count) steps whose loss or gradient is not finite, instead of stopping",
+    )
+    add("--eval-particles", type=nonnegative_int, default=eval_particles, help=eval_particles_help)
+    add(
+        "--train-size", type=positive_int, default=None, help="use only the first N training images"
+    )
+    add(
+        "--eval-size",
+        type=positive_int,
+        default=None,
+        help="use only the first N validation and test images",
+    )
+    add("--out", type=Path, default=None, help=f"run directory (default: runs/{name}-<timestamp>)")
+    add_resume_arg(parser)
+    add_data_args(parser)
+    add_runtime_args(parser)
+
+
+def begin_run(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, name: str
+) -> tuple[argparse.Namespace, dict | None, Path, torch.device]:
+    """Resolve ``--resume`` (the saved flags, the checkpoint or None), the device and the run
+    directory (checked, not created), and seed everything: (args, state, out, device)."""
+    from pyro_vae.checkpoints import default_run_dir
+    from pyro_vae.train import seed_everything
+
+    state, out = None, None
+    if args.resume is not None:
+        state, config = resume_state(args.resume)
+        args = merge_resumed_args(parser, args, config)
+        out = args.out
+    device = resolve_device(args.device)
+    if out is None:
+        out = check_output_dir(args.out or default_run_dir(name))
+    seed_everything(args.seed)
+    return args, state, out, device
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` (an error if there is no GPU) or ``auto``."""
     if name == "auto":

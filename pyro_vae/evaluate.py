@@ -16,6 +16,7 @@ site's own, unscaled ``log_prob`` with the data dimension kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -196,22 +197,39 @@ def estimate_log_px(
     ``validate=False`` switches Pyro's distribution checks off for data checked beforehand;
     ``None`` leaves the global setting alone.
     """
-    if validate is not None:
-        with pyro.validation_enabled(validate):
-            return estimate_log_px(
-                model,
-                guide,
-                *data,
-                num_particles=num_particles,
-                ks=ks,
-                batch_size=batch_size,
-                max_rows=max_rows,
-                psis=psis,
-                progress=progress,
-                max_plate_nesting=max_plate_nesting,
-                plate_name=plate_name,
-                **kwargs,
-            )
+    checks = contextlib.nullcontext() if validate is None else pyro.validation_enabled(validate)
+    with checks:
+        return _estimate(
+            model,
+            guide,
+            data,
+            kwargs,
+            num_particles=num_particles,
+            ks=ks,
+            batch_size=batch_size,
+            max_rows=max_rows,
+            psis=psis,
+            progress=progress,
+            max_plate_nesting=max_plate_nesting,
+            plate_name=plate_name,
+        )
+
+
+def _estimate(
+    model: Callable,
+    guide: Callable,
+    data: Sequence[Tensor],
+    kwargs: dict,
+    *,
+    num_particles: int,
+    ks: Sequence[int],
+    batch_size: int | None,
+    max_rows: int,
+    psis: bool,
+    progress: bool,
+    max_plate_nesting: int,
+    plate_name: str,
+) -> MarginalLikelihood:
     if num_particles < 1:
         raise ValueError(f"num_particles must be positive, got {num_particles}")
     if not data:

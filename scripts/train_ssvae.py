@@ -20,60 +20,46 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae.checkpoints import default_run_dir, load_checkpoint, save_checkpoint
+from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
-    add_data_args,
-    add_resume_arg,
-    add_runtime_args,
-    check_output_dir,
+    add_training_args,
+    begin_run,
     hidden_sizes,
-    merge_resumed_args,
     nonnegative_float,
-    nonnegative_int,
-    positive_float,
     positive_int,
-    resolve_device,
-    resume_state,
     run,
     run_config,
 )
-from pyro_vae.data import (
-    BatchLoader,
-    SemiSupervisedLoader,
-    binarize_static,
-    check_images,
-    heldout_split,
-    labelled_subset,
-    load_dataset,
-)
+from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
 from pyro_vae.evaluate import estimate_log_px, estimate_log_px_over_labels
 from pyro_vae.models import SSVAE
-from pyro_vae.nets import ACTIVATIONS
 from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
 from pyro_vae.runs import TrainingRun
-from pyro_vae.train import Trainer, seed_everything
+from pyro_vae.train import Trainer
 
 NUM_CLASSES = 10
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_training_args(
+        p,
+        name="ssvae",
+        epochs=30,
+        batch_size=200,
+        lr=1e-3,
+        hidden=(500,),
+        activation="softplus",
+        eval_particles=100,
+        eval_particles_help="K per class for the test log p(x) (0: skip; default: 100)",
+    )
     p.add_argument(
         "--labels",
         type=positive_int,
         default=100,
         help="labelled training images, class-balanced (default: 100)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=30,
-        help="passes over the unlabelled images (default: 30)",
-    )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=200, help="images per step (default: 200)"
     )
     p.add_argument(
         "--labelled-every",
@@ -82,26 +68,10 @@ def build_parser() -> ArgumentParser:
         help="one labelled batch after every N unlabelled ones (default: 5)",
     )
     p.add_argument(
-        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
-    )
-    p.add_argument("--z-dim", type=positive_int, default=50, help="latent dimensions (default: 50)")
-    p.add_argument(
-        "--hidden",
-        type=hidden_sizes,
-        default=(500,),
-        help="encoder/decoder hidden sizes (default: 500)",
-    )
-    p.add_argument(
         "--classifier-hidden",
         type=hidden_sizes,
         default=(500,),
         help="classifier hidden sizes (default: 500)",
-    )
-    p.add_argument(
-        "--activation",
-        default="softplus",
-        choices=sorted(ACTIVATIONS),
-        help="hidden activation (default: softplus)",
     )
     p.add_argument(
         "--aux-weight",
@@ -110,43 +80,11 @@ def build_parser() -> ArgumentParser:
         help="alpha, the weight of log q(y|x) on labelled data (default: 50)",
     )
     p.add_argument(
-        "--clip-norm",
-        type=positive_float,
-        default=None,
-        help="clip the gradient norm to this value (default: off)",
-    )
-    p.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip (and count) non-finite steps instead of stopping",
-    )
-    p.add_argument(
-        "--eval-particles",
-        type=nonnegative_int,
-        default=100,
-        help="K per class for the test log p(x) (0: skip; default: 100)",
-    )
-    p.add_argument(
-        "--eval-size",
-        type=positive_int,
-        default=None,
-        help="use only the first N validation and test images",
-    )
-    p.add_argument(
-        "--train-size", type=positive_int, default=None, help="use only the first N training images"
-    )
-    p.add_argument(
         "--likelihood-size",
         type=positive_int,
         default=1000,
         help="test images scored for log p(x) (default: 1000)",
     )
-    p.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/ssvae-<timestamp>)"
-    )
-    add_resume_arg(p)
-    add_data_args(p)
-    add_runtime_args(p)
     return p
 
 
@@ -157,34 +95,21 @@ def accuracy(model: SSVAE, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) 
 
 
 def main(args) -> dict:
-    state, out = None, None
-    if args.resume is not None:
-        state, config = resume_state(args.resume)
-        args = merge_resumed_args(build_parser(), args, config)
-        out = args.out
-    device = resolve_device(args.device)
-    if out is None:
-        out = check_output_dir(args.out or default_run_dir("ssvae"))
-    seed_everything(args.seed)
-
-    splits = load_dataset(args.dataset, args.data_dir)
-    splits = {
-        "train": splits["train"].subset(slice(0, args.train_size)),
-        "valid": splits["valid"].subset(slice(0, args.eval_size)),
-        "test": splits["test"].subset(slice(0, args.eval_size)),
-    }
-    for name, data in splits.items():
-        check_images(data.images, "bernoulli", args.binarize, name)
-    train = splits["train"]
-    if args.binarize == "static":
-        train = binarize_static(train, args.seed)
+    args, state, out, device = begin_run(args, build_parser(), "ssvae")
+    train, valid, test = training_splits(
+        args.dataset,
+        args.data_dir,
+        likelihood="bernoulli",
+        binarize=args.binarize,
+        seed=args.seed,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+    )
     labelled_idx, unlabelled_idx = labelled_subset(train, args.labels, args.seed, NUM_CLASSES)
     if len(unlabelled_idx) < args.batch_size:
         raise UsageError(
             f"{len(unlabelled_idx)} unlabelled images are fewer than one batch of {args.batch_size}"
         )
-    valid = heldout_split(splits, "valid", args.binarize, args.seed)
-    test = heldout_split(splits, "test", args.binarize, args.seed)
     binarize = "dynamic" if args.binarize == "dynamic" else "none"
     loader = SemiSupervisedLoader(
         BatchLoader(

@@ -11,61 +11,40 @@ All figures are in nats per image.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pyro
 from tqdm.auto import tqdm
 
-from pyro_vae.checkpoints import default_run_dir
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
-    add_data_args,
-    add_resume_arg,
-    add_runtime_args,
-    check_output_dir,
-    hidden_sizes,
-    merge_resumed_args,
-    nonnegative_int,
+    add_training_args,
+    begin_run,
     positive_float,
     positive_int,
-    resolve_device,
-    resume_state,
     run,
     run_config,
 )
-from pyro_vae.data import BatchLoader, binarize_static, check_images, heldout_split, load_dataset
+from pyro_vae.data import BatchLoader, training_splits
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import VAE
-from pyro_vae.nets import ACTIVATIONS
 from pyro_vae.plots import save_vae_figures
 from pyro_vae.runs import TrainingRun
-from pyro_vae.train import ELBOS, Trainer, seed_everything
+from pyro_vae.train import ELBOS, Trainer
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--epochs", type=positive_int, default=60, help="passes over the training set (default: 60)"
-    )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=256, help="images per SVI step (default: 256)"
-    )
-    p.add_argument(
-        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
-    )
-    p.add_argument("--z-dim", type=positive_int, default=50, help="latent dimensions (default: 50)")
-    p.add_argument(
-        "--hidden",
-        type=hidden_sizes,
-        default=(400,),
-        help="hidden layer sizes, comma-separated (default: 400)",
-    )
-    p.add_argument(
-        "--activation",
-        default="relu",
-        choices=sorted(ACTIVATIONS),
-        help="hidden activation (default: relu)",
+    add_training_args(
+        p,
+        name="vae",
+        epochs=60,
+        batch_size=256,
+        lr=1e-3,
+        hidden=(400,),
+        activation="relu",
+        eval_particles=500,
+        eval_particles_help="K for the test log p(x) (0: skip; default: 500)",
     )
     p.add_argument(
         "--likelihood",
@@ -94,71 +73,26 @@ def build_parser() -> ArgumentParser:
         default=1,
         help="particles per ELBO estimate in training (default: 1)",
     )
-    p.add_argument(
-        "--clip-norm",
-        type=positive_float,
-        default=None,
-        help="clip the gradient norm to this value (default: off)",
-    )
-    p.add_argument(
-        "--eval-particles",
-        type=nonnegative_int,
-        default=500,
-        help="K for the test log p(x) (0: skip; default: 500)",
-    )
-    p.add_argument(
-        "--train-size", type=positive_int, default=None, help="use only the first N training images"
-    )
-    p.add_argument(
-        "--eval-size",
-        type=positive_int,
-        default=None,
-        help="use only the first N validation and test images",
-    )
-    p.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip (and count) steps whose loss or gradient is not finite, instead of stopping",
-    )
-    p.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/vae-<timestamp>)"
-    )
-    add_resume_arg(p)
-    add_data_args(p)
-    add_runtime_args(p)
     return p
 
 
 def main(args) -> dict:
-    state, out = None, None
-    if args.resume is not None:
-        state, config = resume_state(args.resume)
-        args = merge_resumed_args(build_parser(), args, config)
-        out = args.out
-    device = resolve_device(args.device)
+    args, state, out, device = begin_run(args, build_parser(), "vae")
     if args.likelihood == "bernoulli" and args.x_scale is not None:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
-    if out is None:
-        out = check_output_dir(args.out or default_run_dir("vae"))
-    seed_everything(args.seed)
-
-    splits = load_dataset(args.dataset, args.data_dir)
-    splits = {
-        "train": splits["train"].subset(slice(0, args.train_size)),
-        "valid": splits["valid"].subset(slice(0, args.eval_size)),
-        "test": splits["test"].subset(slice(0, args.eval_size)),
-    }
-    for name, data in splits.items():
-        check_images(data.images, args.likelihood, args.binarize, name)
-    train = splits["train"]
+    train, valid, test = training_splits(
+        args.dataset,
+        args.data_dir,
+        likelihood=args.likelihood,
+        binarize=args.binarize,
+        seed=args.seed,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+    )
     if args.elbo == "jit" and len(train) < args.batch_size:
         raise UsageError(
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
         )
-    if args.binarize == "static":
-        train = binarize_static(train, args.seed)
-    valid = heldout_split(splits, "valid", args.binarize, args.seed)
-    test = heldout_split(splits, "test", args.binarize, args.seed)
 
     pyro.clear_param_store()
     vae = VAE(

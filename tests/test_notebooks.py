@@ -5,9 +5,8 @@ import re
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import ROOT
+from nbclient import NotebookClient
 
 NOTEBOOKS_DIR = ROOT / "notebooks"
 # Every notebook in notebooks/ must be listed here (checked below).
@@ -34,7 +33,9 @@ def test_stored_notebooks_carry_outputs_and_stay_small():
         path = NOTEBOOKS_DIR / name
         book = nbformat.read(path, as_version=4)
         code = [c for c in book.cells if c.cell_type == "code"]
-        assert all(c.get("outputs") or not c.source.strip() for c in code[1:]), f"{name}: run it and save the outputs"
+        assert all(c.get("outputs") or not c.source.strip() for c in code[1:]), (
+            f"{name}: run it and save the outputs"
+        )
         assert path.stat().st_size < 1_500_000, f"{name} is larger than 1.5 MB"
         assert "PYRO_VAE_NOTEBOOK_SMALL" in code[0].source
 
@@ -49,6 +50,8 @@ def test_notebook_runs(name, data_dir, tmp_path, monkeypatch):
         book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError, naming the cell, on any error
-    errors = [o for c in book.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in book.cells for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors
     assert os.environ["PYRO_VAE_NOTEBOOK_SMALL"] == "1"

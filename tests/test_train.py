@@ -99,3 +99,32 @@ def test_bad_trainer_arguments():
         Trainer(vae.model, vae.guide, lr=0)
     with pytest.raises(ValueError, match="unknown ELBO"):
         Trainer(vae.model, vae.guide, elbo="renyi")
+
+
+def test_plain_function_model_and_guide_with_pyro_params():
+    """A user's own pair, with parameters from pyro.param (no nn.Module), trains too."""
+    import pyro.distributions as dist
+    from pyro.distributions import constraints
+
+    def model(x):
+        b = pyro.param("b", torch.zeros(3))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z + b, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        # rich enough to hold the exact posterior N(0.8 (x - b), 0.2), so b's optimum is the MLE
+        w = pyro.param("w", torch.tensor(0.1))
+        c = pyro.param("c", torch.zeros(3))
+        s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(w * x + c, s).to_event(1))
+
+    x = torch.randn(200, 3) * 1.1 + torch.tensor([2.0, -1.0, 0.5])
+    trainer = Trainer(model, guide, lr=0.05)
+    before = trainer.evaluate_elbo(x, num_particles=50)
+    loader = [(x,)] * 1500
+    trainer.fit(loader, 1, progress=False)
+    assert len(trainer.params) == 4  # b, w, c and the unconstrained s
+    assert trainer.evaluate_elbo(x, num_particles=50) > before + 1
+    assert torch.allclose(pyro.param("b").detach(), x.mean(0), atol=0.1)
