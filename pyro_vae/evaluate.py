@@ -17,6 +17,8 @@ site's own, unscaled ``log_prob`` with the data dimension kept.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = [
     "MarginalLikelihood",
@@ -41,6 +43,27 @@ __all__ = [
 DEFAULT_KS = (1, 5, 50, 500, 5000)
 # log weights held at once: particles x datapoints per forward pass
 DEFAULT_MAX_ROWS = 1 << 15
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
+
+    Each chunk allocates and frees temporaries of many sizes. glibc's adaptive mmap
+    threshold then serves them from the heap and keeps the freed pages, so without this
+    the process grew by about 0.6 MB per image at K = 5000 (over 5 GB on the MNIST test
+    set) while the live tensors stayed under 0.5 GB.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _site_log_prob(site: dict, plate_name: str, particle_dim: int) -> Tensor:
@@ -269,6 +292,7 @@ def _estimate(
         results["ess"].append(torch.exp(2 * lse - torch.logsumexp(2 * lw, dim=0)))
         if psis:
             results["khat"].append(torch.from_numpy(psis_khat(lw.T.numpy())))
+        _release_freed_memory()
         for k in ks:
             groups = num_particles // k
             grouped = lw[: groups * k].reshape(groups, k, -1)

@@ -23,7 +23,7 @@ from pyro import poutine
 from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyro_vae.evaluate import estimate_log_px
 

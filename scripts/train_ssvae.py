@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
 from pyro_vae.cli import (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import pyro
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyro_vae.cli import (
     ArgumentParser,
