@@ -39,9 +39,9 @@ def env(data_dir):
     return {**os.environ, "PYRO_VAE_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
 
 
-def start(args, data_dir):
+def start(args, data_dir, script=SCRIPT):
     return subprocess.Popen(
-        [sys.executable, SCRIPT, *args],
+        [sys.executable, script, *args],
         env=env(data_dir),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -185,14 +185,7 @@ SSVAE_SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
 
 def test_semi_supervised_run_resumes_bitwise_after_sigkill_and_ctrl_c(data_dir, tmp_path):
     def launch(args):
-        return subprocess.Popen(
-            [sys.executable, SSVAE_SCRIPT, *args],
-            env=env(data_dir),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start(args, data_dir, script=SSVAE_SCRIPT)
 
     ref = tmp_path / "reference"
     proc = launch([*SSVAE_ARGS, "--out", str(ref)])
