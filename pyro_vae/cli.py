@@ -7,7 +7,6 @@ traceback; a run that diverges exits with status 1 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.checkpoints import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from pyro_vae.checkpoints import CHECKPOINT_NAME, CheckpointError, RunDir, load_checkpoint
 from pyro_vae.data import BINARIZATIONS, DATASETS, DataError
 from pyro_vae.train import NonFiniteError, TrainingInterrupted
 
@@ -151,11 +150,11 @@ def resume_state(path: Path) -> tuple[dict | None, dict]:
     if (run_dir / CHECKPOINT_NAME).is_file() or path.is_file():
         state = load_checkpoint(path)
         return state, {**state["config"], "out": str(run_dir)}
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
         raise UsageError(f"--resume {path}: no checkpoint.pt or config.json there")
     try:
-        config = json.loads(config_path.read_text())
+        config = run.read_config()
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {path}: unreadable config.json ({e})") from None
     return None, {**config, "out": str(run_dir)}

@@ -20,7 +20,7 @@ from pyro_vae.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from pyro_vae.data import BatchLoader
+from pyro_vae.data import BatchLoader, SemiSupervisedLoader
 from pyro_vae.train import Trainer, TrainingInterrupted, stop_on_sigint
 
 __all__ = ["TrainingRun"]
@@ -41,7 +41,7 @@ class TrainingRun:
         *,
         model: nn.Module,
         trainer: Trainer,
-        loader: BatchLoader,
+        loader: BatchLoader | SemiSupervisedLoader,
         config: dict[str, Any],
         model_class: str,
         log: Callable[[str], None] | None = None,

@@ -89,9 +89,12 @@ def build_parser() -> ArgumentParser:
 
 
 @torch.no_grad()
-def accuracy(model: SSVAE, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
-    predicted = torch.cat([model.classify(x[i : i + batch]) for i in range(0, len(x), batch)])
-    return float((predicted == y).double().mean())
+def predict(model: SSVAE, x: torch.Tensor, batch: int = 2000) -> torch.Tensor:
+    return torch.cat([model.classify(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def accuracy(model: SSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, x) == y).double().mean())
 
 
 def main(args) -> dict:
@@ -200,9 +203,7 @@ def main(args) -> dict:
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
     test_x, test_y = test.images.to(device), test.labels.to(device)
-    predicted = torch.cat(
-        [model.classify(test_x[i : i + 2000]) for i in range(0, len(test_x), 2000)]
-    )
+    predicted = predict(model, test_x)
     confusion = torch.bincount(test_y * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).reshape(
         NUM_CLASSES, NUM_CLASSES
     )
