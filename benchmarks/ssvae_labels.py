@@ -2,15 +2,18 @@
 
 Runs scripts/train_ssvae.py once per (labels, seed), each in its own run directory, and prints
 mean ± sd of the test error and the training time per label budget. Extra arguments after
-``--`` go to every training run.
+``--`` go to every training run. ``--jobs N`` runs N trainings at once, each limited to
+cores / N threads (on 2 cores, two single-threaded runs finish sooner than two 2-thread runs
+one after the other). Finished runs are read back; interrupted ones are resumed.
 
-    python benchmarks/ssvae_labels.py --labels 100 3000 --seeds 0 1 2 -- --epochs 30
+    python benchmarks/ssvae_labels.py --labels 100 3000 --seeds 0 1 2 --jobs 2 -- --epochs 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -18,56 +21,83 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
 
 
-def main(args, extra):
-    results: dict[int, list[tuple[float, float]]] = {}
-    for labels in args.labels:
-        for seed in args.seeds:
-            out = Path(args.out) / f"labels{labels}-seed{seed}"
-            if not (out / "evaluation.json").is_file():
-                command = [
-                    sys.executable,
-                    str(ROOT / "scripts" / "train_ssvae.py"),
-                    "--labels",
-                    str(labels),
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(out),
-                    "--quiet",
-                    *extra,
-                ]
-                if (out / "config.json").is_file():  # an interrupted run: continue it
-                    command = [
-                        sys.executable,
-                        str(ROOT / "scripts" / "train_ssvae.py"),
-                        "--resume",
-                        str(out),
-                        "--quiet",
-                    ]
-                start = time.perf_counter()
-                subprocess.run(command, check=True)
-                (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+def command_for(out: Path, labels: int, seed: int, extra: list[str]) -> list[str]:
+    if (out / "config.json").is_file():  # an interrupted run: continue it
+        return [sys.executable, SCRIPT, "--resume", str(out), "--quiet"]
+    return [
+        sys.executable,
+        SCRIPT,
+        *("--labels", str(labels), "--seed", str(seed), "--out", str(out), "--quiet"),
+        *extra,
+    ]
+
+
+def main(args, extra: list[str]) -> None:
+    runs = [
+        (labels, seed, Path(args.out) / f"labels{labels}-seed{seed}")
+        for labels in args.labels
+        for seed in args.seeds
+    ]
+    todo = [r for r in runs if not (r[2] / "evaluation.json").is_file()]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    running: list[tuple[subprocess.Popen, Path, float]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            labels, seed, out = todo.pop(0)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log = open(out.with_suffix(".log"), "a")  # noqa: SIM115 (closed with the process)
+            proc = subprocess.Popen(
+                command_for(out, labels, seed, extra), stdout=log, stderr=log, env=env
+            )
+            running.append((proc, out, time.perf_counter()))
+        time.sleep(1.0)
+        for item in list(running):
+            proc, out, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                failed.append(out)
+                print(f"{out}: exit {proc.returncode} (see {out.with_suffix('.log')})", flush=True)
+                continue
+            (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
             report = json.loads((out / "evaluation.json").read_text())
-            seconds = (
-                float((out / "wall_seconds.txt").read_text())
-                if (out / "wall_seconds.txt").is_file()
-                else float("nan")
+            print(f"{out.name}: test error {report['test_error']:.2%}", flush=True)
+
+    results: dict[int, list[tuple[float, float, int]]] = {}
+    for labels, seed, out in runs:
+        if not (out / "evaluation.json").is_file():
+            continue
+        report = json.loads((out / "evaluation.json").read_text())
+        wall = out / "wall_seconds.txt"
+        seconds = float(wall.read_text()) if wall.is_file() else float("nan")
+        results.setdefault(labels, []).append((report["test_error"], seconds, report["best_epoch"]))
+        extra_cols = ""
+        if "log_px" in report:
+            extra_cols = (
+                f"  log p(x) {report['log_px']:.2f}  ELBO {report['elbo']:.2f}"
+                f"  argmax_y p(x,y) {report['generative_accuracy']:.2%}"
             )
-            results.setdefault(labels, []).append((report["test_error"], seconds))
-            print(
-                f"labels {labels:>5}  seed {seed}: test error {report['test_error']:.2%}  ({seconds / 60:.1f} min)",
-                flush=True,
-            )
-    print("\nlabels   test error (mean ± sd over seeds)   minutes per run")
+        print(
+            f"labels {labels:>5}  seed {seed}: test error {report['test_error']:.2%}"
+            f"  best epoch {report['best_epoch']}{extra_cols}  ({seconds / 60:.1f} min)"
+        )
+    print(f"\n{threads} thread(s) per run, {args.jobs} run(s) at a time")
+    print("labels   test error (mean ± sd over seeds)   minutes per run")
     for labels, rows in results.items():
-        errors = [e for e, _ in rows]
+        errors = [e for e, _, _ in rows]
         sd = statistics.stdev(errors) if len(errors) > 1 else float("nan")
         print(
             f"{labels:>6}   {statistics.mean(errors):.2%} ± {sd:.2%} (n={len(errors)})"
-            f"               {statistics.mean(s for _, s in rows) / 60:.1f}"
+            f"               {statistics.mean(s for _, s, _ in rows) / 60:.1f}"
         )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
@@ -77,5 +107,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", type=int, nargs="+", default=[100, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (default: 1)")
     p.add_argument("--out", default="runs/ssvae-benchmark")
     main(p.parse_args(argv), extra)

@@ -36,7 +36,9 @@ def batch(n=5):
     return torch.bernoulli(torch.full((n, 12), 0.3), generator=g), torch.tensor([0, 1, 2, 3, 1])[:n]
 
 
-def test_enumerated_loss_is_the_sum_over_classes_by_hand(ssvae):
+@pytest.mark.parametrize("beta", [1.0, 3.0])
+def test_enumerated_loss_is_the_sum_over_classes_by_hand(ssvae, beta):
+    ssvae.beta = beta
     x, _ = batch()
     pyro.set_rng_seed(11)
     loss = float(TraceEnum_ELBO(max_plate_nesting=1).loss(ssvae.model, ssvae.guide, x))
@@ -50,7 +52,7 @@ def test_enumerated_loss_is_the_sum_over_classes_by_hand(ssvae):
         log_px = -F.softplus((1 - 2 * x) * ssvae.decoder(_with_onehot(z, ys, C))).sum(-1)
         log_pz = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
         log_qz = dist.Normal(loc, scale).log_prob(z).sum(-1)
-        per_class = math.log(1 / C) + log_px + log_pz - log_qz  # (C, N)
+        per_class = math.log(1 / C) + log_px + beta * (log_pz - log_qz)  # (C, N)
         q = log_qy.T.exp()
         elbo = (q * per_class).sum(0) - (q * log_qy.T).sum(0)
     assert loss == pytest.approx(-float(elbo.sum()), rel=1e-5)
@@ -91,6 +93,12 @@ def test_aux_loss_is_alpha_log_q_and_reaches_only_the_classifier(ssvae):
     pyro.set_rng_seed(3)
     elbo.differentiable_loss(ssvae.model, ssvae.guide, x, y).backward()
     assert all(p.grad is None for p in ssvae.classifier.parameters())
+
+
+def test_beta_must_be_positive_and_is_in_the_config():
+    with pytest.raises(ValueError, match="beta"):
+        SSVAE(x_dim=12, z_dim=3, beta=0.0)
+    assert SSVAE(x_dim=12, z_dim=3, beta=2.5).config()["beta"] == 2.5
 
 
 def test_labelled_subsets_are_balanced_and_reproducible():

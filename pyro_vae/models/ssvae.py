@@ -43,6 +43,10 @@ class SSVAE(nn.Module):
     training loop does); Kingma et al. use alpha = 0.1 N.  The site is a training device, not
     part of the generative model: ``model(x, y)`` without ``aux`` is the pure model that the
     evaluator scores.
+
+    ``beta`` weights KL(q(z|x,y) || p(z)) as in ``VAE``.  Above 1 it makes z dearer than y, so
+    the decoder is pushed to carry the class through y (at beta = 1 the decoder tends to ignore
+    y, since y can save at most log 10 nats per image); the evaluator ignores the scale.
     """
 
     plate_name = "data"
@@ -56,6 +60,7 @@ class SSVAE(nn.Module):
         classifier_hidden: Sequence[int] = (500,),
         activation: str = "softplus",
         aux_weight: float = 50.0,
+        beta: float = 1.0,
         image_shape: Sequence[int] = (28, 28),
     ) -> None:
         super().__init__()
@@ -65,9 +70,11 @@ class SSVAE(nn.Module):
             raise ValueError("dimensions and hidden sizes must be positive")
         if aux_weight < 0:
             raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
+        if not beta > 0:  # poutine.scale needs a positive scale
+            raise ValueError(f"beta must be positive, got {beta}")
         self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
         self.hidden, self.classifier_hidden = tuple(hidden), tuple(classifier_hidden)
-        self.activation, self.aux_weight = activation, aux_weight
+        self.activation, self.aux_weight, self.beta = activation, aux_weight, beta
         self.image_shape = tuple(image_shape)
         self.classifier = mlp([x_dim, *classifier_hidden, num_classes], activation)
         self.encoder = Encoder(x_dim + num_classes, z_dim, hidden, activation)
@@ -83,6 +90,7 @@ class SSVAE(nn.Module):
             "classifier_hidden": list(self.classifier_hidden),
             "activation": self.activation,
             "aux_weight": self.aux_weight,
+            "beta": self.beta,
             "image_shape": list(self.image_shape),
         }
 
@@ -95,7 +103,8 @@ class SSVAE(nn.Module):
         with pyro.plate(self.plate_name, x.shape[0]):
             prior_y = dist.Categorical(logits=self._zero.expand(self.num_classes))
             y_ = pyro.sample("y", prior_y, obs=y)
-            z = pyro.sample("z", dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1))
+            with poutine.scale(scale=self.beta):
+                z = pyro.sample("z", dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1))
             logits = self.decoder(_with_onehot(z, y_, self.num_classes))
             pyro.sample("x", BernoulliImage(logits), obs=x)
             if aux and y is not None and self.aux_weight > 0:
@@ -113,7 +122,8 @@ class SSVAE(nn.Module):
                     infer={"enumerate": "parallel"},
                 )
             loc, scale = self.encoder(_with_onehot(x, y, self.num_classes))
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            with poutine.scale(scale=self.beta):
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # -- conveniences --------------------------------------------------------------------
 
