@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
@@ -44,23 +45,24 @@ def main(args, extra: list[str]) -> None:
     todo = [r for r in runs if not (r[2] / "evaluation.json").is_file()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    running: list[tuple[subprocess.Popen, Path, float]] = []
+    running: list[tuple[subprocess.Popen, IO, Path, float]] = []
     failed = []
     while todo or running:
         while todo and len(running) < args.jobs:
             labels, seed, out = todo.pop(0)
             out.parent.mkdir(parents=True, exist_ok=True)
-            log = open(out.with_suffix(".log"), "a")  # noqa: SIM115 (closed with the process)
+            log = open(out.with_suffix(".log"), "a")  # noqa: SIM115 (closed when the run ends)
             proc = subprocess.Popen(
                 command_for(out, labels, seed, extra), stdout=log, stderr=log, env=env
             )
-            running.append((proc, out, time.perf_counter()))
+            running.append((proc, log, out, time.perf_counter()))
         time.sleep(1.0)
         for item in list(running):
-            proc, out, start = item
+            proc, log, out, start = item
             if proc.poll() is None:
                 continue
             running.remove(item)
+            log.close()
             if proc.returncode != 0:
                 failed.append(out)
                 print(f"{out}: exit {proc.returncode} (see {out.with_suffix('.log')})", flush=True)
@@ -69,14 +71,14 @@ def main(args, extra: list[str]) -> None:
             report = json.loads((out / "evaluation.json").read_text())
             print(f"{out.name}: test error {report['test_error']:.2%}", flush=True)
 
-    results: dict[int, list[tuple[float, float, int]]] = {}
+    results: dict[int, list[tuple[float, float]]] = {}
     for labels, seed, out in runs:
         if not (out / "evaluation.json").is_file():
             continue
         report = json.loads((out / "evaluation.json").read_text())
         wall = out / "wall_seconds.txt"
         seconds = float(wall.read_text()) if wall.is_file() else float("nan")
-        results.setdefault(labels, []).append((report["test_error"], seconds, report["best_epoch"]))
+        results.setdefault(labels, []).append((report["test_error"], seconds))
         extra_cols = ""
         if "log_px" in report:
             extra_cols = (
@@ -90,11 +92,11 @@ def main(args, extra: list[str]) -> None:
     print(f"\n{threads} thread(s) per run, {args.jobs} run(s) at a time")
     print("labels   test error (mean ± sd over seeds)   minutes per run")
     for labels, rows in results.items():
-        errors = [e for e, _, _ in rows]
+        errors = [e for e, _ in rows]
         sd = statistics.stdev(errors) if len(errors) > 1 else float("nan")
         print(
             f"{labels:>6}   {statistics.mean(errors):.2%} ± {sd:.2%} (n={len(errors)})"
-            f"               {statistics.mean(s for _, s, _ in rows) / 60:.1f}"
+            f"               {statistics.mean(s for _, s in rows) / 60:.1f}"
         )
     if failed:
         sys.exit(1)
