@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyro_vae.faults import pause_point
+
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
@@ -29,6 +31,7 @@ __all__ = [
     "default_run_dir",
     "get_rng_state",
     "load_checkpoint",
+    "remove_stale_temporaries",
     "resolve_checkpoint",
     "save_checkpoint",
     "set_rng_state",
@@ -36,6 +39,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+# save_checkpoint's temporary files: "<target>." + tempfile's 8 random characters + ".tmp"
+_TEMPORARY = re.compile(r"^(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 class CheckpointError(ValueError):
@@ -90,6 +95,7 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> Path:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
+            pause_point("checkpoint-write")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -101,6 +107,22 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_stale_temporaries(directory: Path | str) -> list[Path]:
+    """Delete the temporary files that killed ``save_checkpoint`` calls left in ``directory``
+    (only names of its own pattern, ``<name>.pt.<8 characters>.tmp``); returns them.
+
+    A kill between writing and renaming leaves such a file behind; nothing else removes it.
+    Call this only while no other process writes checkpoints into the same directory.
+    """
+    removed = []
+    for p in Path(directory).iterdir():
+        m = _TEMPORARY.match(p.name)
+        if m and m.group("target").endswith(".pt") and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

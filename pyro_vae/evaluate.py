@@ -32,6 +32,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm import tqdm
 
+from pyro_vae.faults import pause_point
+
 __all__ = [
     "MarginalLikelihood",
     "estimate_log_px",
@@ -66,16 +68,24 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _site_log_prob(site: dict, plate_name: str, particle_dim: int) -> Tensor:
-    """The site's unscaled log-prob reduced to shape (K or 1, N or 1)."""
-    frames = {f.name: f.dim for f in site["cond_indep_stack"]}
-    if plate_name not in frames:
-        raise ValueError(
-            f"sample site {site['name']!r} is outside plate {plate_name!r}: per-datapoint "
-            "weights need every sample site inside the data plate"
-        )
-    data_dim = frames[plate_name]
-    lp = site["fn"].log_prob(site["value"])
+def data_frame(site: dict, plate_name: str):
+    """The site's frame of the plate ``plate_name``; a ``ValueError`` if it is outside it."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == plate_name:
+            return frame
+    raise ValueError(
+        f"sample site {site['name']!r} is outside plate {plate_name!r}: per-datapoint "
+        "weights need every sample site inside the data plate"
+    )
+
+
+def site_log_prob(
+    site: dict, plate_name: str, particle_dim: int, value: Tensor | None = None
+) -> Tensor:
+    """The site's unscaled, masked log-prob at ``value`` (default: the site's value),
+    summed over everything but the particle and data dimensions: shape (K or 1, N or 1)."""
+    data_dim = data_frame(site, plate_name).dim
+    lp = site["fn"].log_prob(site["value"] if value is None else value)
     mask = site["mask"]
     if mask is not None and mask is not True:
         lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
@@ -121,7 +131,7 @@ def log_weights(
                 continue
             if sign < 0 and site["is_observed"]:
                 continue
-            lp = sign * _site_log_prob(site, plate_name, particle_dim)
+            lp = sign * site_log_prob(site, plate_name, particle_dim)
             total = lp if total is None else total + lp
     if total is None:
         raise ValueError("the model and guide have no sample sites")
@@ -293,6 +303,7 @@ def _estimate(
         if psis:
             results["khat"].append(torch.from_numpy(psis_khat(lw.T.numpy())))
         _release_freed_memory()
+        pause_point("evaluation-chunk")
         for k in ks:
             groups = num_particles // k
             grouped = lw[: groups * k].reshape(groups, k, -1)

@@ -17,10 +17,12 @@ from pyro_vae.checkpoints import (
     CheckpointError,
     RunDir,
     get_rng_state,
+    remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
 )
 from pyro_vae.data import BatchLoader, SemiSupervisedLoader
+from pyro_vae.faults import pause_point
 from pyro_vae.train import Trainer, TrainingInterrupted, stop_on_sigint
 
 __all__ = ["TrainingRun"]
@@ -51,9 +53,12 @@ class TrainingRun:
         self.config, self.model_class, self.log = config, model_class, log
 
     def start(self) -> TrainingRun:
-        """Create the run directory and write ``config.json``."""
+        """Create the run directory and write ``config.json`` (a run killed before its first
+        checkpoint starts here again: temporary files of killed writes are removed)."""
         self.dir.create()
+        remove_stale_temporaries(self.dir.path)
         self.dir.write_json("config.json", self.config)
+        pause_point("run-started")
         return self
 
     def state(self) -> dict[str, Any]:
@@ -84,10 +89,12 @@ class TrainingRun:
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             detail = " ".join(str(e).split())[:200]
             raise CheckpointError(f"checkpoint does not fit this run: {detail}") from None
+        remove_stale_temporaries(self.dir.path)
 
     def _on_epoch(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.dir.write_metrics(trainer.history)
         self.save()
+        pause_point("epoch-saved")
         if self.log is not None:
             val = f"  val ELBO {metrics['val_elbo']:.2f}" if "val_elbo" in metrics else ""
             extra = "".join(

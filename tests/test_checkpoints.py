@@ -93,3 +93,45 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    from pyro_vae.checkpoints import remove_stale_temporaries
+
+    stale = ["checkpoint.pt.k3x_9a0q.tmp", "best.pt.abcdefgh.tmp"]
+    kept = ["checkpoint.pt", "metrics.jsonl.tmp", "notes.abcdefgh.tmp", "checkpoint.pt.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_a_pause_point_holds_until_signalled_and_then_runs_the_handler(tmp_path):
+    """The hook the kill tests rely on: held at the n-th arrival, SIGINT then reaches the
+    process's own handler (here Python's default: KeyboardInterrupt)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pyro_vae.faults import PAUSE_ENV, PAUSE_FILE_ENV
+
+    marker = tmp_path / "held"
+    code = (
+        "from pyro_vae.faults import pause_point\n"
+        "for i in range(3):\n"
+        "    print(i, flush=True)\n"
+        "    pause_point('epoch-saved')\n"
+    )
+    env = {**os.environ, PAUSE_ENV: "epoch-saved:2", PAUSE_FILE_ENV: str(marker)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert out.split() == [b"0", b"1"]  # held at the second arrival, never reached the third
+    assert b"KeyboardInterrupt" in err

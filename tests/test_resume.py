@@ -1,4 +1,9 @@
-"""Killed and interrupted runs resume to exactly the numbers of an uninterrupted run."""
+"""Killed and interrupted runs resume to exactly the numbers of an uninterrupted run.
+
+Each fault hits a named pause point (``pyro_vae.faults``): the process holds there, announces
+it in a marker file, and only then is it killed or interrupted, so the moment of the fault
+does not depend on how fast the machine is.
+"""
 
 import json
 import os
@@ -12,6 +17,7 @@ import torch
 from conftest import ROOT
 
 from pyro_vae import load_checkpoint
+from pyro_vae.faults import PAUSE_ENV, PAUSE_FILE_ENV
 
 ARGS = [
     "--epochs",
@@ -35,14 +41,18 @@ ARGS = [
 SCRIPT = str(ROOT / "scripts" / "train_svi.py")
 
 
-def env(data_dir):
-    return {**os.environ, "PYRO_VAE_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
+def env(data_dir, pause=None, marker=None):
+    environ = {**os.environ, "PYRO_VAE_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
+    environ.pop(PAUSE_ENV, None)
+    if pause is not None:
+        environ[PAUSE_ENV], environ[PAUSE_FILE_ENV] = pause, str(marker)
+    return environ
 
 
-def start(args, data_dir, script=SCRIPT):
+def start(args, data_dir, script=SCRIPT, pause=None, marker=None):
     return subprocess.Popen(
         [sys.executable, script, *args],
-        env=env(data_dir),
+        env=env(data_dir, pause, marker),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -50,17 +60,25 @@ def start(args, data_dir, script=SCRIPT):
     )
 
 
-def epochs_done(out):
-    path = out / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "timed out"
+def held_at(args, data_dir, pause, tmp_path, script=SCRIPT):
+    """Start a run that holds at the pause point ``pause`` ("<point>:<n>"); return the
+    process once it is held there."""
+    marker = tmp_path / "held"
+    marker.unlink(missing_ok=True)
+    proc = start(args, data_dir, script=script, pause=pause, marker=marker)
+    # Waiting for an event, not for a time: the process is held until it is signalled.
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert proc.poll() is None, f"exited before {pause}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"never reached {pause}"
         time.sleep(0.01)
+    assert marker.read_text() == pause.rpartition(":")[0]
+    return proc
+
+
+def kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def outcome(out):
@@ -101,24 +119,25 @@ def reference(data_dir, tmp_path_factory):
 
 def test_sigkill_at_several_points_then_resume_is_bitwise_identical(reference, data_dir, tmp_path):
     out = tmp_path / "run"
-    # killed before the first checkpoint, twice mid-training, and during the final evaluation
-    kill_points = [
-        lambda: (out / "config.json").exists(),
-        lambda: epochs_done(out) >= 1,
-        lambda: epochs_done(out) >= 3,
-        lambda: epochs_done(out) >= 4,
-    ]
     args = [*ARGS, "--out", str(out)]
-    for i, point in enumerate(kill_points):
-        proc = start(args, data_dir)
-        wait_for(point, proc)
-        time.sleep(0.05 * i)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if (out / "checkpoint.pt").exists():
-            load_checkpoint(out)  # whatever moment the kill hit, the checkpoint is whole
-        args = ["--resume", str(out), "--quiet"]
-    proc = start(args, data_dir)
+    # Before the first checkpoint: the resumed run starts afresh from config.json.
+    kill(held_at(args, data_dir, "run-started:1", tmp_path))
+    assert not (out / "checkpoint.pt").exists()
+    resume = ["--resume", str(out), "--quiet"]
+    # Inside the second epoch's checkpoint write: a temporary file is left behind.
+    kill(held_at(resume, data_dir, "checkpoint-write:2", tmp_path))
+    assert len(list(out.glob("checkpoint.pt.*.tmp"))) == 1
+    assert load_checkpoint(out)["trainer"]["epoch"] == 1  # the previous checkpoint is whole
+    # After epoch 3's checkpoint (the second this process saves): epochs 2 and 3 redone.
+    kill(held_at(resume, data_dir, "epoch-saved:2", tmp_path))
+    assert not list(out.glob("*.tmp"))  # the resumed run removed the killed write's file
+    assert load_checkpoint(out)["trainer"]["epoch"] == 3
+    # During the final evaluation, after epoch 4's checkpoint (the first evaluated chunk is
+    # epoch 4's validation set, the second the test set's).
+    kill(held_at(resume, data_dir, "evaluation-chunk:2", tmp_path))
+    assert load_checkpoint(out)["trainer"]["epoch"] == 4
+    assert not (out / "evaluation.json").exists()
+    proc = start(resume, data_dir)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert not list(out.glob("*.tmp")) and not list(out.glob("checkpoint.pt.*"))
     assert_same(outcome(out), reference)
@@ -126,16 +145,17 @@ def test_sigkill_at_several_points_then_resume_is_bitwise_identical(reference, d
 
 def test_ctrl_c_saves_mid_epoch_and_resumes_bitwise(reference, data_dir, tmp_path):
     out = tmp_path / "run"
-    proc = start([*ARGS, "--out", str(out)], data_dir)
-    wait_for(lambda: epochs_done(out) >= 1, proc)
-    proc.send_signal(signal.SIGINT)  # at once: three epochs of training are still ahead
+    # Held right after epoch 1's checkpoint, then interrupted: three epochs are still ahead,
+    # so the run stops after the first step of epoch 2.
+    proc = held_at([*ARGS, "--out", str(out)], data_dir, "epoch-saved:1", tmp_path)
+    proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read()
     assert "Traceback" not in err
     assert f"Resume with: python {SCRIPT} --resume {out}" in err
     state = load_checkpoint(out)
     assert state["trainer"]["partial_epoch"] is not None  # saved mid-epoch, at a step boundary
-    assert 0 < state["loader"]["position"] < 16
+    assert state["trainer"]["epoch"] == 1 and state["loader"]["position"] == 1
     proc = start(["--resume", str(out), "--quiet"], data_dir)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert_same(outcome(out), reference)
@@ -184,22 +204,19 @@ SSVAE_SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
 
 
 def test_semi_supervised_run_resumes_bitwise_after_sigkill_and_ctrl_c(data_dir, tmp_path):
-    def launch(args):
-        return start(args, data_dir, script=SSVAE_SCRIPT)
-
     ref = tmp_path / "reference"
-    proc = launch([*SSVAE_ARGS, "--out", str(ref)])
+    proc = start([*SSVAE_ARGS, "--out", str(ref)], data_dir, script=SSVAE_SCRIPT)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     out = tmp_path / "run"
-    proc = launch([*SSVAE_ARGS, "--out", str(out)])
-    wait_for(lambda: epochs_done(out) >= 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc = launch(["--resume", str(out), "--quiet"])
-    wait_for(lambda: epochs_done(out) >= 2, proc)
+    kill(
+        held_at([*SSVAE_ARGS, "--out", str(out)], data_dir, "epoch-saved:1", tmp_path, SSVAE_SCRIPT)
+    )
+    resume = ["--resume", str(out), "--quiet"]
+    proc = held_at(resume, data_dir, "epoch-saved:1", tmp_path, SSVAE_SCRIPT)  # after epoch 2
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) in (0, 130)  # 0 if the interrupt came after the last step
-    proc = launch(["--resume", str(out), "--quiet"])
+    assert proc.wait(timeout=60) == 130  # stopped after the first step of epoch 3
+    assert load_checkpoint(out)["trainer"]["partial_epoch"] is not None
+    proc = start(resume, data_dir, script=SSVAE_SCRIPT)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert_same(outcome(out), outcome(ref))
     assert torch.equal(
