@@ -121,11 +121,52 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "cuda", "auto"),
         help="cpu, cuda or auto (default: cpu)",
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own choice, usually one per core)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
+def apply_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads(--threads)`` when the flag is given."""
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+
+
+def add_preset_arg(parser: argparse.ArgumentParser, presets: dict, default: str) -> None:
+    """``--preset NAME``: a named recipe that sets the flags left at ``None``."""
+    described = "; ".join(
+        f"{name}: " + " ".join(f"--{k.replace('_', '-')} {_plain(v)}" for k, v in flags.items())
+        for name, flags in presets.items()
+    )
+    parser.add_argument(
+        "--preset",
+        default=default,
+        choices=sorted(presets),
+        help=f"training recipe; flags given explicitly win ({described}) (default: {default})",
+    )
+
+
+def _plain(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value}"
+
+
+def apply_preset(args: argparse.Namespace, presets: dict) -> argparse.Namespace:
+    """Fill every flag still ``None`` from the chosen preset."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+# What runs from before a flag existed did, where that differs from the flag's default.
+LEGACY_DEFAULTS = {"preset": "classic", "lr_schedule": "constant"}
+
 # Flags a resumed run may change; everything else comes from the run's config.json.
-RESUMABLE_FLAGS = ("epochs", "quiet", "device", "resume", "data_dir")
+RESUMABLE_FLAGS = ("epochs", "quiet", "device", "resume", "data_dir", "threads")
 
 
 def add_resume_arg(parser: argparse.ArgumentParser) -> None:
@@ -178,8 +219,11 @@ def merge_resumed_args(
         elif value != default and value != merged.get(key):
             flag = "--" + key.replace("_", "-")
             raise UsageError(
-                f"{flag} cannot change when resuming (only --epochs, --device, --data-dir, --quiet)"
+                f"{flag} cannot change when resuming (only --epochs, --device, --data-dir, "
+                "--threads, --quiet)"
             )
+        elif key not in merged:  # a flag newer than the run: the behaviour it had then
+            merged[key] = LEGACY_DEFAULTS.get(key, default)
     for key in ("data_dir", "out", "resume"):
         if merged.get(key) is not None:
             merged[key] = Path(merged[key])
@@ -206,44 +250,62 @@ def add_training_args(
     parser: argparse.ArgumentParser,
     *,
     name: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    hidden: tuple[int, ...],
-    activation: str,
+    epochs: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    hidden: tuple[int, ...] | None,
+    activation: str | None,
     eval_particles: int,
     eval_particles_help: str,
+    lr_schedule: str | None = "constant",
 ) -> None:
     """The flags both training scripts share, spelled and checked the same way, plus
-    ``--out``, ``--resume``, the data flags and the runtime flags."""
+    ``--out``, ``--resume``, the data flags and the runtime flags.  A default of ``None``
+    means "set by ``--preset``" (see ``apply_preset``)."""
     from pyro_vae.nets import ACTIVATIONS
+    from pyro_vae.train import LR_SCHEDULES
+
+    def default(value, shown=None):
+        return "set by --preset" if value is None else (shown or f"{value}")
 
     add = parser.add_argument
     add(
         "--epochs",
         type=positive_int,
         default=epochs,
-        help=f"passes over the training images (default: {epochs})",
+        help=f"passes over the training images (default: {default(epochs)})",
     )
     add(
         "--batch-size",
         type=positive_int,
         default=batch_size,
-        help=f"images per step (default: {batch_size})",
+        help=f"images per step (default: {default(batch_size)})",
     )
-    add("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default: {lr:g})")
+    add(
+        "--lr",
+        type=positive_float,
+        default=lr,
+        help=f"Adam learning rate (default: {default(lr, lr and f'{lr:g}')})",
+    )
     add("--z-dim", type=positive_int, default=50, help="latent dimensions (default: 50)")
     add(
         "--hidden",
         type=hidden_sizes,
         default=hidden,
-        help=f"encoder/decoder hidden sizes, comma-separated (default: {','.join(map(str, hidden))})",
+        help="encoder/decoder hidden sizes, comma-separated "
+        f"(default: {default(hidden, hidden and ','.join(map(str, hidden)))})",
     )
     add(
         "--activation",
         default=activation,
         choices=sorted(ACTIVATIONS),
-        help=f"hidden activation (default: {activation})",
+        help=f"hidden activation (default: {default(activation)})",
+    )
+    add(
+        "--lr-schedule",
+        default=lr_schedule,
+        choices=LR_SCHEDULES,
+        help=f"constant, or cosine: decay to zero over --epochs (default: {default(lr_schedule)})",
     )
     add(
         "--clip-norm",
@@ -273,10 +335,14 @@ def add_training_args(
 
 
 def begin_run(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, name: str
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    name: str,
+    presets: dict | None = None,
 ) -> tuple[argparse.Namespace, dict | None, Path, torch.device]:
-    """Resolve ``--resume`` (the saved flags, the checkpoint or None), the device and the run
-    directory (checked, not created), and seed everything: (args, state, out, device)."""
+    """Resolve ``--resume`` (the saved flags, the checkpoint or None), the preset, the device
+    and the run directory (checked, not created), and seed everything:
+    (args, state, out, device)."""
     from pyro_vae.checkpoints import default_run_dir
     from pyro_vae.train import seed_everything
 
@@ -285,7 +351,10 @@ def begin_run(
         state, config = resume_state(args.resume)
         args = merge_resumed_args(parser, args, config)
         out = args.out
+    if presets is not None:
+        args = apply_preset(args, presets)
     device = resolve_device(args.device)
+    apply_threads(args)
     if out is None:
         out = check_output_dir(args.out or default_run_dir(name))
     seed_everything(args.seed)

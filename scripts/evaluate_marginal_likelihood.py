@@ -19,6 +19,7 @@ from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
     add_runtime_args,
+    apply_threads,
     positive_int,
     resolve_device,
     run,
@@ -72,6 +73,7 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     device = resolve_device(args.device)
+    apply_threads(args)
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path, map_location=device)
     model = model_from_checkpoint(state).to(device).eval()

@@ -158,6 +158,7 @@ def main(args) -> dict:
         partial(model.model, aux=True),
         partial(model.guide, aux=True),
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         elbo="enum",
         clip_norm=args.clip_norm,
         skip_nonfinite=args.skip_nonfinite,

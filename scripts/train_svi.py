@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
+    add_preset_arg,
     add_training_args,
     begin_run,
     positive_float,
@@ -30,7 +31,7 @@ from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import VAE
 from pyro_vae.plots import save_vae_figures
 from pyro_vae.runs import TrainingRun
-from pyro_vae.train import ELBOS, Trainer
+from pyro_vae.train import DEFAULT_PRESET, ELBOS, IMPORTANCE_WEIGHTED, PRESETS, Trainer
 
 
 def build_parser() -> ArgumentParser:
@@ -38,14 +39,16 @@ def build_parser() -> ArgumentParser:
     add_training_args(
         p,
         name="vae",
-        epochs=60,
-        batch_size=256,
-        lr=1e-3,
-        hidden=(400,),
-        activation="relu",
+        epochs=None,
+        batch_size=None,
+        lr=None,
+        hidden=None,
+        activation=None,
+        lr_schedule=None,
         eval_particles=500,
         eval_particles_help="K for the test log p(x) (0: skip; default: 500)",
     )
+    add_preset_arg(p, PRESETS, DEFAULT_PRESET)
     p.add_argument(
         "--likelihood",
         default="bernoulli",
@@ -63,23 +66,30 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--elbo",
-        default="trace",
+        default=None,
         choices=sorted(ELBOS),
-        help="trace: Trace_ELBO; meanfield: analytic KL; jit: JitTrace_ELBO (default: trace)",
+        help="trace: Trace_ELBO; meanfield: analytic KL; jit: JitTrace_ELBO; iwae: the "
+        "K-sample importance-weighted bound; dreg: the same bound with doubly "
+        "reparameterised guide gradients (default: set by --preset)",
     )
     p.add_argument(
         "--num-particles",
         type=positive_int,
-        default=1,
-        help="particles per ELBO estimate in training (default: 1)",
+        default=None,
+        help="particles per datapoint in training: averaged by the ELBOs, the K of the bound "
+        "for iwae and dreg (default: set by --preset)",
     )
     return p
 
 
 def main(args) -> dict:
-    args, state, out, device = begin_run(args, build_parser(), "vae")
+    args, state, out, device = begin_run(args, build_parser(), "vae", PRESETS)
     if args.likelihood == "bernoulli" and args.x_scale is not None:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
+    if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:
+        raise UsageError(
+            f"--elbo {args.elbo} is defined for --beta 1 only (no KL weight); use --elbo trace"
+        )
     train, valid, test = training_splits(
         args.dataset,
         args.data_dir,
@@ -110,6 +120,7 @@ def main(args) -> dict:
         vae.model,
         vae.guide,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         elbo=args.elbo,
         num_particles=args.num_particles,
         clip_norm=args.clip_norm,

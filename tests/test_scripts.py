@@ -71,6 +71,20 @@ SMOKE_RUNS = {
     ],
     "train_svi.py": [
         ["--epochs", "2", "--eval-particles", "50", *TINY],
+        ["--epochs", "1", "--preset", "classic", "--eval-particles", "10", "--threads", "1", *TINY],
+        [
+            "--epochs",
+            "2",
+            "--elbo",
+            "iwae",
+            "--num-particles",
+            "3",
+            "--lr-schedule",
+            "cosine",
+            "--eval-particles",
+            "0",
+            *TINY,
+        ],
         [
             "--epochs",
             "1",
@@ -242,6 +256,11 @@ BAD_INPUTS = [
     (["--binarize", "none"], "Bernoulli likelihood needs binary data"),
     (["--x-scale", "0.1"], "gaussian only"),
     (["--elbo", "jit", "--train-size", "100", "--batch-size", "128"], "full batch"),
+    (["--elbo", "iwae", "--beta", "2"], "--beta 1 only"),
+    (["--beta", "2"], "--beta 1 only"),  # the default preset trains with DReG
+    (["--preset", "fastest"], "invalid choice"),
+    (["--lr-schedule", "step"], "invalid choice"),
+    (["--threads", "0"], "positive integer"),
 ]
 
 

@@ -128,3 +128,25 @@ def test_plain_function_model_and_guide_with_pyro_params():
     assert len(trainer.params) == 4  # b, w, c and the unconstrained s
     assert trainer.evaluate_elbo(x, num_particles=50) > before + 1
     assert torch.allclose(pyro.param("b").detach(), x.mean(0), atol=0.1)
+
+
+def test_cosine_schedule_sets_each_epochs_rate_and_constant_leaves_it():
+    from pyro_vae.train import lr_factor
+
+    assert [lr_factor("constant", e, 4) for e in (1, 4)] == [1.0, 1.0]
+    assert [round(lr_factor("cosine", e, 4), 6) for e in (1, 2, 3, 4)] == [
+        1.0,
+        round(0.5 * (1 + math.cos(math.pi / 4)), 6),
+        0.5,
+        round(0.5 * (1 + math.cos(3 * math.pi / 4)), 6),
+    ]
+    x = torch.bernoulli(torch.full((64, 784), 0.3))
+    vae = VAE(z_dim=2, hidden=(8,))
+    trainer = Trainer(vae.model, vae.guide, lr=0.01, lr_schedule="cosine")
+    history = trainer.fit([(x[:32],), (x[32:],)], 4, progress=False)
+    assert [m["lr"] for m in history] == pytest.approx(
+        [0.01 * lr_factor("cosine", e, 4) for e in range(1, 5)]
+    )
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(history[-1]["lr"])
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        Trainer(vae.model, vae.guide, lr_schedule="step")

@@ -1,0 +1,196 @@
+"""Test NLL against training time: Trace_ELBO, IWAE and DReG under the same budgets.
+
+Every run is ``scripts/train_svi.py`` with one recipe (``--preset``) and one objective, for the
+number of epochs that fills the budget at the calibrated speed (seconds per epoch at
+``--threads`` threads on a quiet machine, measured by ``--calibrate`` and recorded below),
+then ``scripts/evaluate_marginal_likelihood.py`` at K = 5000 on all 10,000 test images
+(dynamic binarisation, the protocol of published MNIST likelihoods). Runs resume after an
+interruption; finished runs are read back. Prints a table, writes ``results.json`` and the
+figure ``nll_vs_minutes.png`` into ``--out``.
+
+    python benchmarks/objectives_budget.py --calibrate
+    python benchmarks/objectives_budget.py --budgets 30 --objectives trace iwae dreg --jobs 2
+    python benchmarks/objectives_budget.py --budgets 120 --objectives dreg
+
+``--jobs 2`` runs two trainings at once with one thread each: on 2 cores that finishes the
+set sooner, but each run then trains more slowly than its budget assumes (the epochs are
+fixed by the budget; the wall time is recorded beside them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from _jobs import Job, run_jobs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "scripts" / "train_svi.py")
+EVALUATE = str(ROOT / "scripts" / "evaluate_marginal_likelihood.py")
+OBJECTIVES = {
+    # the single-sample ELBO (K = 1: more epochs in the same time), IWAE and DReG with K = 5
+    "trace": ["--elbo", "trace", "--num-particles", "1"],
+    "iwae": ["--elbo", "iwae"],
+    "dreg": ["--elbo", "dreg"],
+}
+PRESET = "iw-fast"
+# Seconds per 50,000-image epoch (training plus the per-epoch validation ELBO) of each
+# objective under the preset, 2 threads, quiet machine (2026-11-23); re-measure with --calibrate.
+SECONDS_PER_EPOCH = {"trace": 2.2, "iwae": 5.2, "dreg": 5.3}
+
+
+def epochs_for(objective: str, minutes: float) -> int:
+    return max(1, math.floor(minutes * 60 / SECONDS_PER_EPOCH[objective]))
+
+
+def calibrate(args) -> None:
+    """Time two epochs of each objective (the second one counts) and print the table."""
+    import tempfile
+
+    speeds = {}
+    for name, flags in OBJECTIVES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [TRAIN, "--preset", PRESET, *flags, "--epochs", "2", "--eval-particles", "0"]
+            cmd += ["--threads", str(args.threads), "--quiet", "--out", f"{tmp}/run"]
+            subprocess.run([sys.executable, *cmd], check=True, stdout=subprocess.DEVNULL)
+            lines = Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
+            speeds[name] = json.loads(lines[-1])["seconds"]
+        print(f"{name:>6}: {speeds[name]:.2f} s per epoch", flush=True)
+    print("SECONDS_PER_EPOCH =", {k: round(v, 1) for k, v in speeds.items()})
+
+
+def job_for(args, objective: str, minutes: float) -> Job:
+    out = Path(args.out) / f"{objective}-{minutes:g}min"
+    epochs = epochs_for(objective, minutes)
+    if (out / "config.json").is_file():  # interrupted: continue where it stood
+        train = [sys.executable, TRAIN, "--resume", str(out), "--quiet"]
+    else:
+        train = [sys.executable, TRAIN, "--preset", PRESET, *OBJECTIVES[objective]]
+        train += ["--epochs", str(epochs), "--seed", str(args.seed), "--eval-particles", "0"]
+        train += ["--threads", str(args.threads), "--quiet", "--out", str(out)]
+    evaluate = [sys.executable, EVALUATE, "--checkpoint", str(out), "--quiet"]
+    evaluate += ["--num-particles", str(args.eval_particles), "--threads", str(args.threads)]
+
+    def done(seconds: float) -> None:
+        (out / "benchmark_wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+
+    commands = [evaluate] if (out / "checkpoint.pt").is_file() and finished(out) else []
+    commands = commands or [train, evaluate]
+    return Job(out.name, commands, out.with_suffix(".log"), done)
+
+
+def finished(out: Path) -> bool:
+    config = json.loads((out / "config.json").read_text())
+    lines = (
+        (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    )
+    return len(lines) >= config["epochs"]
+
+
+def read_result(args, out: Path) -> dict | None:
+    report = out / f"marginal_likelihood_k{args.eval_particles}.json"
+    if not report.is_file():
+        return None
+    r = json.loads(report.read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((out / "config.json").read_text())
+    wall = out / "benchmark_wall_seconds.txt"
+    return {
+        "run": out.name,
+        "objective": config["elbo"],
+        "num_particles": config["num_particles"],
+        "epochs": len(metrics),
+        "train_minutes_measured": sum(m["seconds"] for m in metrics) / 60,
+        "budget_minutes": float(out.name.split("-")[-1].removesuffix("min")),
+        "threads": config.get("threads"),
+        "nll": r["nll"],
+        "nll_sem": r["log_px_sem"],
+        "elbo": r["elbo"],
+        "gap": r["gap"],
+        "num_particles_eval": r["num_particles"],
+        "images": r["num_datapoints"],
+        "wall_minutes_with_evaluation": float(wall.read_text()) / 60 if wall.is_file() else None,
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for objective, colour in zip(OBJECTIVES, ("tab:grey", "tab:blue", "tab:red")):
+        rows = sorted(
+            (r for r in results if r["objective"] == objective), key=lambda r: r["budget_minutes"]
+        )
+        if rows:
+            ax.errorbar(
+                [r["budget_minutes"] for r in rows],
+                [r["nll"] for r in rows],
+                yerr=[r["nll_sem"] for r in rows],
+                marker="o",
+                color=colour,
+                label=objective,
+                capsize=3,
+            )
+    for y, label in ((86.76, "Burda et al. VAE, 3,280 epochs"), (84.78, "Burda et al. IWAE k=50")):
+        ax.axhline(y, ls=":", color="k", lw=0.8)
+        ax.text(ax.get_xlim()[0], y, f" {label}", va="bottom", fontsize=7)
+    ax.set_xlabel("training budget (minutes, 2 threads)")
+    ax.set_ylabel("test NLL, K = 5000 (nats per image)")
+    ax.set_title("MNIST, dynamic binarisation: lower is better")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    if args.calibrate:
+        calibrate(args)
+        return 0
+    out = Path(args.out)
+    jobs = [
+        job_for(args, objective, minutes)
+        for minutes in args.budgets
+        for objective in args.objectives
+        if read_result(args, out / f"{objective}-{minutes:g}min") is None
+    ]
+    start = time.perf_counter()
+    failed = run_jobs(jobs, args.jobs, args.threads) if jobs else []
+    results = [
+        r
+        for r in (read_result(args, p) for p in sorted(out.glob("*min")) if p.is_dir())
+        if r is not None
+    ]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if results:
+        plot(results, out / "nll_vs_minutes.png")
+    print(f"{'run':>14} {'epochs':>6} {'train min':>9} {'NLL':>13} {'ELBO':>8} {'gap':>5}")
+    for r in results:
+        print(
+            f"{r['run']:>14} {r['epochs']:>6} {r['train_minutes_measured']:>9.1f}"
+            f" {r['nll']:>7.2f} ± {r['nll_sem']:.2f} {r['elbo']:>8.2f} {r['gap']:>5.2f}"
+        )
+    print(
+        f"({time.perf_counter() - start:.0f} s; {args.jobs} job(s) at a time, {args.threads} thread(s) each)"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--budgets", nargs="+", type=float, default=[30.0], help="minutes of training")
+    p.add_argument("--eval-particles", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="threads per run (default: 2)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default: 1)")
+    p.add_argument("--out", default="benchmarks/results/objectives")
+    p.add_argument("--calibrate", action="store_true", help="measure SECONDS_PER_EPOCH")
+    sys.exit(main(p.parse_args()))

@@ -1,0 +1,242 @@
+"""IWAE and DReG against exact answers: the linear-Gaussian model, whose evidence and
+posterior are known in closed form."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from exact_models import D64, LinearGaussian
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO
+
+from pyro_vae import VAE, Trainer, estimate_log_px, make_elbo
+from pyro_vae.objectives import IWAE, DReG, ObjectiveError
+
+
+def exact_guide_with_params(lg):
+    """The exact posterior written with trainable parameters (an offset and a Cholesky
+    factor), set to their optimum."""
+    offset = torch.zeros(lg.z_dim, dtype=D64, requires_grad=True)
+    tril = torch.linalg.cholesky(lg.post_cov).clone().requires_grad_()
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(lg.post_mean(x) + offset, scale_tril=tril))
+
+    return guide, [offset, tril]
+
+
+def replicated_wrong_guide(lg, n):
+    """A wrong diagonal guide with one set of parameters per row, so that one backward pass
+    over n copies of the same x gives n independent gradient draws (one per row)."""
+    sd = lg.post_cov.diagonal().sqrt()
+    loc = (0.5 * sd).expand(n, -1).clone().requires_grad_()
+    log_scale = torch.log(1.3 * sd).expand(n, -1).clone().requires_grad_()
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(lg.post_mean(x) + loc, log_scale.exp()).to_event(1))
+
+    return guide, loc, log_scale
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_exact_posterior_every_weight_is_p_x_and_dregs_guide_gradient_is_zero(k):
+    lg = LinearGaussian()
+    x = lg.sample_x(6)
+    exact = float(lg.exact_log_px(x).sum())
+    for seed in range(3):
+        grads = {}
+        for cls in (IWAE, DReG):
+            guide, params = exact_guide_with_params(lg)
+            pyro.set_rng_seed(seed)
+            loss = cls(k).differentiable_loss(lg.model, guide, x)
+            assert float(loss.detach()) == pytest.approx(-exact, abs=1e-9)
+            loss.backward()
+            grads[cls] = max(float(p.grad.abs().max()) for p in params)
+        assert grads[DReG] < 1e-10  # exactly zero on every draw
+        assert grads[IWAE] > 1e-2  # zero only in expectation
+
+
+@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("n", [1, 9])
+def test_the_bound_is_the_evaluators_log_p_hat_and_renyis_on_the_same_draws(k, n):
+    lg = LinearGaussian()
+    x = lg.sample_x(n)
+    pyro.set_rng_seed(3)
+    ours = IWAE(k).loss(lg.model, lg.wrong_guide, x)
+    pyro.set_rng_seed(3)
+    evaluated = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=k, psis=False, ks=())
+    pyro.set_rng_seed(3)
+    renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    assert ours == pytest.approx(-float(evaluated.log_px.sum()), abs=1e-9)
+    assert ours == pytest.approx(renyi.loss(lg.model, lg.wrong_guide, x), abs=1e-9)
+    if k == 1:  # one particle: the bound is the ELBO
+        assert ours == pytest.approx(-float(evaluated.elbo.sum()), abs=1e-9)
+
+
+def plate_model(lg, n_full):
+    def model(x, idx):
+        with pyro.plate("data", n_full, subsample=idx):
+            z = pyro.sample("z", dist.Normal(torch.zeros(lg.z_dim, dtype=D64), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ lg.W.T + lg.b, lg.sigma).to_event(1), obs=x)
+
+    def guide(x, idx):
+        with pyro.plate("data", n_full, subsample=idx):
+            pyro.sample("z", lg.wrong_q(x))
+
+    return model, guide
+
+
+def test_subsampling_scales_the_batch_bound_and_is_unbiased_for_the_full_data_bound():
+    lg = LinearGaussian()
+    n_full, b, k = 64, 16, 10
+    x_all = lg.sample_x(n_full)
+    model, guide = plate_model(lg, n_full)
+    idx = torch.arange(5, 5 + b)
+    pyro.set_rng_seed(1)
+    ours = IWAE(k).loss(model, guide, x_all[idx], idx)
+    pyro.set_rng_seed(1)
+    plain = IWAE(k).loss(lg.model, lg.wrong_guide, x_all[idx])
+    assert ours == pytest.approx(n_full / b * plain, rel=1e-12)
+    # Pyro's RenyiELBO puts the scaled log-probs inside the logsumexp: not the IWAE bound.
+    pyro.set_rng_seed(1)
+    renyi = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    assert abs(renyi.loss(model, guide, x_all[idx], idx) - ours) > 10
+    # In expectation over batches and draws, the subsampled loss is the full-data loss.
+    g = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(300):
+        idx = torch.randperm(n_full, generator=g)[:b]
+        draws.append(IWAE(k).loss(model, guide, x_all[idx], idx))
+    draws = torch.tensor(draws, dtype=D64)
+    full = torch.tensor([IWAE(k).loss(lg.model, lg.wrong_guide, x_all) for _ in range(300)])
+    se = math.sqrt(draws.var() / len(draws) + full.var() / len(full))
+    assert abs(float(draws.mean() - full.mean())) < 4 * se
+
+
+def guide_gradients(cls, lg, k, n, seed):
+    x = lg.sample_x(1).expand(n, -1)
+    guide, loc, log_scale = replicated_wrong_guide(lg, n)
+    pyro.set_rng_seed(seed)
+    cls(k).differentiable_loss(lg.model, guide, x).backward()
+    return loc.grad, log_scale.grad
+
+
+def test_dreg_guide_gradient_is_unbiased_for_iwaes():
+    lg = LinearGaussian()
+    n = 4000
+    for k in (1, 8):
+        iwae = torch.cat(guide_gradients(IWAE, lg, k, n, seed=0), 1)
+        dreg = torch.cat(guide_gradients(DReG, lg, k, n, seed=1), 1)
+        se = (iwae.var(0) / n + dreg.var(0) / n).sqrt()
+        assert ((iwae.mean(0) - dreg.mean(0)).abs() < 4 * se).all()
+        assert (dreg.var(0) < iwae.var(0)).all()  # and with less variance
+
+
+def test_signal_to_noise_of_the_guide_gradient_rises_with_k_for_dreg_and_falls_for_iwae():
+    """Rainforth et al. (2018): O(1/sqrt(K)) for IWAE's inference network, growing for DReG."""
+    lg = LinearGaussian()
+    n = 4000
+
+    def snr(cls, k):
+        loc_grad, _ = guide_gradients(cls, lg, k, n, seed=k)
+        return float((loc_grad.mean(0).abs() / loc_grad.std(0)).mean())
+
+    assert snr(IWAE, 64) < snr(IWAE, 1)
+    assert snr(DReG, 64) > 2 * snr(DReG, 1)
+
+
+def test_model_gradients_of_iwae_and_dreg_are_identical():
+    lg = LinearGaussian()
+    x = lg.sample_x(5)
+    grads = []
+    for cls in (IWAE, DReG):
+        w = lg.W.clone().requires_grad_()
+
+        def model(x, w=w):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(torch.zeros(lg.z_dim, dtype=D64), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z @ w.T + lg.b, lg.sigma).to_event(1), obs=x)
+
+        guide, _, _ = replicated_wrong_guide(lg, 5)
+        pyro.set_rng_seed(2)
+        cls(6).differentiable_loss(model, guide, x).backward()
+        grads.append(w.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_beta_and_non_reparameterised_guides_are_refused_in_one_line():
+    x = torch.bernoulli(torch.full((4, 784), 0.3))
+    vae = VAE(z_dim=3, hidden=(8,), beta=2.0)
+    for name in ("iwae", "dreg"):
+        with pytest.raises(ObjectiveError, match="scaled by 2.*beta = 1"):
+            make_elbo(name, num_particles=3).loss(vae.model, vae.guide, x)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("c", dist.Bernoulli(0.3))
+
+    for cls in (IWAE, DReG):
+        with pytest.raises(ObjectiveError, match="'c' .*Bernoulli.* no rsample"):
+            cls(2).differentiable_loss(model, guide, torch.zeros(3))
+
+
+def test_iwae_with_one_group_of_many_is_miwae():
+    lg = LinearGaussian()
+    x = lg.sample_x(4)
+    pyro.set_rng_seed(0)
+    miwae = IWAE(5, num_groups=3).loss(lg.model, lg.wrong_guide, x)
+    pyro.set_rng_seed(0)
+    lw = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=15, psis=False, ks=(5,))
+    # the evaluator's k = 5 curve point is the mean over the three groups of five
+    assert miwae == pytest.approx(-float(lw.bound_vs_k[5].sum()), abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["iwae", "dreg"])
+def test_trains_a_vae_with_svi_the_trainer_and_as_a_module(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.rand(64, 784, generator=g) * 0.5)
+    vae = VAE(z_dim=4, hidden=(32,))
+    elbo = make_elbo(name, num_particles=4)
+    trainer = Trainer(vae.model, vae.guide, lr=3e-3, elbo=elbo)
+    before = elbo.loss(vae.model, vae.guide, x)
+    for _ in range(60):
+        trainer.step(x)
+    assert elbo.loss(vae.model, vae.guide, x) < before - 50
+    # the same object drives pyro.infer.SVI ...
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    assert math.isfinite(svi.step(x))
+    # ... and is an nn.Module factory as Pyro's ELBOs are
+    pyro.set_rng_seed(4)
+    as_module = elbo(vae.model, vae.guide)(x)
+    pyro.set_rng_seed(4)
+    assert float(as_module) == pytest.approx(elbo.loss(vae.model, vae.guide, x), rel=1e-6)
+
+
+def test_one_particle_iwae_is_the_trace_elbo():
+    lg = LinearGaussian()
+    x = lg.sample_x(7)
+    pyro.set_rng_seed(8)
+    ours = IWAE(1).loss(lg.model, lg.wrong_guide, x)
+    pyro.set_rng_seed(8)
+    assert ours == pytest.approx(Trace_ELBO().loss(lg.model, lg.wrong_guide, x), abs=1e-9)
+
+
+def test_sites_outside_the_data_plate_are_refused():
+    def model(x):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("w", dist.Normal(0.1, 1.0))
+
+    with pytest.raises(ValueError, match="'w' is outside plate 'data'"):
+        IWAE(3).loss(model, guide, torch.zeros(4))
