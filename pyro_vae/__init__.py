@@ -1,6 +1,7 @@
 """pyro-vae: variational autoencoders written in Pyro.
 
-Model/guide pairs (``VAE``), an SVI trainer (``Trainer``), per-datapoint importance-weighted
+Model/guide pairs (``VAE``, ``SSVAE``), an SVI trainer (``Trainer``) with Pyro's ELBOs and
+the importance-weighted ``IWAE`` and ``DReG`` objectives, per-datapoint importance-weighted
 log p(x) (``estimate_log_px``), offline MNIST (``load_dataset``), safe checkpoints and figures.
 """
 
@@ -25,35 +26,47 @@ from pyro_vae.data import (
 )
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.evaluate import (
+    LabelMarginalLikelihood,
     MarginalLikelihood,
     estimate_log_px,
     estimate_log_px_over_labels,
     log_weights,
+    predict_labels,
     psis_khat,
+    semi_supervised_report,
 )
 from pyro_vae.models import SSVAE, VAE, model_from_checkpoint
 from pyro_vae.nets import Decoder, Encoder, mlp
+from pyro_vae.objectives import IWAE, DReG, ObjectiveError
 from pyro_vae.runs import TrainingRun
+from pyro_vae.seeding import seed_everything
 from pyro_vae.train import (
+    PRESETS,
     NonFiniteError,
+    ParamClashError,
     Trainer,
     TrainingInterrupted,
     make_elbo,
-    seed_everything,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IWAE",
+    "PRESETS",
     "BatchLoader",
     "BernoulliImage",
     "CheckpointError",
     "DataError",
     "Dataset",
+    "DReG",
     "Decoder",
     "Encoder",
+    "LabelMarginalLikelihood",
     "MarginalLikelihood",
     "NonFiniteError",
+    "ObjectiveError",
+    "ParamClashError",
     "RunDir",
     "SSVAE",
     "SemiSupervisedLoader",
@@ -75,7 +88,9 @@ __all__ = [
     "mlp",
     "plots",
     "model_from_checkpoint",
+    "predict_labels",
     "psis_khat",
+    "semi_supervised_report",
     "save_checkpoint",
     "seed_everything",
 ]

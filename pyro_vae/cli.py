@@ -25,6 +25,7 @@ __all__ = [
     "add_data_args",
     "check_output_dir",
     "hidden_sizes",
+    "number_type",
     "positive_float",
     "positive_int",
     "resolve_device",
@@ -43,42 +44,30 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind: type, s: str, what: str):
-    try:
-        value = kind(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-    return value
+def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` (int or float) above zero (or zero too, if
+    ``allow_zero``); anything else is a one-line error naming what was expected."""
+    what = ("a non-negative " if allow_zero else "a positive ") + (
+        "integer" if kind is int else "number"
+    )
+
+    def parse(s: str):
+        try:
+            value = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
+        return value
+
+    parse.__name__ = what.removeprefix("a ").replace(" ", "_").replace("-", "")
+    return parse
 
 
-def positive_int(s: str) -> int:
-    value = _number(int, s, "a positive integer")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    return value
-
-
-def nonnegative_int(s: str) -> int:
-    value = _number(int, s, "a non-negative integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a non-negative integer")
-    return value
-
-
-def positive_float(s: str) -> float:
-    value = _number(float, s, "a positive number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive number")
-    return value
-
-
-def nonnegative_float(s: str) -> float:
-    value = _number(float, s, "a non-negative number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a non-negative number")
-    return value
+positive_int = number_type(int, allow_zero=False)
+nonnegative_int = number_type(int, allow_zero=True)
+positive_float = number_type(float, allow_zero=False)
+nonnegative_float = number_type(float, allow_zero=True)
 
 
 def hidden_sizes(s: str) -> tuple[int, ...]:
@@ -219,8 +208,9 @@ def merge_resumed_args(
         elif value != default and value != merged.get(key):
             flag = "--" + key.replace("_", "-")
             raise UsageError(
-                f"{flag} cannot change when resuming (only --epochs, --device, --data-dir, "
-                "--threads, --quiet)"
+                f"{flag} cannot change when resuming (only "
+                + ", ".join("--" + f.replace("_", "-") for f in RESUMABLE_FLAGS if f != "resume")
+                + ")"
             )
         elif key not in merged:  # a flag newer than the run: the behaviour it had then
             merged[key] = LEGACY_DEFAULTS.get(key, default)

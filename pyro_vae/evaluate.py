@@ -8,10 +8,11 @@ log w_k = log p(x, z_k) - log q(z_k|x):
     ELBO(x)    = mean_k(log w_k)                   (unbiased for E_q[log w])
     gap(x)     = log p̂_K(x) - ELBO(x)              (estimates KL(q(z|x) || p(z|x)))
 
-Pyro's ``vectorized_importance_weights``, ``RenyiELBO`` and ``psis_diagnostic`` sum the log
-weights over the data plate (one weight per particle for the whole batch) and use the scaled
-log-probs, so they cannot give per-datapoint estimates: the weights are built here from each
-site's own, unscaled ``log_prob`` with the data dimension kept.
+Pyro's ``vectorized_importance_weights`` and ``psis_diagnostic`` sum the log weights over
+the data plate (one weight per particle for the whole batch).  ``RenyiELBO`` keeps the data
+plate when every site sits in it (since Pyro's PR 2321), but uses the *scaled* log-probs
+(subsampling, ``poutine.scale``) and returns only the batch total.  So the weights are built
+here from each site's own, unscaled ``log_prob`` with the data dimension kept.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from tqdm import tqdm
 from pyro_vae.faults import pause_point
 
 __all__ = [
+    "LabelMarginalLikelihood",
     "MarginalLikelihood",
     "estimate_log_px",
     "estimate_log_px_over_labels",
+    "predict_labels",
+    "semi_supervised_report",
     "log_weights",
     "psis_khat",
 ]
@@ -171,11 +175,7 @@ class MarginalLikelihood:
     def summary(self) -> dict:
         """Means with standard errors, in nats per image; NLL = -log p̂_K(x)."""
 
-        def mean_sem(t: Tensor) -> tuple[float, float]:
-            n = t.numel()
-            sem = float(t.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-            return float(t.mean()), sem
-
+        mean_sem = _mean_sem
         log_px, log_px_sem = mean_sem(self.log_px)
         elbo, elbo_sem = mean_sem(self.elbo)
         gap, gap_sem = mean_sem(self.gap)
@@ -318,6 +318,43 @@ def _estimate(
     )
 
 
+def _mean_sem(t: Tensor) -> tuple[float, float]:
+    n = t.numel()
+    sem = float(t.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(t.mean()), sem
+
+
+@dataclass
+class LabelMarginalLikelihood:
+    """log p̂(x) with a discrete label summed out, and the joint per class, float64, nats."""
+
+    log_px: Tensor  # (N,)
+    log_pxy: Tensor  # (N, num_classes)
+    num_particles: int
+
+    def predictions(self) -> Tensor:
+        """argmax_y p̂(x, y): the generative model's own classifier, shape (N,)."""
+        return self.log_pxy.argmax(dim=1)
+
+    def summary(self, labels: Tensor | None = None) -> dict:
+        """Means with standard errors in nats per image; with ``labels``, also log p̂(x, y)
+        at the true label and the accuracy of ``predictions``."""
+        log_px, log_px_sem = _mean_sem(self.log_px)
+        out = {
+            "num_datapoints": int(self.log_px.numel()),
+            "num_particles_per_class": self.num_particles,
+            "log_px": log_px,
+            "log_px_sem": log_px_sem,
+            "nll": -log_px,
+        }
+        if labels is not None:
+            labels = labels.to(self.log_pxy.device)
+            true = self.log_pxy.gather(1, labels[:, None]).squeeze(1)
+            out["log_pxy"], out["log_pxy_sem"] = _mean_sem(true)
+            out["generative_accuracy"] = float((self.predictions() == labels).double().mean())
+        return out
+
+
 def estimate_log_px_over_labels(
     model: Callable,
     guide: Callable,
@@ -326,12 +363,11 @@ def estimate_log_px_over_labels(
     *,
     num_particles: int = 1000,
     **kwargs,
-) -> tuple[Tensor, Tensor]:
+) -> LabelMarginalLikelihood:
     """log p(x) with a discrete label summed out exactly: logsumexp over c of log p̂(x, y=c).
 
     Calls ``model(x, y)`` / ``guide(x, y)`` with y set to each class in turn, so log p(y)
-    is part of each joint. Returns (log p̂(x) of shape (N,), log p̂(x, y=c) of shape
-    (N, num_classes)), float64, in nats; ``kwargs`` go to ``estimate_log_px``.
+    is part of each joint; ``kwargs`` go to ``estimate_log_px``.
     """
     joint = []
     for c in range(num_classes):
@@ -341,4 +377,68 @@ def estimate_log_px_over_labels(
         )
         joint.append(result.log_px)
     joint = torch.stack(joint, dim=1)
-    return torch.logsumexp(joint, dim=1), joint
+    return LabelMarginalLikelihood(torch.logsumexp(joint, dim=1), joint, num_particles)
+
+
+@torch.no_grad()
+def predict_labels(classify: Callable[[Tensor], Tensor], x: Tensor, batch: int = 2000) -> Tensor:
+    """``classify`` over ``x`` in batches: the predicted label of every row, shape (N,)."""
+    return torch.cat([classify(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def semi_supervised_report(
+    model,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    num_particles: int = 100,
+    likelihood_size: int = 1000,
+    validate: bool | None = None,
+) -> tuple[dict, Tensor]:
+    """How a semi-supervised model (``classify``, ``model(x, y)``, ``guide(x, y)``) does on
+    labelled held-out data: (report, confusion matrix (true, predicted) as counts).
+
+    The report holds accuracy and error of ``classify`` on all of ``x``; with
+    ``num_particles`` > 0, on the first ``likelihood_size`` images also log p̂(x) with y
+    summed out, log p̂(x, y) at the true label, the ELBO with y drawn from the guide, and the
+    accuracy of argmax_y p̂(x, y) (near chance when the decoder ignores y).  Nats per image.
+    """
+    predicted = predict_labels(model.classify, x).to(y.device)
+    confusion = torch.bincount(y * num_classes + predicted, minlength=num_classes**2)
+    confusion = confusion.reshape(num_classes, num_classes)
+    accuracy = float((predicted == y).double().mean())
+    report: dict = {
+        "test_accuracy": accuracy,
+        "test_error": 1 - accuracy,
+        "units": "nats per image",
+    }
+    if num_particles:
+        n = min(likelihood_size, len(x))
+        over = estimate_log_px_over_labels(
+            model.model,
+            model.guide,
+            x[:n],
+            num_classes,
+            num_particles=num_particles,
+            validate=validate,
+        )
+        elbo = estimate_log_px(
+            model.model,
+            model.guide,
+            x[:n],
+            num_particles=num_particles,
+            psis=False,
+            ks=(),
+            validate=validate,
+        )
+        summary = over.summary(y[:n])
+        report.update(
+            likelihood_images=n,
+            log_px=summary["log_px"],
+            log_px_sem=summary["log_px_sem"],
+            log_pxy=summary["log_pxy"],
+            generative_accuracy=summary["generative_accuracy"],
+            elbo=float(elbo.elbo.mean()),
+        )
+    return report, confusion

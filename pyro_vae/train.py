@@ -11,6 +11,7 @@ step on a small MLP; the objective itself is Pyro's, unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -22,11 +23,12 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.objectives import IWAE, DReG
+from pyro_vae.seeding import seed_everything
 
 __all__ = [
     "ELBOS",
@@ -34,11 +36,13 @@ __all__ = [
     "LR_SCHEDULES",
     "PRESETS",
     "NonFiniteError",
+    "ParamClashError",
     "Trainer",
     "TrainingInterrupted",
     "lr_factor",
     "make_elbo",
     "nonfinite_sites",
+    "owner_modules",
     "seed_everything",
     "stop_on_sigint",
 ]
@@ -96,11 +100,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from {LR_SCHEDULES}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, numpy and torch (which Pyro draws from)."""
-    pyro.set_rng_seed(seed)
 
 
 def make_elbo(
@@ -193,12 +192,33 @@ def nonfinite_sites(model: Callable, guide: Callable, *args, **kwargs) -> list[s
     return bad
 
 
+def owner_modules(*fns: Callable) -> list[nn.Module]:
+    """The ``nn.Module``s that ``fns`` belong to: modules themselves, or bound methods of
+    one (also inside ``functools.partial``), each listed once."""
+    owners: list[nn.Module] = []
+    for fn in fns:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module) and all(owner is not o for o in owners):
+            owners.append(owner)
+    return owners
+
+
+class ParamClashError(ValueError):
+    """Two modules registered under one ``pyro.module`` name (one line)."""
+
+
 class Trainer:
     """Trains a model/guide pair by SVI, one minibatch per ``step``, one pass per epoch.
 
-    Works with any Pyro ``model``/``guide`` callables: parameters are collected from the
-    param store as the pair first creates them.  Losses are in nats (sums over the batch);
-    metrics are in nats per image.
+    Parameters come from their owner: when ``model``/``guide`` are methods of an
+    ``nn.Module`` (the project's models, a user's subclass), the optimiser holds that
+    module's parameters from the start, whatever else lives in Pyro's global param store.
+    Parameters declared with ``pyro.param`` outside such a module (plain model/guide
+    functions) are collected as the pair first creates them; a ``pyro.module`` name that
+    already holds another module's tensors is an error, not a silent no-op.  Losses are in
+    nats (sums over the batch); metrics are in nats per image.
     """
 
     def __init__(
@@ -234,9 +254,19 @@ class Trainer:
         # argument checks off during steps (about 15% of a step), for data checked up front.
         self.validate = validate
         self.max_plate_nesting = max_plate_nesting
+        self.modules = owner_modules(model, guide)
         self.params: list[Tensor] = []
         self._param_ids: set[int] = set()
-        self.optimizer: torch.optim.Optimizer | None = None
+        for module in self.modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in self._param_ids:
+                    self._param_ids.add(id(p))
+                    self.params.append(p)
+        self.optimizer: torch.optim.Optimizer | None = (
+            torch.optim.Adam(self.params, lr=lr) if self.params else None
+        )
+        # a saved optimiser state for parameters the pair has not declared yet (plain
+        # functions with pyro.param): loaded once the first step has found them
         self._pending_optimizer_state: dict | None = None
         self.epoch = 0
         self.step_count = 0
@@ -257,23 +287,31 @@ class Trainer:
 
     def _collect_params(self, trace: poutine.Trace) -> None:
         new = []
-        for site in trace.nodes.values():
+        for name, site in trace.nodes.items():
             p = site["value"].unconstrained()
-            if id(p) not in self._param_ids:
-                self._param_ids.add(id(p))
-                new.append(p)
-        if not new:
-            return
-        self.params.extend(new)
-        if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(new, lr=self.lr)
-        else:
-            self.optimizer.add_param_group({"params": new})
-        pending = self._pending_optimizer_state
-        if pending is not None and len(pending["param_groups"]) == len(self.optimizer.param_groups):
-            self.optimizer.load_state_dict(pending)
-            self._pending_optimizer_state = None
-        self._apply_lr()
+            if id(p) in self._param_ids:
+                continue
+            init = site["args"][1] if len(site["args"]) > 1 else None
+            if isinstance(init, nn.Parameter):  # registered by pyro.module
+                if id(init) in self._param_ids:
+                    continue  # an owner module's own parameter: trained as such
+                if init is not p:
+                    raise ParamClashError(
+                        f"pyro.module: the param store's {name!r} belongs to another module "
+                        "registered under the same name; give each module its own name, or "
+                        "call pyro.clear_param_store() before building the second"
+                    )
+            self._param_ids.add(id(p))
+            new.append(p)
+        if new:
+            self.params.extend(new)
+            if self.optimizer is None:
+                self.optimizer = torch.optim.Adam(new, lr=self.lr)
+            else:
+                self.optimizer.add_param_group({"params": new})
+            self._apply_lr()
+        if self._pending_optimizer_state is not None:
+            self._load_optimizer(self._pending_optimizer_state)
 
     def _apply_lr(self) -> None:
         if self.optimizer is not None:
@@ -405,9 +443,37 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.history = list(state["history"])
         self._partial = state.get("partial_epoch")
-        if state["optimizer"] is None:
+        saved = state["optimizer"]
+        if saved is None:
             return
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        groups = 0 if self.optimizer is None else len(self.optimizer.param_groups)
+        if len(saved["param_groups"]) > groups:
+            # parameters of plain functions appear at the first step: load it then
+            self._pending_optimizer_state = saved
         else:
-            self._pending_optimizer_state = state["optimizer"]
+            self._load_optimizer(saved)
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """Load a saved optimiser state, or raise if it does not fit these parameters."""
+        self._pending_optimizer_state = None
+        if self.optimizer is None:
+            raise ValueError("the saved optimiser state has parameters this model does not declare")
+        try:
+            # torch checks the parameter counts only; a moment estimate of another shape
+            # would fail at the next step, far from its cause
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for index, entry in saved["state"].items():
+                for value in entry.values():
+                    if (
+                        isinstance(value, Tensor)
+                        and value.dim()
+                        and value.shape != params[index].shape
+                    ):
+                        raise ValueError(
+                            f"parameter {index} has shape {tuple(params[index].shape)}, the "
+                            f"saved state {tuple(value.shape)}"
+                        )
+            self.optimizer.load_state_dict(saved)
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"the saved optimiser state does not fit this model: {e}") from None
+        self._apply_lr()

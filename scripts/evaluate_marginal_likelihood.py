@@ -25,7 +25,7 @@ from pyro_vae.cli import (
     run,
 )
 from pyro_vae.data import heldout_split, load_dataset
-from pyro_vae.evaluate import DEFAULT_KS, estimate_log_px
+from pyro_vae.evaluate import DEFAULT_KS, DEFAULT_MAX_ROWS, estimate_log_px
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.plots import save_marginal_likelihood_figures
 from pyro_vae.train import seed_everything
@@ -54,8 +54,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--max-rows",
         type=positive_int,
-        default=1 << 15,
-        help="particles x images per forward pass; bounds memory (default: 32768)",
+        default=DEFAULT_MAX_ROWS,
+        help=f"particles x images per forward pass; bounds memory (default: {DEFAULT_MAX_ROWS})",
     )
     p.add_argument("--no-psis", action="store_true", help="skip the PSIS k̂ diagnostic")
     p.add_argument(

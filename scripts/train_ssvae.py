@@ -16,7 +16,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import pyro
 import torch
 from tqdm import tqdm
 
@@ -34,7 +33,7 @@ from pyro_vae.cli import (
     run_config,
 )
 from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
-from pyro_vae.evaluate import estimate_log_px, estimate_log_px_over_labels
+from pyro_vae.evaluate import predict_labels, semi_supervised_report
 from pyro_vae.models import SSVAE
 from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
 from pyro_vae.runs import TrainingRun
@@ -95,13 +94,8 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-@torch.no_grad()
-def predict(model: SSVAE, x: torch.Tensor, batch: int = 2000) -> torch.Tensor:
-    return torch.cat([model.classify(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
 def accuracy(model: SSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((predict(model, x) == y).double().mean())
+    return float((predict_labels(model.classify, x) == y).double().mean())
 
 
 def main(args) -> dict:
@@ -136,13 +130,13 @@ def main(args) -> dict:
             shuffle=True,
             binarize=binarize,
             labels=True,
-            seed=args.seed + 2,
+            seed=args.seed,
+            stream="labelled-train",
             device=device,
         ),
         labelled_every=args.labelled_every,
     )
 
-    pyro.clear_param_store()
     model = SSVAE(
         x_dim=train.images.shape[1],
         z_dim=args.z_dim,
@@ -212,60 +206,22 @@ def main(args) -> dict:
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
     test_x, test_y = test.images.to(device), test.labels.to(device)
-    predicted = predict(model, test_x)
-    confusion = torch.bincount(test_y * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).reshape(
-        NUM_CLASSES, NUM_CLASSES
+    report, confusion = semi_supervised_report(
+        model,
+        test_x,
+        test_y,
+        NUM_CLASSES,
+        num_particles=args.eval_particles,
+        likelihood_size=args.likelihood_size,
+        validate=False,  # data checked above
     )
-    test_accuracy = float((predicted == test_y).double().mean())
-    report = {
-        "labels": args.labels,
-        "best_epoch": best["epoch"],
-        "val_accuracy": max(m["val_accuracy"] for m in trainer.history),
-        "test_accuracy": test_accuracy,
-        "test_error": 1 - test_accuracy,
-        "binarize": args.binarize,
-        "units": "nats per image",
-    }
-    n_lik = min(args.likelihood_size, len(test_x))
-    if args.eval_particles:
-        x_lik, y_lik = test_x[:n_lik], test_y[:n_lik]
-        log_px, log_pxy_all = estimate_log_px_over_labels(
-            model.model,
-            model.guide,
-            x_lik,
-            NUM_CLASSES,
-            num_particles=args.eval_particles,
-            validate=False,
-        )
-        joint = estimate_log_px(
-            model.model,
-            model.guide,
-            x_lik,
-            y_lik,
-            num_particles=args.eval_particles,
-            psis=False,
-            ks=(),
-            validate=False,
-        )
-        elbo = estimate_log_px(
-            model.model,
-            model.guide,
-            x_lik,
-            num_particles=args.eval_particles,
-            psis=False,
-            ks=(),
-            validate=False,
-        )
-        report.update(
-            likelihood_images=n_lik,
-            log_px=float(log_px.mean()),
-            log_px_sem=float(log_px.std() / n_lik**0.5) if n_lik > 1 else float("nan"),
-            log_pxy=float(joint.log_px.mean()),
-            # the model's own Bayes classifier, argmax_y p(x, y): near chance when the
-            # decoder ignores y (then the unlabelled images teach the classifier nothing)
-            generative_accuracy=float((log_pxy_all.argmax(1) == y_lik).double().mean()),
-            elbo=float(elbo.elbo.mean()),
-        )
+    report.update(
+        labels=args.labels,
+        best_epoch=best["epoch"],
+        val_accuracy=max(m["val_accuracy"] for m in trainer.history),
+        binarize=args.binarize,
+    )
+    test_accuracy = report["test_accuracy"]
     run_.dir.write_json("evaluation.json", report)
     figures = run_.dir.figures
     plot_confusion(
@@ -283,7 +239,7 @@ def main(args) -> dict:
     ]
     if args.eval_particles:
         lines.append(
-            f"test log p(x)    {report['log_px']:.2f} nats/image (y summed out, K={args.eval_particles} per class, {n_lik} images)"
+            f"test log p(x)    {report['log_px']:.2f} nats/image (y summed out, K={args.eval_particles} per class, {report['likelihood_images']} images)"
         )
         lines.append(f"test log p(x,y)  {report['log_pxy']:.2f};  ELBO {report['elbo']:.2f}")
         lines.append(

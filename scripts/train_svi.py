@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-import pyro
 from tqdm import tqdm
 
 from pyro_vae.cli import (
@@ -29,6 +28,7 @@ from pyro_vae.cli import (
 from pyro_vae.data import BatchLoader, training_splits
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import VAE
+from pyro_vae.models.vae import LIKELIHOODS
 from pyro_vae.plots import save_vae_figures
 from pyro_vae.runs import TrainingRun
 from pyro_vae.train import DEFAULT_PRESET, ELBOS, IMPORTANCE_WEIGHTED, PRESETS, Trainer
@@ -52,7 +52,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--likelihood",
         default="bernoulli",
-        choices=("bernoulli", "gaussian"),
+        choices=LIKELIHOODS,
         help="p(x|z) (default: bernoulli)",
     )
     p.add_argument(
@@ -104,7 +104,6 @@ def main(args) -> dict:
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
         )
 
-    pyro.clear_param_store()
     vae = VAE(
         x_dim=train.images.shape[1],
         z_dim=args.z_dim,

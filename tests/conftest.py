@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pyro
 import pytest
+from helpers import TINY, run_script
 
 from pyro_vae.data import DATA_DIR_ENV, prepare_mnist
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +41,6 @@ def mnist(data_dir):
 @pytest.fixture(scope="session")
 def trained_run(data_dir, tmp_path_factory):
     """A run directory from a one-epoch train_svi.py run on 512 images."""
-    from test_scripts import TINY, run_script
-
     out = tmp_path_factory.mktemp("trained") / "run"
     result = run_script(
         "train_svi.py",

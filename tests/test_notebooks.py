@@ -5,7 +5,7 @@ import re
 
 import nbformat
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from nbclient import NotebookClient
 
 NOTEBOOKS_DIR = ROOT / "notebooks"
@@ -15,6 +15,7 @@ NOTEBOOKS = [
     "02_extending_models.ipynb",
     "03_bound_vs_evidence.ipynb",
     "04_semi_supervised.ipynb",
+    "05_tighter_bounds.ipynb",
 ]
 
 
@@ -43,6 +44,7 @@ def test_stored_notebooks_carry_outputs_and_stay_small():
         assert "PYRO_VAE_NOTEBOOK_SMALL" in code[0].source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYRO_VAE_NOTEBOOK_SMALL", "1")

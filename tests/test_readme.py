@@ -2,8 +2,7 @@
 
 import re
 
-from conftest import ROOT
-from test_scripts import SCRIPTS_DIR, load_script
+from helpers import ROOT, SCRIPTS_DIR, load_script
 
 README = (ROOT / "README.md").read_text()
 

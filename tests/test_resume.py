@@ -14,10 +14,13 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from pyro_vae import load_checkpoint
 from pyro_vae.faults import PAUSE_ENV, PAUSE_FILE_ENV
+
+# subprocess runs, killed and resumed: part of the default suite, skipped by -m 'not slow'
+pytestmark = pytest.mark.slow
 
 ARGS = [
     "--epochs",

@@ -1,20 +1,11 @@
 """Every script in scripts/ runs end to end with tiny settings (the pattern of Pyro's
 tests/test_examples.py), and bad input gives one line on stderr with exit status 2."""
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
-
-from pyro_vae.cli import run
-
-SCRIPTS_DIR = ROOT / "scripts"
-TINY = ["--train-size", "512", "--eval-size", "128", "--batch-size", "128", "--quiet"]
+from helpers import SCRIPTS_DIR, TINY, load_script, run_in_process, run_script
 
 # script -> list of argument lists; every script in scripts/ must appear here.
 # "{run}" stands for a run directory that a tiny train_svi.py run made.
@@ -121,41 +112,13 @@ SMOKE_RUNS = {
 }
 
 
-def run_script(script, args, data_dir, timeout=300):
-    env = {**os.environ, "PYRO_VAE_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS_DIR / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
-
-
-def load_script(script):
-    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), SCRIPTS_DIR / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_in_process(script, args, capsys):
-    """Parse and run a script's main in this process; returns (exit status, stderr)."""
-    module = load_script(script)
-    try:
-        status = run(module.main, module.build_parser().parse_args(args))
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
-
-
 def test_every_script_has_a_smoke_run():
     scripts = {p.name for p in SCRIPTS_DIR.glob("*.py")}
     assert scripts, "no scripts found"
     assert scripts == set(SMOKE_RUNS), f"scripts without a smoke run: {scripts - set(SMOKE_RUNS)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script,args",
     [(s, a) for s, runs in SMOKE_RUNS.items() for a in runs],
@@ -223,6 +186,7 @@ def test_evaluation_script_bad_inputs(trained_run, tmp_path, capsys, monkeypatch
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_through_the_script(data_dir, tmp_path):
     args = ["--epochs", "2", "--eval-particles", "20", "--seed", "3", *TINY]
     reports = []
@@ -277,6 +241,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, data_dir, tmp_path, cap
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--binarize", "none"]])
 def test_bad_input_in_a_real_process_has_no_traceback(args, data_dir, tmp_path):
     result = run_script("train_svi.py", [*args, "--out", str(tmp_path / "run")], data_dir)

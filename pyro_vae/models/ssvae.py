@@ -18,10 +18,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from pyro_vae.distributions import BernoulliImage
+from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder, mlp
 
 __all__ = ["SSVAE"]
@@ -35,7 +36,7 @@ def _with_onehot(h: Tensor, y: Tensor, num_classes: int) -> Tensor:
     return torch.cat([h.expand(*batch, h.shape[-1]), y1.expand(*batch, num_classes)], dim=-1)
 
 
-class SSVAE(nn.Module):
+class SSVAE(PyroModel):
     """M2 with a classifier q(y|x) and an auxiliary classification loss on labelled data.
 
     ``aux_weight`` (alpha) scales log q(y|x) on labelled batches, added as an observed site
@@ -49,6 +50,7 @@ class SSVAE(nn.Module):
     y, since y can save at most log 10 nats per image); the evaluator ignores the scale.
     """
 
+    name_prefix = "ssvae"
     plate_name = "data"
 
     def __init__(
@@ -99,7 +101,7 @@ class SSVAE(nn.Module):
     def model(self, x: Tensor, y: Tensor | None = None, aux: bool = False) -> None:
         """p(y) p(z) p(x|y,z) for x (N, x_dim); y (N,) observed when given.  With ``aux`` and
         labels, adds alpha * log q(y|x) as the observed site ``"y_aux"``."""
-        pyro.module("ssvae", self)
+        self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             prior_y = dist.Categorical(logits=self._zero.expand(self.num_classes))
             y_ = pyro.sample("y", prior_y, obs=y)
@@ -113,7 +115,7 @@ class SSVAE(nn.Module):
 
     def guide(self, x: Tensor, y: Tensor | None = None, aux: bool = False) -> None:
         """q(y|x) (enumerated when y is not given) and q(z|x,y)."""
-        pyro.module("ssvae", self)
+        self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             if y is None:
                 y = pyro.sample(

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae.distributions import BernoulliImage
+from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder
 
 __all__ = ["LIKELIHOODS", "VAE"]
@@ -20,7 +21,7 @@ __all__ = ["LIKELIHOODS", "VAE"]
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-class VAE(nn.Module):
+class VAE(PyroModel):
     """A VAE with a standard normal prior, a diagonal Gaussian guide and a factorised likelihood.
 
     ``model(x)`` and ``guide(x)`` are ordinary Pyro functions with one ``pyro.plate("data")``
@@ -36,6 +37,7 @@ class VAE(nn.Module):
     ignores such scales and always reports the true ELBO and log p(x).
     """
 
+    name_prefix = "vae"
     plate_name = "data"
 
     def __init__(
@@ -110,7 +112,7 @@ class VAE(nn.Module):
 
     def model(self, x: Tensor) -> None:
         """p(z) p(x|z) for a batch x (N, x_dim), observed at site ``"x"``."""
-        pyro.module("vae", self)
+        self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             with poutine.scale(scale=self.beta):
                 z = pyro.sample("z", self.prior())
@@ -118,7 +120,7 @@ class VAE(nn.Module):
 
     def guide(self, x: Tensor) -> None:
         """q(z|x) for a batch x (N, x_dim), at site ``"z"``."""
-        pyro.module("vae", self)
+        self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             with poutine.scale(scale=self.beta):
                 pyro.sample("z", self.posterior(x))

@@ -1,0 +1,174 @@
+"""Minibatch loaders over data sets in memory, with exact resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyro_vae.data.dataset import BINARIZATIONS, DataError, Dataset
+from pyro_vae.seeding import generator
+
+__all__ = ["BatchLoader", "SemiSupervisedLoader"]
+
+
+class BatchLoader:
+    """Minibatches of an in-memory ``Dataset`` as tuples ``(x,)`` or ``(x, y)``.
+
+    Shuffling and dynamic binarisation (a fresh Bernoulli draw of each pixel every time an
+    image is used) draw from their own ``torch.Generator``s, whose states ``state_dict``
+    returns, so a resumed run replays the same batches.  Slicing tensors in memory avoids
+    the per-item Python overhead of ``torch.utils.data.DataLoader`` for data this small.
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        binarize: str = "none",
+        labels: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        stream: str = "train",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if binarize not in BINARIZATIONS:
+            raise DataError(f"unknown binarisation {binarize!r}; choose from {BINARIZATIONS}")
+        if batch_size <= 0:
+            raise DataError(f"batch size must be positive, got {batch_size}")
+        if labels and data.labels is None:
+            raise DataError("labels were requested but the data set has none")
+        if drop_last and len(data) < batch_size:
+            raise DataError(f"{len(data)} images are fewer than one batch of {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.binarize = binarize
+        self.labels = labels
+        self.drop_last = drop_last
+        self.device = torch.device(device)
+        # streams of their own, named after the loader's ``stream``
+        self.shuffle_generator = generator(seed, f"{stream}-shuffle")
+        self.binarize_generator = generator(seed, f"{stream}-binarize")
+        # Where the current pass stands: the shuffle state it started from and how many
+        # batches it has handed out, so that a pass stopped midway can be replayed exactly.
+        self._epoch_shuffle_state = self.shuffle_generator.get_state()
+        self._handed_out = 0
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        if self._resume_at:
+            self.shuffle_generator.set_state(self._epoch_shuffle_state)
+        else:
+            self._epoch_shuffle_state = self.shuffle_generator.get_state()
+        start, self._resume_at = self._resume_at, 0
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.shuffle_generator) if self.shuffle else None
+        self._handed_out = start
+        for b in range(start, len(self)):
+            idx = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            if order is not None:
+                idx = order[idx]
+            x = self.data.images[idx]
+            if self.binarize == "dynamic":
+                x = torch.bernoulli(x, generator=self.binarize_generator)
+            x = x.to(self.device, non_blocking=True)
+            self._handed_out = b + 1
+            if self.labels:
+                yield x, self.data.labels[idx].to(self.device, non_blocking=True)
+            else:
+                yield (x,)
+        self._handed_out = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator states and the position within the current pass (0 between passes)."""
+        return {
+            "shuffle": self.shuffle_generator.get_state(),
+            "binarize": self.binarize_generator.get_state(),
+            "epoch_shuffle": self._epoch_shuffle_state,
+            "position": self._handed_out,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state; the next pass continues after the batches already handed out."""
+        self.shuffle_generator.set_state(state["shuffle"])
+        self.binarize_generator.set_state(state["binarize"])
+        self._epoch_shuffle_state = state["epoch_shuffle"]
+        self._resume_at = int(state["position"])
+        self._handed_out = self._resume_at
+
+
+class SemiSupervisedLoader:
+    """One pass over the unlabelled images as ``(x,)`` batches, with a labelled ``(x, y)``
+    batch after every ``labelled_every`` of them, cycling through the labelled images.
+
+    Both halves are ``BatchLoader``s with generators of their own; ``state_dict`` holds
+    both, and the position within the pass, for exact resume.
+    """
+
+    def __init__(
+        self,
+        unlabelled: BatchLoader,
+        labelled: BatchLoader,
+        labelled_every: int = 1,
+    ) -> None:
+        if labelled_every < 1:
+            raise DataError(f"labelled_every must be positive, got {labelled_every}")
+        if not labelled.labels:
+            raise DataError("the labelled loader must yield labels")
+        self.unlabelled, self.labelled, self.labelled_every = unlabelled, labelled, labelled_every
+        self._labelled_iter: Iterator | None = None
+        self._handed_out = 0
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        n = len(self.unlabelled)
+        return n + n // self.labelled_every
+
+    def _next_labelled(self) -> tuple[Tensor, ...]:
+        # The labelled images cycle: when a pass is used up (or a resumed pass has nothing
+        # left), start the next one.
+        for _ in range(3):
+            if self._labelled_iter is not None:
+                batch = next(self._labelled_iter, None)
+                if batch is not None:
+                    return batch
+            self._labelled_iter = iter(self.labelled)
+        raise DataError("the labelled loader yields no batches")
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        # Position p holds a labelled batch when (p + 1) is a multiple of labelled_every + 1.
+        # After a resume both loaders continue from their own saved positions.
+        start, self._resume_at = self._resume_at, 0
+        unlabelled = iter(self.unlabelled)
+        for position in range(start, len(self)):
+            if (position + 1) % (self.labelled_every + 1) == 0:
+                batch = self._next_labelled()
+            else:
+                batch = next(unlabelled)
+            self._handed_out = position + 1
+            yield batch
+        next(unlabelled, None)  # let the unlabelled pass finish (and reset its position)
+        self._handed_out = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "unlabelled": self.unlabelled.state_dict(),
+            "labelled": self.labelled.state_dict(),
+            "position": self._handed_out,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unlabelled.load_state_dict(state["unlabelled"])
+        self.labelled.load_state_dict(state["labelled"])
+        self._resume_at = int(state["position"])
+        self._handed_out = self._resume_at
+        self._labelled_iter = None

