@@ -1,21 +1,29 @@
-"""Importance-weighted log p(x) at K = 5000: wall time, peak memory and the ratio to the floor.
+"""Importance-weighted log p(x) at K = 5000: time per image against the floor and against
+pythae, on the same networks, weights and images; peak memory.
 
-The floor is the encoder and decoder forward passes alone (z = loc + scale * eps between
-them) over the same rows in the same chunks, with no Pyro, no log-densities and no
-reductions. Blocks of images alternate between the evaluator and the floor so that machine
-load affects both alike.
+- evaluator: ``pyro_vae.estimate_log_px`` (log p̂(x), ELBO, ESS, PSIS k̂ per image).
+- floor: the encoder and decoder forward passes alone (z = loc + scale * eps between them)
+  over the same rows in the same chunks: no Pyro, no log-densities, no reductions.
+- pythae (``--pythae``, needs ``pip install pythae==0.1.2``, the ``bench`` extra):
+  ``pythae.models.VAE.get_nll`` with this checkpoint's encoder and decoder wrapped as
+  pythae's ``BaseEncoder``/``BaseDecoder`` (log-variance = 2 log scale, sigmoid of the
+  logits), ``batch_size`` = K so that each image is one pass, as in ours.
 
-    python benchmarks/marginal_likelihood_speed.py --checkpoint runs/vae-... --num-particles 5000
+Blocks of images alternate between the arms so that machine load affects all alike.
+
+    python benchmarks/marginal_likelihood_speed.py --checkpoint runs/vae-... --pythae
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import time
 
 import torch
+from _machine import Quietness
 
 from pyro_vae import estimate_log_px, load_checkpoint, load_dataset, model_from_checkpoint
 from pyro_vae.data import heldout_split
@@ -35,59 +43,96 @@ def floor(vae, x, num_particles, max_rows):
             vae.decoder(z)
 
 
+def pythae_model(vae):
+    """The checkpoint's networks as a pythae VAE (Bernoulli likelihood: ``bce``)."""
+    from pythae.models import VAE as PythaeVAE
+    from pythae.models import VAEConfig
+    from pythae.models.base.base_utils import ModelOutput
+    from pythae.models.nn import BaseDecoder, BaseEncoder
+
+    class Encoder(BaseEncoder):
+        def __init__(self):
+            super().__init__()
+            self.net = vae.encoder
+
+        def forward(self, x):
+            loc, scale = self.net(x.reshape(x.shape[0], -1))
+            return ModelOutput(embedding=loc, log_covariance=2 * scale.log())
+
+    class Decoder(BaseDecoder):
+        def __init__(self):
+            super().__init__()
+            self.net = vae.decoder
+
+        def forward(self, z):
+            probs = torch.sigmoid(self.net(z))
+            return ModelOutput(reconstruction=probs.reshape(z.shape[0], 1, *vae.image_shape))
+
+    config = VAEConfig(
+        input_dim=(1, *vae.image_shape), latent_dim=vae.z_dim, reconstruction_loss="bce"
+    )
+    return PythaeVAE(config, encoder=Encoder(), decoder=Decoder()).eval()
+
+
 def main(args):
+    torch.set_num_threads(args.threads)
     state = load_checkpoint(args.checkpoint)
     vae = model_from_checkpoint(state).eval()
     config = state["config"]
     splits = load_dataset(config["dataset"], config.get("data_dir"))
     x = heldout_split(splits, "test", config["binarize"], config["seed"]).images[: args.eval_size]
+    k = args.num_particles
+
+    def ours(xb):
+        return estimate_log_px(
+            vae.model, vae.guide, xb, num_particles=k, max_rows=args.max_rows, validate=False
+        )
+
+    arms = {"evaluator": ours, "floor": lambda xb: floor(vae, xb, k, args.max_rows)}
+    if args.pythae:
+        peer = pythae_model(vae)
+
+        def pythae(xb):
+            with torch.no_grad():
+                return peer.get_nll(xb.reshape(-1, 1, *vae.image_shape), n_samples=k, batch_size=k)
+
+        arms["pythae"] = pythae
     torch.manual_seed(0)
-    # warm-up: imports (ArviZ), allocator, first-call costs stay out of both timings
-    estimate_log_px(
-        vae.model,
-        vae.guide,
-        x[:12],
-        num_particles=args.num_particles,
-        max_rows=args.max_rows,
-        validate=False,
-    )
-    floor(vae, x[:12], args.num_particles, args.max_rows)
-    ours_t = floor_t = 0.0
-    results = []
+    for f in arms.values():  # warm-up: imports, allocator, first-call costs
+        f(x[:6])
+    seconds = dict.fromkeys(arms, 0.0)
+    results, pythae_nll = [], []
+    quiet = Quietness().__enter__()
     blocks = range(0, len(x), args.block)
     for i, start in enumerate(blocks):
         xb = x[start : start + args.block]
-        t0 = time.perf_counter()
-        results.append(
-            estimate_log_px(
-                vae.model,
-                vae.guide,
-                xb,
-                num_particles=args.num_particles,
-                max_rows=args.max_rows,
-                validate=False,
-            )
-        )
-        t1 = time.perf_counter()
-        floor(vae, xb, args.num_particles, args.max_rows)
-        t2 = time.perf_counter()
-        ours_t += t1 - t0
-        floor_t += t2 - t1
-        print(
-            f"block {i + 1}/{len(blocks)}: evaluator {t1 - t0:.1f} s, floor {t2 - t1:.1f} s",
-            flush=True,
-        )
+        line = []
+        for name, f in arms.items():
+            t0 = time.perf_counter()
+            out = f(xb)
+            dt = time.perf_counter() - t0
+            seconds[name] += dt
+            line.append(f"{name} {dt:.1f} s")
+            if name == "evaluator":
+                results.append(out)
+            elif name == "pythae":
+                pythae_nll.append((float(out), len(xb)))
+        print(f"block {i + 1}/{len(blocks)}: " + ", ".join(line), flush=True)
+    quiet.__exit__(None, None, None)
     log_px = torch.cat([r.log_px for r in results])
     elbo = torch.cat([r.elbo for r in results])
     khat = torch.cat([r.khat for r in results])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n = len(x)
-    print(
-        f"\n{n} test images, K={args.num_particles}, max_rows={args.max_rows}, {torch.get_num_threads()} threads"
-    )
-    print(f"  evaluator      {ours_t:8.1f} s  ({ours_t / n * 1e3:.1f} ms per image)")
-    print(f"  floor          {floor_t:8.1f} s  ({floor_t / n * 1e3:.1f} ms per image)")
-    print(f"  ratio          {ours_t / floor_t:8.2f}")
+    print(f"\n{n} test images, K={k}, max_rows={args.max_rows}, {torch.get_num_threads()} threads")
+    for name, s in seconds.items():
+        print(f"  {name:<10} {s:8.1f} s  ({s / n * 1e3:.1f} ms per image)")
+    print(f"  evaluator / floor   {seconds['evaluator'] / seconds['floor']:.2f}")
+    if args.pythae:
+        print(f"  pythae / evaluator  {seconds['pythae'] / seconds['evaluator']:.2f}")
+        nll = sum(v * m for v, m in pythae_nll) / n
+        print(f"  pythae log p(x)     {nll:.2f} nats per image (its own draws)")
+    print(f"  {quiet.report()}")
     print(f"  peak memory    {peak_mb:8.0f} MB (process RSS, data set included)")
     print(
         f"  log p(x)       {float(log_px.mean()):8.2f} ± {float(log_px.std() / math.sqrt(n)):.2f} nats per image"
@@ -102,6 +147,8 @@ if __name__ == "__main__":
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num-particles", type=int, default=5000)
     p.add_argument("--eval-size", type=int, default=None)
-    p.add_argument("--block", type=int, default=500, help="images per alternation block")
+    p.add_argument("--block", type=int, default=50, help="images per alternation block")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--pythae", action="store_true", help="time pythae's get_nll too")
     main(p.parse_args())

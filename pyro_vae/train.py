@@ -192,6 +192,16 @@ def nonfinite_sites(model: Callable, guide: Callable, *args, **kwargs) -> list[s
     return bad
 
 
+def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused where torch has a fused kernel for these parameters (one
+    kernel for all tensors: 0.6 ms instead of 2.0 ms a step for 784-400-50 on one thread);
+    the arithmetic is Adam's either way."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 def owner_modules(*fns: Callable) -> list[nn.Module]:
     """The ``nn.Module``s that ``fns`` belong to: modules themselves, or bound methods of
     one (also inside ``functools.partial``), each listed once."""
@@ -232,7 +242,7 @@ class Trainer:
         max_plate_nesting: int = 1,
         clip_norm: float | None = None,
         skip_nonfinite: bool = False,
-        validate: bool | None = None,
+        validate: bool | str | None = "first",
         lr_schedule: str = "constant",
     ) -> None:
         if lr <= 0:
@@ -250,8 +260,12 @@ class Trainer:
         # only, so a resumed run replays it without saving any scheduler state.
         self.lr_schedule = lr_schedule
         self._lr_now = lr
-        # None leaves Pyro's global validation setting alone; False switches distribution
-        # argument checks off during steps (about 15% of a step), for data checked up front.
+        # Pyro's distribution argument checks cost about 10% of a step on a small MLP.
+        # "first": on for this trainer's first step (a model, guide or batch that breaks a
+        # distribution's constraints fails there, with Pyro's message), off afterwards;
+        # True/False: always on/off; None: Pyro's global setting.
+        if validate not in (True, False, None, "first"):
+            raise ValueError(f"validate must be True, False, None or 'first', got {validate!r}")
         self.validate = validate
         self.max_plate_nesting = max_plate_nesting
         self.modules = owner_modules(model, guide)
@@ -263,7 +277,7 @@ class Trainer:
                     self._param_ids.add(id(p))
                     self.params.append(p)
         self.optimizer: torch.optim.Optimizer | None = (
-            torch.optim.Adam(self.params, lr=lr) if self.params else None
+            _adam(self.params, lr) if self.params else None
         )
         # a saved optimiser state for parameters the pair has not declared yet (plain
         # functions with pyro.param): loaded once the first step has found them
@@ -283,6 +297,8 @@ class Trainer:
     def _validation(self):
         if self.validate is None:
             return contextlib.nullcontext()
+        if self.validate == "first":
+            return pyro.validation_enabled(self.step_count == 0)
         return pyro.validation_enabled(self.validate)
 
     def _collect_params(self, trace: poutine.Trace) -> None:
@@ -306,7 +322,7 @@ class Trainer:
         if new:
             self.params.extend(new)
             if self.optimizer is None:
-                self.optimizer = torch.optim.Adam(new, lr=self.lr)
+                self.optimizer = _adam(new, self.lr)
             else:
                 self.optimizer.add_param_group({"params": new})
             self._apply_lr()
@@ -357,7 +373,7 @@ class Trainer:
             ks=(),
             psis=False,
             max_plate_nesting=self.max_plate_nesting,
-            validate=self.validate,
+            validate=self.validate if self.validate != "first" else False,
         )
         return float(result.elbo.mean())
 
