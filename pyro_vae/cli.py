@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from pyro_vae.checkpoints import CHECKPOINT_NAME, CheckpointError, RunDir, load_checkpoint
 from pyro_vae.data import BINARIZATIONS, DATASETS, DataError
+from pyro_vae.distributed import Ranks
 from pyro_vae.train import NonFiniteError, TrainingInterrupted
 
 __all__ = [
@@ -329,12 +331,18 @@ def begin_run(
     parser: argparse.ArgumentParser,
     name: str,
     presets: dict | None = None,
-) -> tuple[argparse.Namespace, dict | None, Path, torch.device]:
-    """Resolve ``--resume`` (the saved flags, the checkpoint or None), the preset, the device
-    and the run directory (checked, not created), and seed everything:
-    (args, state, out, device)."""
+) -> tuple[argparse.Namespace, dict | None, Path, torch.device, Ranks]:
+    """Resolve ``--resume`` (the saved flags, the checkpoint or None), the preset, the device,
+    the process group when launched by ``torchrun``, and the run directory (checked, not
+    created), and seed everything: (args, state, out, device, ranks).
+
+    On several processes rank 0 chooses and checks the run directory and tells the others;
+    ``--batch-size`` is the global batch and must be a multiple of the number of processes;
+    rank r > 0 draws from a random stream of its own.
+    """
     from pyro_vae.checkpoints import default_run_dir
-    from pyro_vae.train import seed_everything
+    from pyro_vae.distributed import all_gather_objects, setup
+    from pyro_vae.seeding import child_seed, seed_everything
 
     state, out = None, None
     if args.resume is not None:
@@ -344,11 +352,27 @@ def begin_run(
     if presets is not None:
         args = apply_preset(args, presets)
     device = resolve_device(args.device)
+    ranks, device = setup(device)
     apply_threads(args)
+    batch = getattr(args, "batch_size", None)
+    if batch is not None and batch % ranks.world_size:
+        raise UsageError(
+            f"--batch-size {batch} (the global batch) is not a multiple of the "
+            f"{ranks.world_size} processes"
+        )
     if out is None:
-        out = check_output_dir(args.out or default_run_dir(name))
-    seed_everything(args.seed)
-    return args, state, out, device
+        chosen: Path | UsageError | None = None
+        if ranks.is_main:
+            try:
+                chosen = check_output_dir(args.out or default_run_dir(name))
+            except UsageError as e:
+                chosen = e
+        chosen = all_gather_objects(chosen, ranks)[0]
+        if isinstance(chosen, UsageError):
+            raise chosen
+        out = chosen
+    seed_everything(args.seed if ranks.is_main else child_seed(args.seed, f"rank-{ranks.rank}"))
+    return args, state, out, device, ranks
 
 
 def resolve_device(name: str) -> torch.device:
@@ -378,22 +402,77 @@ def check_output_dir(path: Path, *, must_be_new: bool = True) -> Path:
     return path
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (torchrun stopping the run)."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the report below must get out
+    raise _Terminated
+
+
+# What a collective raises when a peer process is gone (gloo, NCCL): torch raises these as
+# plain RuntimeErrors, so they are recognised by their text.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo")
+
+
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
-    """Call ``main(args)``; turn known errors into one line on stderr and an exit status."""
+    """Call ``main(args)``; turn known errors into one line on stderr and an exit status.
+
+    Under ``torchrun`` every rank meets the same errors; rank 0 alone reports them, except a
+    lost process group, which each surviving rank reports with its rank.
+    """
+    from pyro_vae.distributed import DistributedError, RendezvousError, teardown
+
+    distributed = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", "0"))
+
+    def say(line: str) -> None:
+        if rank == 0:
+            print(line, file=sys.stderr)
+
+    if distributed:  # torchrun ends every process when one fails: say so, in one line
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(args)
     except (UsageError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except NonFiniteError as e:
-        print(f"error: {e}; the last checkpoint was kept", file=sys.stderr)
+        say(f"error: {e}; the last checkpoint was kept")
         return 1
     except TrainingInterrupted as e:
         out = getattr(e, "run_dir", None)
         where = f" --resume {out}" if out else " --resume <run directory>"
-        print(f"{e}; checkpoint saved. Resume with: python {sys.argv[0]}{where}", file=sys.stderr)
+        say(f"{e}; checkpoint saved. Resume with: python {sys.argv[0]}{where}")
         return 130
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
+    except _Terminated:
+        print(
+            f"error: rank {rank}: stopped by torchrun because another process of the run "
+            "failed (torchrun's report names it); the last checkpoint was kept",
+            file=sys.stderr,
+        )
+        return 143
+    except RendezvousError as e:  # each rank has its own reason
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DistributedError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        if not distributed or not (
+            isinstance(e, DistributedError) or any(s in text for s in _LOST_PEER)
+        ):
+            raise
+        if distributed:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(
+            f"error: rank {rank}: the process group was lost (another process of the run "
+            f"stopped): {text[:160]}; the last checkpoint was kept",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        teardown()
     return 0

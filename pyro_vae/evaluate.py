@@ -34,12 +34,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pyro_vae.faults import pause_point
+from pyro_vae.seeding import child_seed
 
 __all__ = [
     "LabelMarginalLikelihood",
     "MarginalLikelihood",
     "estimate_log_px",
     "estimate_log_px_over_labels",
+    "eval_batch_size",
     "predict_labels",
     "semi_supervised_report",
     "log_weights",
@@ -200,6 +202,18 @@ class MarginalLikelihood:
         return out
 
 
+@contextlib.contextmanager
+def _chunk_rng(seed: int | None, position: int):
+    """The global RNG seeded for the chunk at ``position`` (then restored), or untouched."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(child_seed(seed, f"log-px-chunk-{position}"))
+        yield
+
+
 def _split(tensors: Sequence[Tensor], start: int, stop: int) -> list[Tensor]:
     return [t[start:stop] for t in tensors]
 
@@ -217,6 +231,8 @@ def estimate_log_px(
     max_plate_nesting: int = 1,
     plate_name: str = "data",
     validate: bool | None = None,
+    seed: int | None = None,
+    first_index: int = 0,
     **kwargs,
 ) -> MarginalLikelihood:
     """Importance-weighted log p(x), ELBO, ESS and PSIS k̂ for every row of ``data``.
@@ -229,6 +245,12 @@ def estimate_log_px(
     whole curve.  k̂ needs at least 20 particles (``None`` otherwise, or when ``psis=False``).
     ``validate=False`` switches Pyro's distribution checks off for data checked beforehand;
     ``None`` leaves the global setting alone.
+
+    With ``seed``, every chunk of ``batch_size`` rows draws its particles from a generator
+    seeded by ``seed`` and the chunk's position ``first_index + start`` (the global RNG
+    state is left as it was): a chunk's values then do not depend on what was evaluated
+    before it, so shards of a data set cut at multiples of ``batch_size`` (see
+    ``eval_batch_size``) give exactly the values of the whole.
     """
     checks = contextlib.nullcontext() if validate is None else pyro.validation_enabled(validate)
     with checks:
@@ -245,7 +267,17 @@ def estimate_log_px(
             progress=progress,
             max_plate_nesting=max_plate_nesting,
             plate_name=plate_name,
+            seed=seed,
+            first_index=first_index,
         )
+
+
+def eval_batch_size(
+    num_particles: int, max_rows: int = DEFAULT_MAX_ROWS, n: int | None = None
+) -> int:
+    """Datapoints per chunk of ``estimate_log_px`` at K = ``num_particles``."""
+    size = max(1, max_rows // num_particles)
+    return size if n is None else max(1, min(n, size))
 
 
 def _estimate(
@@ -262,6 +294,8 @@ def _estimate(
     progress: bool,
     max_plate_nesting: int,
     plate_name: str,
+    seed: int | None,
+    first_index: int,
 ) -> MarginalLikelihood:
     if num_particles < 1:
         raise ValueError(f"num_particles must be positive, got {num_particles}")
@@ -271,7 +305,7 @@ def _estimate(
     if n_total == 0:
         raise ValueError("the data set is empty")
     if batch_size is None:
-        batch_size = max(1, min(n_total, max_rows // num_particles))
+        batch_size = eval_batch_size(num_particles, max_rows, n_total if seed is None else None)
     particle_chunk = max(1, min(num_particles, max_rows // batch_size))
     psis = psis and num_particles >= 20
     ks = [k for k in ks if k <= num_particles]
@@ -282,20 +316,21 @@ def _estimate(
         starts, desc=f"log p(x), K={num_particles}", disable=None if progress else True
     ):
         chunk = _split(data, start, start + batch_size)
-        lw = torch.cat(
-            [
-                log_weights(
-                    model,
-                    guide,
-                    *chunk,
-                    num_particles=min(particle_chunk, num_particles - k0),
-                    max_plate_nesting=max_plate_nesting,
-                    plate_name=plate_name,
-                    **kwargs,
-                ).double()
-                for k0 in range(0, num_particles, particle_chunk)
-            ]
-        ).cpu()
+        with _chunk_rng(seed, first_index + start):
+            lw = torch.cat(
+                [
+                    log_weights(
+                        model,
+                        guide,
+                        *chunk,
+                        num_particles=min(particle_chunk, num_particles - k0),
+                        max_plate_nesting=max_plate_nesting,
+                        plate_name=plate_name,
+                        **kwargs,
+                    ).double()
+                    for k0 in range(0, num_particles, particle_chunk)
+                ]
+            ).cpu()
         lse = torch.logsumexp(lw, dim=0)
         results["log_px"].append(lse - math.log(num_particles))
         results["elbo"].append(lw.mean(dim=0))

@@ -5,7 +5,8 @@ With ``PYRO_VAE_PAUSE_AT="<point>:<n>"`` and ``PYRO_VAE_PAUSE_FILE=<path>`` in t
 environment, the n-th time the process reaches ``<point>`` it creates ``<path>`` (holding the
 point's name) and waits for SIGINT or SIGTERM (SIGKILL needs no waiting). A caught signal is
 then delivered to the process's own handler, as if it had arrived a moment later. Unset, a
-pause point costs one environment lookup.
+pause point costs one environment lookup.  Under ``torchrun`` (``RANK`` set) the marker is
+``<path>.rank<r>``, and ``"<point>:<n>@<r>"`` holds rank r only.
 
 Points: ``run-started`` (config.json written, no checkpoint yet), ``checkpoint-write`` (a
 checkpoint's temporary file written and flushed, not yet renamed), ``epoch-saved`` (an
@@ -33,8 +34,12 @@ def pause_point(name: str) -> None:
     spec = os.environ.get(PAUSE_ENV)
     if not spec:
         return
+    spec, _, only_rank = spec.partition("@")
     point, _, nth = spec.rpartition(":")
     if point != name:
+        return
+    rank = os.environ.get("RANK")
+    if only_rank and only_rank != (rank or "0"):
         return
     _reached[name] += 1
     if _reached[name] != int(nth):
@@ -44,7 +49,8 @@ def pause_point(name: str) -> None:
     # stays pending instead of slipping in before the wait.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, awaited)
     try:
-        Path(os.environ[PAUSE_FILE_ENV]).write_text(name)
+        marker = os.environ[PAUSE_FILE_ENV] + ("" if rank is None else f".rank{rank}")
+        Path(marker).write_text(name)
         received = signal.sigwait(awaited)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

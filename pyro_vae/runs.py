@@ -22,7 +22,9 @@ from pyro_vae.checkpoints import (
     set_rng_state,
 )
 from pyro_vae.data import BatchLoader, SemiSupervisedLoader
+from pyro_vae.distributed import all_gather_objects
 from pyro_vae.faults import pause_point
+from pyro_vae.seeding import child_seed, seed_everything
 from pyro_vae.train import Trainer, TrainingInterrupted, stop_on_sigint
 
 __all__ = ["TrainingRun"]
@@ -35,6 +37,11 @@ class TrainingRun:
     (optimiser, counters, history, a stopped epoch's running totals), the loader's generator
     states and position, every global RNG state, the model class and its config, and the
     run's config: with it a killed run resumes bit for bit where its last checkpoint stood.
+
+    On several processes (``trainer.ranks``) rank 0 alone writes files and logs; the
+    checkpoint also holds every rank's RNG states (``rng_ranks``), so a run resumed with the
+    same number of processes continues bit for bit, and with another number each new rank
+    without saved states draws from a stream of its own.
     """
 
     def __init__(
@@ -52,28 +59,42 @@ class TrainingRun:
         self.model, self.trainer, self.loader = model, trainer, loader
         self.config, self.model_class, self.log = config, model_class, log
 
+    @property
+    def is_main(self) -> bool:
+        return self.trainer.ranks.is_main
+
     def start(self) -> TrainingRun:
         """Create the run directory and write ``config.json`` (a run killed before its first
         checkpoint starts here again: temporary files of killed writes are removed)."""
-        self.dir.create()
-        remove_stale_temporaries(self.dir.path)
-        self.dir.write_json("config.json", self.config)
+        if self.is_main:
+            self.dir.create()
+            remove_stale_temporaries(self.dir.path)
+            self.dir.write_json("config.json", self.config)
         pause_point("run-started")
         return self
 
     def state(self) -> dict[str, Any]:
+        """The checkpoint's contents (on several processes, every rank must call it: the
+        RNG states are gathered)."""
+        rng = get_rng_state()
         return {
             "model_class": self.model_class,
             "model_config": self.model.config(),
             "model": self.model.state_dict(),
             "trainer": self.trainer.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": get_rng_state(),
+            "rng": rng,
+            "rng_ranks": all_gather_objects(rng, self.trainer.ranks),
+            "world_size": self.trainer.ranks.world_size,
             "config": self.config,
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.dir.checkpoint_path, self.state())
+        """Write the checkpoint (rank 0; every rank must call this)."""
+        state = self.state()
+        if self.is_main:
+            save_checkpoint(self.dir.checkpoint_path, state)
+        return self.dir.checkpoint_path
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a checkpoint's weights, trainer, loader and RNG states into this run."""
@@ -85,17 +106,27 @@ class TrainingRun:
             self.model.load_state_dict(state["model"])
             self.trainer.load_state_dict(state["trainer"])
             self.loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
+            ranks = self.trainer.ranks
+            saved = state.get("rng_ranks") or [state["rng"]]
+            if ranks.rank < len(saved):
+                set_rng_state(saved[ranks.rank])
+            else:  # more processes than the run had: a stream of this rank's own
+                seed = int(self.config.get("seed", 0))
+                seed_everything(
+                    child_seed(seed, f"rank-{ranks.rank}-from-step-{self.trainer.step_count}")
+                )
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             detail = " ".join(str(e).split())[:200]
             raise CheckpointError(f"checkpoint does not fit this run: {detail}") from None
-        remove_stale_temporaries(self.dir.path)
+        if self.is_main:
+            remove_stale_temporaries(self.dir.path)
 
     def _on_epoch(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self.dir.write_metrics(trainer.history)
+        if self.is_main:
+            self.dir.write_metrics(trainer.history)
         self.save()
         pause_point("epoch-saved")
-        if self.log is not None:
+        if self.log is not None and self.is_main:
             val = f"  val ELBO {metrics['val_elbo']:.2f}" if "val_elbo" in metrics else ""
             extra = "".join(
                 f"  {k} {v:.4g}"

@@ -25,9 +25,10 @@ def seed_everything(seed: int) -> None:
 
 
 def child_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed for the named ``stream`` of ``seed`` (stable across versions)."""
+    """A 32-bit seed for the named ``stream`` of ``seed`` (stable across versions; 32 bits so
+    that it also seeds numpy's and Python's global generators)."""
     sequence = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(stream.encode()),))
-    return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return int(sequence.generate_state(1, np.uint32)[0])
 
 
 def generator(seed: int, stream: str) -> torch.Generator:

@@ -26,6 +26,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from pyro_vae.distributed import Ranks, all_sum, shard_bounds
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.objectives import IWAE, DReG
 from pyro_vae.seeding import seed_everything
@@ -202,6 +203,30 @@ def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+class _Objective(nn.Module):
+    """The trainer's objective as a module holding the owners' parameters: what
+    DistributedDataParallel wraps (it needs a module whose forward returns the loss)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__()
+        self.owners = nn.ModuleList(trainer.modules)
+        self._trainer = [trainer]  # a list: not a submodule
+
+    def forward(self, *batch: Tensor) -> Tensor:
+        trainer = self._trainer[0]
+        return trainer.elbo.differentiable_loss(trainer.model, trainer.guide, *batch)
+
+
+def _distributed_objective(trainer: Trainer, find_unused_parameters: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # find_unused_parameters: for models whose steps may leave some parameters out (the
+    # semi-supervised model's classifier on a labelled batch without the auxiliary term)
+    return DistributedDataParallel(
+        _Objective(trainer), find_unused_parameters=find_unused_parameters
+    )
+
+
 def owner_modules(*fns: Callable) -> list[nn.Module]:
     """The ``nn.Module``s that ``fns`` belong to: modules themselves, or bound methods of
     one (also inside ``functools.partial``), each listed once."""
@@ -244,6 +269,8 @@ class Trainer:
         skip_nonfinite: bool = False,
         validate: bool | str | None = "first",
         lr_schedule: str = "constant",
+        ranks: Ranks | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -282,6 +309,17 @@ class Trainer:
         # a saved optimiser state for parameters the pair has not declared yet (plain
         # functions with pyro.param): loaded once the first step has found them
         self._pending_optimizer_state: dict | None = None
+        # Several processes (torchrun): the objective runs inside DistributedDataParallel,
+        # which averages the gradients over the ranks during backward.
+        self.ranks = ranks or Ranks()
+        self._ddp: nn.Module | None = None
+        if self.ranks.active:
+            if not self.modules:
+                raise ValueError(
+                    "training on several processes needs a model/guide that belong to an "
+                    "nn.Module (DistributedDataParallel wraps its parameters)"
+                )
+            self._ddp = _distributed_objective(self, find_unused_parameters)
         self.epoch = 0
         self.step_count = 0
         self.skipped_steps = 0
@@ -335,18 +373,29 @@ class Trainer:
                 group["lr"] = self._lr_now
 
     def step(self, *batch: Tensor) -> float:
-        """One SVI step on a minibatch; returns the loss (negative objective) in nats."""
+        """One SVI step on a minibatch; returns the loss (negative objective) in nats.
+
+        On several processes ``batch`` is this rank's shard and the value returned is this
+        shard's; the update is the one a single process would make on the whole batch.
+        """
         with poutine.trace(param_only=True) as capture, self._validation():
-            loss = self.elbo.differentiable_loss(self.model, self.guide, *batch)
+            if self._ddp is not None:
+                loss = self._ddp(*batch)
+            else:
+                loss = self.elbo.differentiable_loss(self.model, self.guide, *batch)
         self._collect_params(capture.trace)
         self.step_count += 1
         value = float(loss.detach())
-        if not math.isfinite(value):
-            return self._nonfinite("loss", batch)
         if self.optimizer is None:
             raise ValueError("the model and guide declare no parameters to train")
+        if not math.isfinite(value) and self._ddp is None:
+            return self._nonfinite("loss", batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients; scaled by the world size, the average is the
+        # gradient of the sum over the whole batch, as on one process.  A rank whose loss
+        # is not finite still joins the all-reduce; the non-finite gradient then stops (or
+        # skips) every rank alike.
+        (loss * self.ranks.world_size if self._ddp is not None else loss).backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if not torch.isfinite(norm):
@@ -364,18 +413,24 @@ class Trainer:
         raise NonFiniteError(what, self.epoch + 1, self.step_count, sites)
 
     def evaluate_elbo(self, *data: Tensor, num_particles: int = 1) -> float:
-        """Mean ELBO of the model as written (no KL weight), in nats per image."""
-        result = estimate_log_px(
-            self.model,
-            self.guide,
-            *data,
-            num_particles=num_particles,
-            ks=(),
-            psis=False,
-            max_plate_nesting=self.max_plate_nesting,
-            validate=self.validate if self.validate != "first" else False,
-        )
-        return float(result.elbo.mean())
+        """Mean ELBO of the model as written (no KL weight), in nats per image (on several
+        processes, each scores its share of ``data`` and the sums are combined)."""
+        start, stop = shard_bounds(data[0].shape[0], self.ranks)
+        total, count = 0.0, stop - start
+        if count:
+            result = estimate_log_px(
+                self.model,
+                self.guide,
+                *(t[start:stop] for t in data),
+                num_particles=num_particles,
+                ks=(),
+                psis=False,
+                max_plate_nesting=self.max_plate_nesting,
+                validate=self.validate if self.validate != "first" else False,
+            )
+            total = float(result.elbo.sum())
+        total, count = all_sum([total, count], self.ranks)
+        return total / count
 
     def fit(
         self,
@@ -405,7 +460,7 @@ class Trainer:
             bar = tqdm(
                 loader,
                 desc=f"epoch {epoch}/{epochs}",
-                disable=None if progress else True,
+                disable=None if progress and self.ranks.is_main else True,
                 leave=False,
                 dynamic_ncols=True,
             )
@@ -416,6 +471,8 @@ class Trainer:
                     count += batch[0].shape[0]
                 if i % 20 == 0 and count:
                     bar.set_postfix(loss=f"{total / count:.2f}")
+                if self.ranks.active:  # every rank stops after the same step
+                    self.stop_requested = all_sum([self.stop_requested], self.ranks)[0] > 0
                 if self.stop_requested:
                     bar.close()
                     self._partial = {
@@ -425,6 +482,7 @@ class Trainer:
                     }
                     raise TrainingInterrupted(epoch, self.step_count)
             bar.close()
+            total, count = all_sum([total, count], self.ranks)
             metrics: dict[str, Any] = {
                 "epoch": epoch,
                 "step": self.step_count,

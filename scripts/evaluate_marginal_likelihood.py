@@ -1,6 +1,7 @@
 """Importance-weighted log p(x) of a trained model: the ELBO against the evidence.
 
     python scripts/evaluate_marginal_likelihood.py --checkpoint runs/vae-... --num-particles 5000
+    torchrun --nproc-per-node 2 scripts/evaluate_marginal_likelihood.py --checkpoint runs/vae-...
 
 Rebuilds the model from the checkpoint (a file or a run directory), scores the held-out split
 binarised as in training, and writes marginal_likelihood_k<K>.json and figures (bound vs K,
@@ -25,7 +26,8 @@ from pyro_vae.cli import (
     run,
 )
 from pyro_vae.data import heldout_split, load_dataset
-from pyro_vae.evaluate import DEFAULT_KS, DEFAULT_MAX_ROWS, estimate_log_px
+from pyro_vae.distributed import all_gather_objects, setup, sharded_log_px
+from pyro_vae.evaluate import DEFAULT_KS, DEFAULT_MAX_ROWS
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.plots import save_marginal_likelihood_figures
 from pyro_vae.train import seed_everything
@@ -73,16 +75,22 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     device = resolve_device(args.device)
+    ranks, device = setup(device)
     apply_threads(args)
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path, map_location=device)
     model = model_from_checkpoint(state).to(device).eval()
     config = state.get("config", {})
     out = RunDir(args.out or path.parent)
-    try:
-        out.figures.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out.path}: {e.strerror}") from None
+    problem = None
+    if ranks.is_main:
+        try:
+            out.figures.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = f"--out {out.path}: {e.strerror}"
+    problem = all_gather_objects(problem, ranks)[0]
+    if problem:
+        raise UsageError(problem)
     seed_everything(args.seed)
     binarize = config.get("binarize", "dynamic")
     splits = load_dataset(config.get("dataset", "mnist"), args.data_dir or config.get("data_dir"))
@@ -95,17 +103,23 @@ def main(args) -> dict:
             f"the checkpoint's model expects {model.x_dim} pixels, the data have {data.images.shape[1]}"
         )
 
-    result = estimate_log_px(
+    # Every rank scores a share of the images (whole chunks, each seeded by --seed and its
+    # position): the per-image values are those of a single process, bit for bit.
+    result = sharded_log_px(
         model.model,
         model.guide,
         data.images.to(device),
+        ranks=ranks,
         num_particles=args.num_particles,
+        seed=args.seed,
         ks=DEFAULT_KS,
         max_rows=args.max_rows,
         psis=not args.no_psis,
-        progress=not args.quiet,
+        progress=not args.quiet and ranks.is_main,
         validate=False,  # the data were binarised here; the checkpoint's model is ours
     )
+    if not ranks.is_main:
+        return {}
     report = {
         **result.summary(),
         "split": args.split,

@@ -33,6 +33,7 @@ from pyro_vae.cli import (
     run_config,
 )
 from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
+from pyro_vae.distributed import ShardedLoader
 from pyro_vae.evaluate import predict_labels, semi_supervised_report
 from pyro_vae.models import SSVAE
 from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
@@ -99,7 +100,7 @@ def accuracy(model: SSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main(args) -> dict:
-    args, state, out, device = begin_run(args, build_parser(), "ssvae")
+    args, state, out, device, ranks = begin_run(args, build_parser(), "ssvae")
     train, valid, test = training_splits(
         args.dataset,
         args.data_dir,
@@ -157,6 +158,8 @@ def main(args) -> dict:
         clip_norm=args.clip_norm,
         skip_nonfinite=args.skip_nonfinite,
         validate=False,  # data checked above
+        ranks=ranks,
+        find_unused_parameters=True,  # a labelled batch may leave the classifier out
     )
     config = run_config(
         args,
@@ -170,7 +173,7 @@ def main(args) -> dict:
         out,
         model=model,
         trainer=trainer,
-        loader=loader,
+        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
         config=config,
         model_class="SSVAE",
         log=None if args.quiet else tqdm.write,
@@ -181,7 +184,7 @@ def main(args) -> dict:
     def on_epoch(trainer: Trainer, metrics: dict) -> None:
         metrics["val_accuracy"] = accuracy(model, valid_x, valid_y)
         best = max(m["val_accuracy"] for m in trainer.history)
-        if metrics["val_accuracy"] >= best:
+        if metrics["val_accuracy"] >= best and ranks.is_main:
             save_checkpoint(
                 best_path,
                 {
@@ -193,14 +196,17 @@ def main(args) -> dict:
                 },
             )
 
+    quiet = args.quiet or not ranks.is_main
     if state is None:
         run_.start()
     else:
         run_.restore(state)
-        if not args.quiet:
+        if not quiet:
             print(f"resuming {out} after epoch {trainer.epoch}, step {trainer.step_count}")
     # val_elbo: unlabelled, so the auxiliary term is absent and y is drawn from q(y|x).
-    run_.fit(args.epochs, val_data=(valid_x,), callbacks=[on_epoch], progress=not args.quiet)
+    run_.fit(args.epochs, val_data=(valid_x,), callbacks=[on_epoch], progress=not quiet)
+    if not ranks.is_main:  # the test evaluation is rank 0's (the labelled test set is small)
+        return {}
 
     # Model selection by validation accuracy, then the test split, once.
     best = load_checkpoint(best_path)

@@ -26,7 +26,7 @@ from pyro_vae.cli import (
     run_config,
 )
 from pyro_vae.data import BatchLoader, training_splits
-from pyro_vae.evaluate import estimate_log_px
+from pyro_vae.distributed import ShardedLoader, sharded_log_px
 from pyro_vae.models import VAE
 from pyro_vae.models.vae import LIKELIHOODS
 from pyro_vae.plots import save_vae_figures
@@ -83,7 +83,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(args) -> dict:
-    args, state, out, device = begin_run(args, build_parser(), "vae", PRESETS)
+    args, state, out, device, ranks = begin_run(args, build_parser(), "vae", PRESETS)
     if args.likelihood == "bernoulli" and args.x_scale is not None:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
     if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:
@@ -125,6 +125,7 @@ def main(args) -> dict:
         clip_norm=args.clip_norm,
         skip_nonfinite=args.skip_nonfinite,
         validate=False,
+        ranks=ranks,
     )
     loader = BatchLoader(
         train,
@@ -141,33 +142,38 @@ def main(args) -> dict:
         out,
         model=vae,
         trainer=trainer,
-        loader=loader,
+        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
         config=config,
         model_class="VAE",
         log=None if args.quiet else tqdm.write,
     )
+    quiet = args.quiet or not ranks.is_main
     if state is None:
         run.start()  # also when a resumed run had not finished its first epoch
     else:
         run.restore(state)
-        if not args.quiet:
+        if not quiet:
             print(f"resuming {out} after epoch {trainer.epoch}, step {trainer.step_count}")
-    run.fit(args.epochs, val_data=(valid.images.to(device),), progress=not args.quiet)
+    run.fit(args.epochs, val_data=(valid.images.to(device),), progress=not quiet)
 
     test_x = test.images.to(device)
     report: dict = {"binarize": args.binarize, "dataset": args.dataset, "units": "nats per image"}
     if args.eval_particles:
-        result = estimate_log_px(
+        result = sharded_log_px(
             vae.model,
             vae.guide,
             test_x,
+            ranks=ranks,
             num_particles=args.eval_particles,
-            progress=not args.quiet,
+            seed=args.seed,
+            progress=not quiet,
             validate=False,  # checked by check_images above
         )
         report.update(result.summary())
     else:
         report["elbo"] = trainer.evaluate_elbo(test_x, num_particles=10)
+    if not ranks.is_main:
+        return report
     run.dir.write_json("evaluation.json", report)
     save_vae_figures(vae, test_x, test.labels, trainer.history, run.dir.figures, seed=args.seed)
 
