@@ -159,7 +159,8 @@ def main(args) -> dict:
         skip_nonfinite=args.skip_nonfinite,
         validate=False,  # data checked above
         ranks=ranks,
-        find_unused_parameters=True,  # a labelled batch may leave the classifier out
+        # without the auxiliary term a labelled batch leaves the classifier out
+        find_unused_parameters=args.aux_weight == 0,
     )
     config = run_config(
         args,

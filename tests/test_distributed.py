@@ -151,6 +151,20 @@ def test_scripts_under_torchrun_checkpoints_move_between_world_sizes(data_dir, t
 
 
 @pytest.mark.slow
+def test_semi_supervised_training_under_torchrun(data_dir, tmp_path):
+    args = [
+        *("--labels", "100", "--epochs", "2", "--train-size", "1300", "--batch-size", "100"),
+        *("--eval-size", "100", "--hidden", "32", "--classifier-hidden", "32", "--z-dim", "4"),
+        *("--eval-particles", "5", "--likelihood-size", "20", "--threads", "1", "--quiet"),
+    ]
+    out = tmp_path / "run"
+    result = torchrun(2, str(SCRIPTS_DIR / "train_ssvae.py"), [*args, "--out", str(out)], data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("test accuracy") == 1
+    assert (out / "best.pt").is_file() and (out / "evaluation.json").is_file()
+
+
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_others_and_the_run_resumes_bitwise(data_dir, tmp_path):
     reference = tmp_path / "reference"
     result = torchrun(2, TRAIN, [*ARGS, "--out", str(reference)], data_dir)
