@@ -10,7 +10,10 @@ from helpers import SCRIPTS_DIR, load_script, run_in_process
 
 from pyro_vae import VAE, DataError, as_dataset, check_images, cli, load_checkpoint
 
-REQUIRED = {"evaluate_marginal_likelihood.py": ["--checkpoint", "{run}"]}
+REQUIRED = {
+    "evaluate_marginal_likelihood.py": ["--checkpoint", "{run}"],
+    "compress.py": ["--checkpoint", "{run}"],
+}
 BAD_BY_TYPE = {
     cli.positive_int: ["0", "-1", "1.5", "x"],
     cli.nonnegative_int: ["-1", "x"],

@@ -16,6 +16,7 @@ NOTEBOOKS = [
     "03_bound_vs_evidence.ipynb",
     "04_semi_supervised.ipynb",
     "05_tighter_bounds.ipynb",
+    "06_compression.ipynb",
 ]
 
 

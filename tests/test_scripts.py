@@ -27,6 +27,19 @@ SSVAE_TINY = [
     "--quiet",
 ]
 SMOKE_RUNS = {
+    "compress.py": [
+        [
+            "--checkpoint",
+            "{run}",
+            "encode",
+            "--split",
+            "valid",
+            "--count",
+            "12",
+            "--output",
+            "{out}.pvbb",
+        ],
+    ],
     "train_ssvae.py": [
         ["--epochs", "2", "--eval-particles", "5", "--likelihood-size", "20", *SSVAE_TINY],
         [
@@ -126,8 +139,9 @@ def test_every_script_has_a_smoke_run():
 )
 def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
     out = tmp_path / "run"
-    args = [a.replace("{run}", str(trained_run)) for a in args]
-    result = run_script(script, [*args, "--out", str(out)], data_dir)
+    args = [a.replace("{run}", str(trained_run)).replace("{out}", str(out)) for a in args]
+    extra = [] if script == "compress.py" else ["--out", str(out)]
+    result = run_script(script, [*args, *extra], data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     if script == "train_svi.py":
@@ -160,6 +174,8 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         assert len(config["labelled_indices"]) == 100
         if "log_px" in report:
             assert report["log_px"] >= report["log_pxy"]  # summing over y adds mass
+    if script == "compress.py":
+        assert (tmp_path / "run.pvbb").stat().st_size > 0 and "bits per pixel" in result.stdout
     if script == "evaluate_marginal_likelihood.py":
         k = args[args.index("--num-particles") + 1]
         report = json.loads((out / f"marginal_likelihood_k{k}.json").read_text())

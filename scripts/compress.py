@@ -1,0 +1,175 @@
+"""Lossless compression of binary images with a trained VAE (bits-back coding with ANS).
+
+    python scripts/compress.py --checkpoint runs/vae-... encode --split test --output test.pvbb
+    python scripts/compress.py --checkpoint runs/vae-... encode --input digits.npy --output d.pvbb
+    python scripts/compress.py --checkpoint runs/vae-... decode --input d.pvbb --output d.npy
+
+``encode`` takes binary images from a ``.npy`` file ((N, H, W) or (N, H*W), values 0/1) or
+the run's held-out split binarised as in training; ``decode`` writes them back as a uint8
+``.npy`` file of shape (N, H, W).  The file holds a header (format version, a hash of the
+model's weights, image count and shape) and the message; a file made with other weights, or
+a truncated or altered one, is refused with one line.  Outputs are written to a temporary
+file and renamed: never half-written.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+from pyro_vae.cli import ArgumentParser, UsageError, apply_threads, positive_int, run
+from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
+from pyro_vae.data import heldout_split, load_dataset
+from pyro_vae.models import model_from_checkpoint
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint file or run directory"
+    )
+    p.add_argument(
+        "--latent-bits",
+        type=positive_int,
+        default=10,
+        help="buckets per latent dimension: 2**bits of equal prior mass, 4 to 16 (default: 10)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="images -> compressed file")
+    enc.add_argument("--input", type=Path, default=None, help=".npy file of binary images")
+    enc.add_argument(
+        "--split",
+        default=None,
+        choices=("test", "valid"),
+        help="the run's held-out split, binarised as in training (instead of --input)",
+    )
+    enc.add_argument("--count", type=positive_int, default=None, help="only the first N images")
+    enc.add_argument("--output", type=Path, required=True, help="compressed file to write")
+    dec = sub.add_parser("decode", help="compressed file -> images")
+    dec.add_argument("--input", type=Path, required=True, help="compressed file")
+    dec.add_argument("--output", type=Path, required=True, help=".npy file to write")
+    for sp in (enc, dec):
+        sp.error = p.error  # one line, exit 2, as for the main parser
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="where data sets live (default: as in training)"
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (the coder uses one)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no summary line")
+    return p
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UsageError(f"--output {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_images(args, state, coder) -> torch.Tensor:
+    if (args.input is None) == (args.split is None):
+        raise UsageError("encode needs exactly one of --input and --split")
+    if args.split is not None:
+        config = state.get("config", {})
+        splits = load_dataset(
+            config.get("dataset", "mnist"), args.data_dir or config.get("data_dir")
+        )
+        images = heldout_split(
+            splits, args.split, config.get("binarize", "dynamic"), config.get("seed", 0)
+        ).images
+    else:
+        try:
+            images = torch.from_numpy(np.load(args.input, allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--input {args.input}: not a readable .npy file ({e})") from None
+    images = images[: args.count]
+    x_dim = coder.vae.x_dim
+    if images.dim() < 2 or images[0].numel() != x_dim:
+        raise UsageError(
+            f"--input: expected images of {x_dim} pixels, got shape {tuple(images.shape)}"
+        )
+    flat = images.reshape(len(images), -1).float()
+    if not ((flat == 0) | (flat == 1)).all():
+        raise UsageError("--input: the images must be binary (0/1 values)")
+    return flat
+
+
+def main(args) -> dict:
+    device = torch.device("cpu")  # the coder runs on the CPU in float64
+    apply_threads(args)
+    state = load_checkpoint(resolve_checkpoint(args.checkpoint), map_location=device)
+    model = model_from_checkpoint(state).eval()
+    try:
+        coder = BitsBackCoder(model, latent_bits=args.latent_bits)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.command == "encode":
+        if not args.output.parent.is_dir():
+            raise UsageError(f"--output {args.output}: no directory {args.output.parent}")
+        images = load_images(args, state, coder)
+        start = time.perf_counter()
+        message = coder.encode(images)
+        seconds = time.perf_counter() - start
+        data = message.to_bytes()
+        write_atomically(args.output, data)
+        pixels = max(1, images.numel())
+        report = {
+            "images": len(images),
+            "bytes": len(data),
+            "bits_per_pixel": 8 * len(data) / pixels,
+            "images_per_second": len(images) / seconds if seconds else float("inf"),
+        }
+        if not args.quiet:
+            print(
+                f"{len(images)} images -> {len(data)} bytes ({report['bits_per_pixel']:.4f} bits per "
+                f"pixel, header included), {report['images_per_second']:.0f} images/s: {args.output}"
+            )
+        return report
+    try:
+        raw = args.input.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--input {args.input}: {e.strerror}") from None
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output {args.output}: no directory {args.output.parent}")
+    try:
+        message = CompressedImages.from_bytes(raw)
+        start = time.perf_counter()
+        images = coder.decode(message)
+        seconds = time.perf_counter() - start
+    except CompressionError as e:
+        raise UsageError(f"--input {args.input}: {e}") from None
+    h, w = message.image_shape
+    array = images.reshape(-1, h, w).to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomically(args.output, buffer.getvalue())
+    if not args.quiet:
+        print(f"{len(array)} images decoded in {seconds:.1f} s: {args.output}")
+    return {"images": len(array)}
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(run(main, build_parser().parse_args()))
