@@ -188,11 +188,22 @@ class IWAE(ELBO):
                 site_scale = self._check_scale(site, data_frame(site, self.plate_name))
                 if scale is None:
                     scale = site_scale
-                lp = sign * site_log_prob(site, self.plate_name, self.particle_dim)
+                rerouted = dreg and sign < 0 and "_iw_raw_value" in site
+                try:
+                    lp = sign * site_log_prob(site, self.plate_name, self.particle_dim)
+                    if rerouted:
+                        raw = site["_iw_raw_value"].detach()
+                        lq = site_log_prob(site, self.plate_name, self.particle_dim, raw)
+                        direct = direct + lq
+                except (KeyError, NotImplementedError):
+                    if not rerouted:
+                        raise
+                    raise ObjectiveError(
+                        f"DReG needs log q at values the guide did not just draw: site {name!r}'s "
+                        f"distribution ({type(site['fn']).__name__}) cannot evaluate them (a flow "
+                        "without an inverse, e.g. planar); use iwae, or an invertible flow (iaf)"
+                    ) from None
                 total = lp if total is None else total + lp
-                if dreg and sign < 0 and "_iw_raw_value" in site:
-                    raw = site["_iw_raw_value"].detach()
-                    direct = direct + site_log_prob(site, self.plate_name, self.particle_dim, raw)
         if total is None:
             raise ObjectiveError("the model and guide have no sample sites")
         k_total = self.num_particles * self.num_groups

@@ -17,6 +17,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 __all__ = [
+    "plot_gaps",
     "image_grid",
     "plot_analogies",
     "plot_bound_vs_k",
@@ -175,6 +176,43 @@ def plot_khat(khat: Tensor, path: Path | str | None = None) -> Figure:
     ax.set_ylabel("Pareto k̂")
     ax.set_title(f"{(k > 0.7).mean():.1%} of datapoints above 0.7", fontsize=9)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_gaps(report: Any, path: Path | str | None = None, *, title: str = "") -> Figure:
+    """The inference gap of each image split into approximation and amortisation gaps
+    (a ``GapReport``): the means as stacked bars with standard errors, and per image."""
+    approx = report.approximation_gap.detach().cpu().numpy()
+    amort = report.amortisation_gap.detach().cpu().numpy()
+    n = len(approx)
+    fig = Figure(figsize=(8, 3.4))
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2]})
+    means = [approx.mean(), amort.mean()]
+    sems = [
+        approx.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0,
+        amort.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0,
+    ]
+    ax.bar([0], [means[0]], yerr=[sems[0]], color="C0", label="approximation", capsize=3)
+    ax.bar(
+        [0],
+        [means[1]],
+        bottom=[means[0]],
+        yerr=[sems[1]],
+        color="C1",
+        label="amortisation",
+        capsize=3,
+    )
+    ax.set_xticks([0], ["mean"])
+    ax.set_ylabel("nats per image")
+    ax.legend(fontsize=8)
+    order = np.argsort(approx + amort)
+    ax2.bar(np.arange(n), approx[order], color="C0", width=1.0)
+    ax2.bar(np.arange(n), amort[order], bottom=approx[order], color="C1", width=1.0)
+    ax2.set_xlabel("image (sorted by inference gap)")
+    ax2.set_ylabel("log p(x) − ELBO[q] (nats)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
 
 

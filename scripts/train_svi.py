@@ -28,7 +28,7 @@ from pyro_vae.cli import (
 from pyro_vae.data import BatchLoader, training_splits
 from pyro_vae.distributed import ShardedLoader, sharded_log_px
 from pyro_vae.models import VAE
-from pyro_vae.models.vae import LIKELIHOODS
+from pyro_vae.models.vae import FLOWS, LIKELIHOODS
 from pyro_vae.plots import save_vae_figures
 from pyro_vae.runs import TrainingRun
 from pyro_vae.train import DEFAULT_PRESET, ELBOS, IMPORTANCE_WEIGHTED, PRESETS, Trainer
@@ -65,6 +65,16 @@ def build_parser() -> ArgumentParser:
         "--beta", type=positive_float, default=1.0, help="weight of the KL term (default: 1)"
     )
     p.add_argument(
+        "--flow",
+        default=None,
+        choices=FLOWS,
+        help="a normalizing flow on top of the guide's Gaussian: iaf (inverse autoregressive) "
+        "or planar (not with --elbo dreg) (default: none)",
+    )
+    p.add_argument(
+        "--flow-depth", type=positive_int, default=2, help="transforms in the flow (default: 2)"
+    )
+    p.add_argument(
         "--elbo",
         default=None,
         choices=sorted(ELBOS),
@@ -86,6 +96,8 @@ def main(args) -> dict:
     args, state, out, device, ranks = begin_run(args, build_parser(), "vae", PRESETS)
     if args.likelihood == "bernoulli" and args.x_scale is not None:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
+    if args.flow == "planar" and args.elbo == "dreg":
+        raise UsageError("--flow planar has no inverse, which --elbo dreg needs; use iaf or iwae")
     if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:
         raise UsageError(
             f"--elbo {args.elbo} is defined for --beta 1 only (no KL weight); use --elbo trace"
@@ -113,6 +125,8 @@ def main(args) -> dict:
         x_scale=args.x_scale,
         beta=args.beta,
         image_shape=train.image_shape,
+        flow=args.flow,
+        flow_depth=args.flow_depth,
     ).to(device)
     # The data were checked above, so Pyro's per-step argument checks are switched off.
     trainer = Trainer(

@@ -13,6 +13,7 @@ from pyro_vae import VAE, DataError, as_dataset, check_images, cli, load_checkpo
 REQUIRED = {
     "evaluate_marginal_likelihood.py": ["--checkpoint", "{run}"],
     "compress.py": ["--checkpoint", "{run}"],
+    "inference_gaps.py": ["--checkpoint", "{run}"],
 }
 BAD_BY_TYPE = {
     cli.positive_int: ["0", "-1", "1.5", "x"],

@@ -135,3 +135,14 @@ def test_a_pause_point_holds_until_signalled_and_then_runs_the_handler(tmp_path)
     out, err = proc.communicate(timeout=60)
     assert out.split() == [b"0", b"1"]  # held at the second arrival, never reached the third
     assert b"KeyboardInterrupt" in err
+
+
+def test_a_flow_guide_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    vae = VAE(x_dim=12, z_dim=3, hidden=(5,), flow="iaf", flow_depth=2)
+    path = save_checkpoint(tmp_path / "c.pt", vae_state(vae))
+    again = model_from_checkpoint(load_checkpoint(path))
+    assert again.flow == "iaf" and len(again.flows) == 2
+    x = torch.bernoulli(torch.full((4, 12), 0.5))
+    z = torch.randn(4, 3)
+    assert torch.allclose(vae.posterior(x).log_prob(z), again.posterior(x).log_prob(z))

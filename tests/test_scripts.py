@@ -27,6 +27,12 @@ SSVAE_TINY = [
     "--quiet",
 ]
 SMOKE_RUNS = {
+    "inference_gaps.py": [
+        [
+            *("--checkpoint", "{run}", "--images", "4", "--num-particles", "20"),
+            *("--elbo-particles", "20", "--fit-steps", "300", "--family", "full", "--quiet"),
+        ],
+    ],
     "compress.py": [
         [
             "--checkpoint",
@@ -174,6 +180,13 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         assert len(config["labelled_indices"]) == 100
         if "log_px" in report:
             assert report["log_px"] >= report["log_pxy"]  # summing over y adds mass
+    if script == "inference_gaps.py":
+        report = json.loads((out / "inference_gaps_full.json").read_text())
+        assert report["num_datapoints"] == 4 and report["units"] == "nats per image"
+        gap = report["inference_gap"]["mean"]
+        parts = report["approximation_gap"]["mean"] + report["amortisation_gap"]["mean"]
+        assert math.isclose(gap, parts, abs_tol=1e-6)
+        assert (out / "figures" / "inference_gaps_full.png").is_file()
     if script == "compress.py":
         assert (tmp_path / "run.pvbb").stat().st_size > 0 and "bits per pixel" in result.stdout
     if script == "evaluate_marginal_likelihood.py":

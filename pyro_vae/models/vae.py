@@ -16,9 +16,14 @@ from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder
 
-__all__ = ["LIKELIHOODS", "VAE"]
+__all__ = ["FLOWS", "LIKELIHOODS", "VAE"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+# Normalizing flows on top of the encoder's Gaussian, from Pyro's own transforms, each
+# conditioned on the encoder's output for this x: "iaf" (inverse autoregressive flow, Kingma
+# et al. 2016: affine autoregressive, invertible, so every objective can use it) and "planar"
+# (Rezende & Mohamed 2015: no inverse, so not with DReG).
+FLOWS = ("iaf", "planar")
 
 
 class VAE(PyroModel):
@@ -50,8 +55,14 @@ class VAE(PyroModel):
         x_scale: float | None = None,
         beta: float = 1.0,
         image_shape: Sequence[int] = (28, 28),
+        flow: str | None = None,
+        flow_depth: int = 2,
     ) -> None:
         super().__init__()
+        if flow is not None and flow not in FLOWS:
+            raise ValueError(f"unknown flow {flow!r}; choose from {FLOWS}")
+        if flow is not None and flow_depth < 1:
+            raise ValueError(f"flow_depth must be positive, got {flow_depth}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
         if z_dim <= 0 or x_dim <= 0 or any(h <= 0 for h in hidden):
@@ -66,6 +77,8 @@ class VAE(PyroModel):
         self.image_shape = tuple(image_shape)
         self.encoder = Encoder(x_dim, z_dim, hidden, activation)
         self.decoder = Decoder(z_dim, x_dim, hidden, activation)
+        self.flow, self.flow_depth = flow, flow_depth
+        self.flows = nn.ModuleList(_flows(flow, flow_depth, z_dim) if flow else [])
         if likelihood == "gaussian" and x_scale is None:
             # softplus(0.5413) = 1: a unit standard deviation to start from.
             self.x_raw_scale = nn.Parameter(torch.full((x_dim,), 0.5413))
@@ -82,6 +95,8 @@ class VAE(PyroModel):
             "x_scale": self.x_scale,
             "beta": self.beta,
             "image_shape": list(self.image_shape),
+            "flow": self.flow,
+            "flow_depth": self.flow_depth,
         }
 
     # -- the three distributions ---------------------------------------------------------
@@ -99,9 +114,14 @@ class VAE(PyroModel):
         return dist.Normal(out, self._x_scale()).to_event(1)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        """q(z|x): a diagonal normal from the encoder (one event)."""
+        """q(z|x): a diagonal normal from the encoder (one event), pushed through the flow's
+        transforms when there is one, each conditioned on the encoder's (loc, log scale)."""
         loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale).to_event(1)
+        base = dist.Normal(loc, scale).to_event(1)
+        if not self.flows:
+            return base
+        context = torch.cat([loc, scale.log()], dim=-1)
+        return dist.TransformedDistribution(base, [t.condition(context) for t in self.flows])
 
     def _x_scale(self) -> Tensor | float:
         if self.x_scale is not None:
@@ -129,7 +149,8 @@ class VAE(PyroModel):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and standard deviation of z for each row of x."""
+        """The encoder's mean and standard deviation of z for each row of x (with a flow: of
+        the base Gaussian, before the transforms)."""
         return self.encoder(x)
 
     @torch.no_grad()
@@ -148,3 +169,17 @@ class VAE(PyroModel):
         """Mean images decoded from ``n`` draws of the prior, shape (n, x_dim)."""
         z = torch.randn(n, self.z_dim, generator=generator).to(self._zero.device)
         return self.decode(z)
+
+
+def _flows(name: str, depth: int, z_dim: int) -> list[nn.Module]:
+    from pyro.distributions import transforms
+
+    context = 2 * z_dim  # the encoder's loc and log scale
+    if name == "iaf":
+        return [
+            transforms.conditional_affine_autoregressive(z_dim, context, hidden_dims=[2 * z_dim])
+            for _ in range(depth)
+        ]
+    return [
+        transforms.conditional_planar(z_dim, context, hidden_dims=[2 * z_dim]) for _ in range(depth)
+    ]

@@ -1,0 +1,247 @@
+"""How good is the guide? The approximation and amortisation gaps (Cremer, Li & Duvenaud 2018,
+"Inference Suboptimality in Variational Autoencoders").
+
+For an image x, with the model held fixed:
+
+    log p(x) - ELBO[q]  =  (log p(x) - ELBO[q*])  +  (ELBO[q*] - ELBO[q])
+         inference gap        approximation gap        amortisation gap
+
+where q is the amortised guide (the encoder's q(z|x)) and q* the best member of the guide's
+family for this one x, found by optimising a per-image guide with SVI.  A per-image guide is
+just another Pyro guide: one set of variational parameters per image, vectorised over the
+batch, initialised from the encoder.
+
+``fit_local_guide`` finds q*; ``inference_gaps`` computes the decomposition per image with
+standard errors, log p(x) estimated by importance sampling with the better of the two
+proposals.  The latent must be one sample site (``"z"`` by default) with one event dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from torch import Tensor
+
+from pyro_vae.evaluate import estimate_log_px
+
+__all__ = ["FAMILIES", "GapReport", "LocalGuide", "fit_local_guide", "inference_gaps"]
+
+FAMILIES = ("diagonal", "full")
+
+
+class LocalGuide:
+    """A non-amortised Gaussian guide: one mean and one (diagonal or full) covariance per
+    datapoint, as tensors of shape (N, D) and (N, D) / (N, D, D).  ``guide(x, index)``
+    samples the latent site ``site`` for the rows ``index`` of the data it was made for,
+    inside ``pyro.plate(plate_name, len(x))``; ``with_index(model)`` is the matching model."""
+
+    def __init__(
+        self,
+        loc: Tensor,
+        scale: Tensor,
+        family: str = "diagonal",
+        site: str = "z",
+        plate_name: str = "data",
+    ) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+        self.family, self.site, self.plate_name = family, site, plate_name
+        self.loc = loc.detach().clone().requires_grad_()
+        # unconstrained: log-scales on the diagonal, and the strict lower triangle as is
+        if family == "diagonal":
+            self.raw = scale.detach().log().clone().requires_grad_()
+        else:
+            d = loc.shape[-1]
+            raw = torch.zeros(*loc.shape, d, dtype=loc.dtype, device=loc.device)
+            raw.diagonal(dim1=-2, dim2=-1).copy_(scale.detach().log())
+            self.raw = raw.requires_grad_()
+
+    def parameters(self) -> list[Tensor]:
+        return [self.loc, self.raw]
+
+    def distribution(self, index: Tensor | slice = slice(None)) -> dist.TorchDistribution:
+        loc = self.loc[index]
+        if self.family == "diagonal":
+            return dist.Normal(loc, self.raw[index].exp()).to_event(1)
+        raw = self.raw[index]
+        tril = raw.tril(-1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+        return dist.MultivariateNormal(loc, scale_tril=tril)
+
+    def guide(self, x: Tensor, index: Tensor) -> None:
+        with pyro.plate(self.plate_name, x.shape[0]):
+            pyro.sample(self.site, self.distribution(index))
+
+    @staticmethod
+    def with_index(model: Callable) -> Callable:
+        """``model`` taking (and ignoring) the row indices the local guide needs."""
+
+        def indexed(x: Tensor, index: Tensor) -> None:
+            model(x)
+
+        return indexed
+
+
+def _amortised_gaussian(guide: Callable, x: Tensor, site: str) -> tuple[Tensor, Tensor]:
+    """The amortised guide's mean and standard deviations of ``site`` (its first and second
+    moments, for any guide distribution: the starting point of the local fit)."""
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(guide).get_trace(x)
+    if site not in trace.nodes:
+        raise ValueError(f"the guide has no sample site {site!r}")
+    fn = trace.nodes[site]["fn"]
+    try:
+        return fn.mean.detach(), fn.variance.detach().sqrt()
+    except NotImplementedError:  # a flow: moments from draws
+        draws = fn.sample((256,))
+        return draws.mean(0), draws.std(0)
+
+
+def fit_local_guide(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    family: str = "diagonal",
+    site: str = "z",
+    num_particles: int = 16,
+    lr: float = 1e-2,
+    max_steps: int = 5000,
+    window: int = 200,
+    tol: float = 0.01,
+    halvings: int = 4,
+) -> tuple[LocalGuide, dict]:
+    """Fit q*, a per-image Gaussian, to ``model`` for every row of ``x``, the model fixed.
+
+    Starts at the amortised ``guide``'s mean and standard deviations (a full covariance starts
+    diagonal) and maximises the ELBO (``num_particles`` vectorised draws, Adam from ``lr``).
+    Convergence rule: whenever the mean ELBO over ``window`` steps improves by less than
+    ``tol`` nats per image on the window before, the learning rate halves (a constant rate
+    leaves the parameters jittering around the optimum); after ``halvings`` halvings the fit
+    has converged.  It stops anyway after ``max_steps``.  Returns the guide and
+    ``{"steps", "converged", "elbo_trace"}`` (mean ELBO per image every ``window`` steps).
+    """
+    loc, scale = _amortised_gaussian(guide, x, site)
+    local = LocalGuide(loc, scale, family, site)
+    indexed = LocalGuide.with_index(model)
+    index = torch.arange(x.shape[0], device=x.device)
+    frozen = [p for p in _model_parameters(model, x) if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    optimizer = torch.optim.Adam(local.parameters(), lr=lr)
+    n = x.shape[0]
+    history: list[float] = []
+    running, previous = 0.0, None
+    converged = False
+    step = halved = 0
+    try:
+        with pyro.validation_enabled(False):
+            for step in range(1, max_steps + 1):
+                loss = elbo.differentiable_loss(indexed, local.guide, x, index)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                running += float(loss.detach())
+                if step % window == 0:
+                    mean = -running / (window * n)
+                    history.append(mean)
+                    running = 0.0
+                    if previous is not None and mean - previous < tol:
+                        if halved == halvings:
+                            converged = True
+                            break
+                        halved += 1
+                        for group in optimizer.param_groups:
+                            group["lr"] *= 0.5
+                    previous = mean
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return local, {"steps": step, "converged": converged, "elbo_trace": history}
+
+
+def _model_parameters(model: Callable, x: Tensor) -> list[Tensor]:
+    """The parameters the model reads (to hold them fixed): its owner module's, and its
+    pyro.param sites."""
+    owner = getattr(model, "__self__", None)
+    params = list(owner.parameters()) if isinstance(owner, torch.nn.Module) else []
+    with torch.no_grad(), poutine.trace(param_only=True) as capture:
+        model(x)
+    return params + [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+
+
+@dataclass
+class GapReport:
+    """Per-image figures (float64 tensors of shape (N,)), in nats per image."""
+
+    log_px: Tensor
+    elbo_local: Tensor
+    elbo_amortised: Tensor
+    num_particles: int
+    fit: dict = field(default_factory=dict)
+
+    @property
+    def approximation_gap(self) -> Tensor:
+        return self.log_px - self.elbo_local
+
+    @property
+    def amortisation_gap(self) -> Tensor:
+        return self.elbo_local - self.elbo_amortised
+
+    @property
+    def inference_gap(self) -> Tensor:
+        return self.log_px - self.elbo_amortised
+
+    def summary(self) -> dict:
+        def mean_sem(t: Tensor) -> dict:
+            n = t.numel()
+            sem = float(t.std() / math.sqrt(n)) if n > 1 else float("nan")
+            return {"mean": float(t.mean()), "sem": sem}
+
+        return {
+            "num_datapoints": int(self.log_px.numel()),
+            "num_particles": self.num_particles,
+            "log_px": mean_sem(self.log_px),
+            "elbo_local": mean_sem(self.elbo_local),
+            "elbo_amortised": mean_sem(self.elbo_amortised),
+            "approximation_gap": mean_sem(self.approximation_gap),
+            "amortisation_gap": mean_sem(self.amortisation_gap),
+            "inference_gap": mean_sem(self.inference_gap),
+            "fit": {k: v for k, v in self.fit.items() if k != "elbo_trace"},
+            "units": "nats per image",
+        }
+
+
+def inference_gaps(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    family: str = "diagonal",
+    num_particles: int = 5000,
+    elbo_particles: int = 1000,
+    fit_options: dict | None = None,
+) -> GapReport:
+    """The gap decomposition for every row of ``x``: the ELBO of the amortised guide and of
+    the locally optimised one (``elbo_particles`` draws each), and log p̂(x) with K =
+    ``num_particles`` draws from q*, the better proposal (it is fitted to this very x)."""
+    local, fit = fit_local_guide(model, guide, x, family=family, **(fit_options or {}))
+    indexed = LocalGuide.with_index(model)
+    index = torch.arange(x.shape[0], device=x.device)
+    common = {"psis": False, "ks": (), "validate": False}
+    with torch.no_grad():
+        amortised = estimate_log_px(model, guide, x, num_particles=elbo_particles, **common)
+        optimised = estimate_log_px(
+            indexed, local.guide, x, index, num_particles=elbo_particles, **common
+        )
+        evidence = estimate_log_px(
+            indexed, local.guide, x, index, num_particles=num_particles, **common
+        )
+    return GapReport(evidence.log_px, optimised.elbo, amortised.elbo, num_particles, fit)
