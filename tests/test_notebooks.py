@@ -17,6 +17,7 @@ NOTEBOOKS = [
     "04_semi_supervised.ipynb",
     "05_tighter_bounds.ipynb",
     "06_compression.ipynb",
+    "07_inference_gaps.ipynb",
 ]
 
 
