@@ -456,7 +456,10 @@ class Trainer:
             partial = self._partial or {"total": 0.0, "count": 0, "seconds": 0.0}
             self._partial = None
             start = time.perf_counter() - partial["seconds"]
-            total, count = partial["total"], int(partial["count"])
+            # a stopped epoch's totals are global sums (see below): rank 0 carries them
+            total, count = (
+                (partial["total"], int(partial["count"])) if self.ranks.is_main else (0.0, 0)
+            )
             bar = tqdm(
                 loader,
                 desc=f"epoch {epoch}/{epochs}",
@@ -475,14 +478,16 @@ class Trainer:
                     self.stop_requested = all_sum([self.stop_requested], self.ranks)[0] > 0
                 if self.stop_requested:
                     bar.close()
+                    total, count = all_sum([total, count], self.ranks)
                     self._partial = {
                         "total": total,
-                        "count": count,
+                        "count": int(count),
                         "seconds": time.perf_counter() - start,
                     }
                     raise TrainingInterrupted(epoch, self.step_count)
             bar.close()
             total, count = all_sum([total, count], self.ranks)
+            count = int(count)
             metrics: dict[str, Any] = {
                 "epoch": epoch,
                 "step": self.step_count,
