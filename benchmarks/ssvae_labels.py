@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import IO
+
+from _jobs import Job, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
@@ -42,34 +41,18 @@ def main(args, extra: list[str]) -> None:
         for labels in args.labels
         for seed in args.seeds
     ]
-    todo = [r for r in runs if not (r[2] / "evaluation.json").is_file()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    running: list[tuple[subprocess.Popen, IO, Path, float]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            labels, seed, out = todo.pop(0)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            log = open(out.with_suffix(".log"), "a")  # noqa: SIM115 (closed when the run ends)
-            proc = subprocess.Popen(
-                command_for(out, labels, seed, extra), stdout=log, stderr=log, env=env
-            )
-            running.append((proc, log, out, time.perf_counter()))
-        time.sleep(1.0)
-        for item in list(running):
-            proc, log, out, start = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            if proc.returncode != 0:
-                failed.append(out)
-                print(f"{out}: exit {proc.returncode} (see {out.with_suffix('.log')})", flush=True)
-                continue
-            (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+
+    def job(labels: int, seed: int, out: Path) -> Job:
+        def done(seconds: float) -> None:
+            (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
             report = json.loads((out / "evaluation.json").read_text())
             print(f"{out.name}: test error {report['test_error']:.2%}", flush=True)
+
+        return Job(out.name, [command_for(out, labels, seed, extra)], out.with_suffix(".log"), done)
+
+    todo = [job(*r) for r in runs if not (r[2] / "evaluation.json").is_file()]
+    failed = run_jobs(todo, args.jobs, threads)
 
     results: dict[int, list[tuple[float, float]]] = {}
     for labels, seed, out in runs:
