@@ -112,10 +112,11 @@ def main(args):
 
     arms["plain"] = plain_epoch
 
-    for name, validate in (("library", None), ("train_svi", False)):
+    # "library": the Trainer's defaults, as the README's snippet uses it
+    for name, options in (("library", {}), ("train_svi", {"validate": False})):
         vae = copy.deepcopy(template)
         trainer = Trainer(
-            vae.model, vae.guide, lr=1e-3, elbo=args.objective, num_particles=k, validate=validate
+            vae.model, vae.guide, lr=1e-3, elbo=args.objective, num_particles=k, **options
         )
         batches = loader()
         arms[name] = lambda trainer=trainer, batches=batches: [trainer.step(*b) for b in batches]
