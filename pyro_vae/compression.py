@@ -140,6 +140,9 @@ class BitsBackCoder:
     def __init__(self, vae, latent_bits: int = 10) -> None:
         if getattr(vae, "likelihood_name", None) != "bernoulli":
             raise ValueError("bits-back coding here needs a VAE with a Bernoulli likelihood")
+        if getattr(vae, "flow", None) or getattr(vae, "covariance", "diagonal") != "diagonal":
+            # the coder draws each latent dimension from its own factor of q(z|x)
+            raise ValueError("bits-back coding here needs the diagonal Gaussian guide")
         if not 4 <= latent_bits <= 16:
             raise ValueError(f"latent_bits must be between 4 and 16, got {latent_bits}")
         self.vae = vae

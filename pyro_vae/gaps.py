@@ -14,11 +14,21 @@ batch, initialised from the encoder.
 ``fit_local_guide`` finds q*; ``inference_gaps`` computes the decomposition per image with
 standard errors, log p(x) estimated by importance sampling with the better of the two
 proposals.  The latent must be one sample site (``"z"`` by default) with one event dimension.
+
+The family of q*: ``"own"`` is the amortised guide's own family, for guides whose owner module
+defines ``posterior_parameters(x)`` (the encoder's unconstrained outputs) and
+``posterior_from(raw)`` (the distribution they define), as the project's VAE does: q* is then
+the best distribution the guide could output for this x, whatever the encoder.  For a Gaussian
+guide that is the whole diagonal or full-covariance family; for a conditional flow it is the
+flow with its trained weights, conditioned on per-image parameters (Cremer et al. also
+re-fitted the flow's weights per image, a larger family).  ``"diagonal"`` and ``"full"`` are
+Gaussian families for any guide; ``None`` picks ``"own"`` where it exists, else ``"diagonal"``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,29 +43,38 @@ from pyro_vae.evaluate import estimate_log_px
 
 __all__ = ["FAMILIES", "GapReport", "LocalGuide", "fit_local_guide", "inference_gaps"]
 
-FAMILIES = ("diagonal", "full")
+FAMILIES = ("own", "diagonal", "full")
 
 
 class LocalGuide:
-    """A non-amortised Gaussian guide: one mean and one (diagonal or full) covariance per
-    datapoint, as tensors of shape (N, D) and (N, D) / (N, D, D).  ``guide(x, index)``
-    samples the latent site ``site`` for the rows ``index`` of the data it was made for,
-    inside ``pyro.plate(plate_name, len(x))``; ``with_index(model)`` is the matching model."""
+    """A non-amortised guide: one set of variational parameters per datapoint.  For the
+    Gaussian families, one mean and one (diagonal or full) covariance per datapoint, as
+    tensors of shape (N, D) and (N, D) / (N, D, D); for ``family="own"``, the rows (N, P) of
+    unconstrained parameters ``loc`` that ``build`` turns into the guide's distribution.
+    ``guide(x, index)`` samples the latent site ``site`` for the rows ``index`` of the data it
+    was made for, inside ``pyro.plate(plate_name, len(x))``; ``with_index(model)`` is the
+    matching model."""
 
     def __init__(
         self,
         loc: Tensor,
-        scale: Tensor,
+        scale: Tensor | None = None,
         family: str = "diagonal",
         site: str = "z",
         plate_name: str = "data",
+        build: Callable[[Tensor], dist.TorchDistribution] | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+        if (family == "own") != (build is not None):
+            raise ValueError("family 'own' and only it takes build")
         self.family, self.site, self.plate_name = family, site, plate_name
         self.loc = loc.detach().clone().requires_grad_()
+        self.build = build
         # unconstrained: log-scales on the diagonal, and the strict lower triangle as is
-        if family == "diagonal":
+        if family == "own":
+            self.raw = None
+        elif family == "diagonal":
             self.raw = scale.detach().log().clone().requires_grad_()
         else:
             d = loc.shape[-1]
@@ -64,10 +83,12 @@ class LocalGuide:
             self.raw = raw.requires_grad_()
 
     def parameters(self) -> list[Tensor]:
-        return [self.loc, self.raw]
+        return [self.loc] if self.raw is None else [self.loc, self.raw]
 
     def distribution(self, index: Tensor | slice = slice(None)) -> dist.TorchDistribution:
         loc = self.loc[index]
+        if self.build is not None:
+            return self.build(loc)
         if self.family == "diagonal":
             return dist.Normal(loc, self.raw[index].exp()).to_event(1)
         raw = self.raw[index]
@@ -103,12 +124,35 @@ def _amortised_gaussian(guide: Callable, x: Tensor, site: str) -> tuple[Tensor, 
         return draws.mean(0), draws.std(0)
 
 
+def _own_family(guide: Callable):
+    """The guide's owner module if it exposes its family (``posterior_parameters``,
+    ``posterior_from``), else None."""
+    owner = getattr(guide, "__self__", None)
+    if hasattr(owner, "posterior_parameters") and hasattr(owner, "posterior_from"):
+        return owner
+    return None
+
+
+def resolve_family(guide: Callable, family: str | None) -> str:
+    """``family``, or for ``None`` the guide's own family where it has one, else diagonal."""
+    if family is None:
+        return "own" if _own_family(guide) is not None else "diagonal"
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family == "own" and _own_family(guide) is None:
+        raise ValueError(
+            "family 'own' needs a guide method of a module with posterior_parameters(x) and "
+            "posterior_from(raw), as the project's VAE has; use 'diagonal' or 'full'"
+        )
+    return family
+
+
 def fit_local_guide(
     model: Callable,
     guide: Callable,
     x: Tensor,
     *,
-    family: str = "diagonal",
+    family: str | None = None,
     site: str = "z",
     num_particles: int = 16,
     lr: float = 1e-2,
@@ -117,18 +161,27 @@ def fit_local_guide(
     tol: float = 0.01,
     halvings: int = 4,
 ) -> tuple[LocalGuide, dict]:
-    """Fit q*, a per-image Gaussian, to ``model`` for every row of ``x``, the model fixed.
+    """Fit q*, one member of ``family`` per image, to ``model`` for every row of ``x``, the
+    model fixed (see the module's docstring for the families; ``None``: the guide's own).
 
-    Starts at the amortised ``guide``'s mean and standard deviations (a full covariance starts
-    diagonal) and maximises the ELBO (``num_particles`` vectorised draws, Adam from ``lr``).
+    Starts at the amortised guide's output (the Gaussian families: at its mean and standard
+    deviations, a full covariance starting diagonal) and maximises the ELBO (``num_particles`` vectorised draws, Adam from ``lr``).
     Convergence rule: whenever the mean ELBO over ``window`` steps improves by less than
     ``tol`` nats per image on the window before, the learning rate halves (a constant rate
     leaves the parameters jittering around the optimum); after ``halvings`` halvings the fit
     has converged.  It stops anyway after ``max_steps``.  Returns the guide and
-    ``{"steps", "converged", "elbo_trace"}`` (mean ELBO per image every ``window`` steps).
+    ``{"family", "steps", "converged", "elbo_trace"}`` (mean ELBO per image every ``window``
+    steps).
     """
-    loc, scale = _amortised_gaussian(guide, x, site)
-    local = LocalGuide(loc, scale, family, site)
+    family = resolve_family(guide, family)
+    if family == "own":
+        owner = _own_family(guide)
+        with torch.no_grad():
+            start = owner.posterior_parameters(x)
+        local = LocalGuide(start, family="own", site=site, build=owner.posterior_from)
+    else:
+        loc, scale = _amortised_gaussian(guide, x, site)
+        local = LocalGuide(loc, scale, family, site)
     indexed = LocalGuide.with_index(model)
     index = torch.arange(x.shape[0], device=x.device)
     frozen = [p for p in _model_parameters(model, x) if p.requires_grad]
@@ -142,7 +195,9 @@ def fit_local_guide(
     converged = False
     step = halved = 0
     try:
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            # pyro.module notes each frozen parameter it leaves out of the store: by design here
+            warnings.filterwarnings("ignore", message=".*not registered in the param store")
             for step in range(1, max_steps + 1):
                 loss = elbo.differentiable_loss(indexed, local.guide, x, index)
                 optimizer.zero_grad()
@@ -164,7 +219,12 @@ def fit_local_guide(
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return local, {"steps": step, "converged": converged, "elbo_trace": history}
+    return local, {
+        "family": family,
+        "steps": step,
+        "converged": converged,
+        "elbo_trace": history,
+    }
 
 
 def _model_parameters(model: Callable, x: Tensor) -> list[Tensor]:
@@ -224,7 +284,7 @@ def inference_gaps(
     guide: Callable,
     x: Tensor,
     *,
-    family: str = "diagonal",
+    family: str | None = None,
     num_particles: int = 5000,
     elbo_particles: int = 1000,
     fit_options: dict | None = None,

@@ -53,7 +53,11 @@ class Encoder(nn.Module):
         self.min_scale = min_scale
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw_scale = self.net(x).chunk(2, dim=-1)
+        return self.link(self.net(x))
+
+    def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(loc, scale) from the last layer's unconstrained output (..., 2 z_dim)."""
+        loc, raw_scale = raw.chunk(2, dim=-1)
         # softplus grows linearly, so a large raw value cannot overflow as exp would.
         return loc, F.softplus(raw_scale) + self.min_scale
 

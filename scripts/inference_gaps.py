@@ -3,8 +3,9 @@
 
     python scripts/inference_gaps.py --checkpoint runs/vae-... --images 200
 
-For each image, with the model fixed: a per-image Gaussian guide q* (the guide's family,
-or --family full) is fitted by SVI from the encoder's output; then ELBO[q] of the amortised
+For each image, with the model fixed: a per-image guide q* (in the guide's own family: a
+diagonal or full-covariance Gaussian, or the flow conditioned on per-image parameters; or
+--family diagonal|full) is fitted by SVI from the encoder's output; then ELBO[q] of the amortised
 guide, ELBO[q*], and log p̂(x) with K = --num-particles draws from q*.  Writes
 inference_gaps_<family>.json (means with standard errors, nats per image) and
 figures/inference_gaps_<family>.png into the run directory (or --out).
@@ -45,9 +46,10 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--family",
-        default="diagonal",
+        default="own",
         choices=FAMILIES,
-        help="q*'s family: diagonal (the encoder's) or full covariance (default: diagonal)",
+        help="q*'s family: own (the guide's: diagonal or full Gaussian, or its flow), diagonal "
+        "or full (a Gaussian) (default: own)",
     )
     p.add_argument(
         "--num-particles", type=positive_int, default=5000, help="K for log p(x) (default: 5000)"
@@ -81,8 +83,8 @@ def main(args) -> dict:
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
     model = model_from_checkpoint(state).eval()
-    if not hasattr(model, "encoder") or getattr(model, "flow", None):
-        raise UsageError("the gap decomposition needs a VAE with a Gaussian guide (no flow)")
+    if not hasattr(model, "posterior_from"):
+        raise UsageError("the gap decomposition needs a VAE checkpoint (one latent site z)")
     config = state.get("config", {})
     out = RunDir(args.out or path.parent)
     try:

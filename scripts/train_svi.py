@@ -28,7 +28,7 @@ from pyro_vae.cli import (
 from pyro_vae.data import BatchLoader, training_splits
 from pyro_vae.distributed import ShardedLoader, sharded_log_px
 from pyro_vae.models import VAE
-from pyro_vae.models.vae import FLOWS, LIKELIHOODS
+from pyro_vae.models.vae import COVARIANCES, FLOWS, LIKELIHOODS
 from pyro_vae.plots import save_vae_figures
 from pyro_vae.runs import TrainingRun
 from pyro_vae.train import DEFAULT_PRESET, ELBOS, IMPORTANCE_WEIGHTED, PRESETS, Trainer
@@ -75,6 +75,13 @@ def build_parser() -> ArgumentParser:
         "--flow-depth", type=positive_int, default=2, help="transforms in the flow (default: 2)"
     )
     p.add_argument(
+        "--covariance",
+        default="diagonal",
+        choices=COVARIANCES,
+        help="the guide's Gaussian: diagonal, or full (a lower-triangular scale from one more "
+        "head of the encoder; not with --flow) (default: diagonal)",
+    )
+    p.add_argument(
         "--elbo",
         default=None,
         choices=sorted(ELBOS),
@@ -98,6 +105,8 @@ def main(args) -> dict:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
     if args.flow == "planar" and args.elbo == "dreg":
         raise UsageError("--flow planar has no inverse, which --elbo dreg needs; use iaf or iwae")
+    if args.flow is not None and args.covariance != "diagonal":
+        raise UsageError("--flow starts from a diagonal Gaussian: drop --covariance full")
     if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:
         raise UsageError(
             f"--elbo {args.elbo} is defined for --beta 1 only (no KL weight); use --elbo trace"
@@ -127,6 +136,7 @@ def main(args) -> dict:
         image_shape=train.image_shape,
         flow=args.flow,
         flow_depth=args.flow_depth,
+        covariance=args.covariance,
     ).to(device)
     # The data were checked above, so Pyro's per-step argument checks are switched off.
     trainer = Trainer(

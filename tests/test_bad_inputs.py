@@ -69,6 +69,9 @@ PATH_CASES = [
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{tmp}/missing"], "no checkpoint"),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{file}"], "truncated or corrupt"),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{run}", "--out", "{file}/x"], "--out"),
+    # flags that do not go together
+    ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "drop --covariance full"),
+    ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),
 ]
 
 

@@ -146,3 +146,16 @@ def test_a_flow_guide_round_trips_through_a_checkpoint(tmp_path):
     x = torch.bernoulli(torch.full((4, 12), 0.5))
     z = torch.randn(4, 3)
     assert torch.allclose(vae.posterior(x).log_prob(z), again.posterior(x).log_prob(z))
+
+
+def test_a_full_covariance_guide_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    vae = VAE(x_dim=12, z_dim=3, hidden=(5,), covariance="full")
+    with torch.no_grad():
+        vae.tril_head.bias.normal_()
+    path = save_checkpoint(tmp_path / "c.pt", vae_state(vae))
+    again = model_from_checkpoint(load_checkpoint(path))
+    assert again.covariance == "full"
+    x = torch.bernoulli(torch.full((4, 12), 0.5))
+    z = torch.randn(4, 3)
+    assert torch.allclose(vae.posterior(x).log_prob(z), again.posterior(x).log_prob(z))

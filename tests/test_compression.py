@@ -75,6 +75,9 @@ def test_other_weights_and_settings_are_refused(trained):
         BitsBackCoder(vae, latent_bits=8).decode(message)
     with pytest.raises(ValueError, match="binary"):
         BitsBackCoder(vae).encode(x[:2] * 0.5)
+    for guide in ({"flow": "iaf"}, {"covariance": "full"}):
+        with pytest.raises(ValueError, match="diagonal Gaussian guide"):
+            BitsBackCoder(VAE(z_dim=8, hidden=(64,), **guide))
 
 
 def test_corrupted_files_fail_with_a_compression_error_and_never_hang(trained):

@@ -97,3 +97,34 @@ def test_conveniences_shapes():
     assert VAE(**vae.config()).config() == vae.config()
     with pytest.raises(ValueError, match="likelihood"):
         VAE(likelihood="poisson")
+
+
+def test_full_covariance_guide_starts_diagonal_and_learns_correlations():
+    torch.manual_seed(0)
+    full = VAE(x_dim=12, z_dim=3, hidden=(8,), covariance="full")
+    diagonal = VAE(x_dim=12, z_dim=3, hidden=(8,))
+    diagonal.encoder.load_state_dict(full.encoder.state_dict())
+    x = torch.bernoulli(torch.full((5, 12), 0.5))
+    z = torch.randn(7, 5, 3)
+    q = full.posterior(x)
+    assert isinstance(q, dist.MultivariateNormal) and q.event_shape == (3,)
+    assert torch.allclose(q.log_prob(z), diagonal.posterior(x).log_prob(z), atol=1e-5)
+    # the strict lower triangle of the scale comes from the extra head, row by row
+    with torch.no_grad():
+        full.tril_head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    tril = full.posterior(x).scale_tril[0]
+    loc, scale = full.encoder(x[:1])
+    expected = torch.diag(scale[0]) + torch.tensor([[0, 0, 0], [0.5, 0, 0], [-1.0, 2.0, 0]])
+    assert torch.allclose(tril, expected)
+    assert torch.allclose(full.encode(x)[1][0], expected.pow(2).sum(-1).sqrt())
+    before = full.tril_head.weight.detach().clone()
+    svi = SVI(full.model, full.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    svi.step(x)
+    assert not torch.equal(before, full.tril_head.weight)
+
+
+def test_covariance_and_flow_are_checked():
+    with pytest.raises(ValueError, match="unknown covariance"):
+        VAE(covariance="banded")
+    with pytest.raises(ValueError, match="diagonal"):
+        VAE(covariance="full", flow="iaf")

@@ -89,6 +89,8 @@ SMOKE_RUNS = {
             "iwae",
             "--num-particles",
             "3",
+            "--covariance",
+            "full",
             "--lr-schedule",
             "cosine",
             "--eval-particles",

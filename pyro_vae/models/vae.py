@@ -16,7 +16,7 @@ from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder
 
-__all__ = ["FLOWS", "LIKELIHOODS", "VAE"]
+__all__ = ["COVARIANCES", "FLOWS", "LIKELIHOODS", "VAE"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 # Normalizing flows on top of the encoder's Gaussian, from Pyro's own transforms, each
@@ -24,6 +24,9 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 # et al. 2016: affine autoregressive, invertible, so every objective can use it) and "planar"
 # (Rezende & Mohamed 2015: no inverse, so not with DReG).
 FLOWS = ("iaf", "planar")
+# The guide's Gaussian: a diagonal covariance, or a full one (a lower-triangular scale whose
+# strict lower triangle comes from one more linear head on the encoder's last hidden layer).
+COVARIANCES = ("diagonal", "full")
 
 
 class VAE(PyroModel):
@@ -35,6 +38,11 @@ class VAE(PyroModel):
 
     ``likelihood="bernoulli"`` decodes to logits; ``"gaussian"`` decodes to a mean with a fixed
     standard deviation ``x_scale``, or a learned per-pixel one when ``x_scale`` is ``None``.
+
+    The guide is a diagonal Gaussian by default; ``covariance="full"`` makes it a full-covariance
+    one, ``flow="iaf"`` or ``"planar"`` pushes the diagonal Gaussian through ``flow_depth``
+    conditional transforms.  Either way it is ``posterior_from(posterior_parameters(x))``: the
+    encoder's unconstrained outputs, and the distribution they define.
 
     ``beta`` weights the KL term: the latent site sits inside the same ``poutine.scale(beta)``
     in model and guide, so ``Trace_ELBO`` optimises E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))
@@ -57,8 +65,15 @@ class VAE(PyroModel):
         image_shape: Sequence[int] = (28, 28),
         flow: str | None = None,
         flow_depth: int = 2,
+        covariance: str = "diagonal",
     ) -> None:
         super().__init__()
+        if covariance not in COVARIANCES:
+            raise ValueError(f"unknown covariance {covariance!r}; choose from {COVARIANCES}")
+        if covariance == "full" and flow is not None:
+            raise ValueError(
+                "a flow guide starts from a diagonal Gaussian: use covariance='diagonal'"
+            )
         if flow is not None and flow not in FLOWS:
             raise ValueError(f"unknown flow {flow!r}; choose from {FLOWS}")
         if flow is not None and flow_depth < 1:
@@ -79,6 +94,13 @@ class VAE(PyroModel):
         self.decoder = Decoder(z_dim, x_dim, hidden, activation)
         self.flow, self.flow_depth = flow, flow_depth
         self.flows = nn.ModuleList(_flows(flow, flow_depth, z_dim) if flow else [])
+        self.covariance = covariance
+        if covariance == "full":
+            # zero at the start: the guide starts as the diagonal one
+            width = self.hidden[-1] if self.hidden else x_dim
+            self.tril_head = nn.Linear(width, z_dim * (z_dim - 1) // 2)
+            nn.init.zeros_(self.tril_head.weight)
+            nn.init.zeros_(self.tril_head.bias)
         if likelihood == "gaussian" and x_scale is None:
             # softplus(0.5413) = 1: a unit standard deviation to start from.
             self.x_raw_scale = nn.Parameter(torch.full((x_dim,), 0.5413))
@@ -97,6 +119,7 @@ class VAE(PyroModel):
             "image_shape": list(self.image_shape),
             "flow": self.flow,
             "flow_depth": self.flow_depth,
+            "covariance": self.covariance,
         }
 
     # -- the three distributions ---------------------------------------------------------
@@ -114,12 +137,32 @@ class VAE(PyroModel):
         return dist.Normal(out, self._x_scale()).to_event(1)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        """q(z|x): a diagonal normal from the encoder (one event), pushed through the flow's
-        transforms when there is one, each conditioned on the encoder's (loc, log scale)."""
-        loc, scale = self.encoder(x)
+        """q(z|x): a normal from the encoder (one event; diagonal or full covariance), pushed
+        through the flow's transforms when there is one."""
+        return self.posterior_from(self.posterior_parameters(x))
+
+    def posterior_parameters(self, x: Tensor) -> Tensor:
+        """The encoder's unconstrained outputs for each row of x: (N, P), P = 2 z_dim, plus
+        z_dim (z_dim - 1) / 2 for a full covariance."""
+        if self.covariance == "diagonal":
+            return self.encoder.net(x)
+        layers = self.encoder.net
+        hidden = layers[:-1](x)
+        return torch.cat([layers[-1](hidden), self.tril_head(hidden)], dim=-1)
+
+    def posterior_from(self, raw: Tensor) -> dist.TorchDistribution:
+        """The guide's distribution for unconstrained parameters ``raw`` (N, P): what the
+        encoder outputs, or any other point of the same family (a per-image optimum)."""
+        loc, scale = self.encoder.link(raw[..., : 2 * self.z_dim])
+        if self.covariance == "full":
+            rows, cols = torch.tril_indices(self.z_dim, self.z_dim, -1, device=raw.device)
+            tril = torch.diag_embed(scale)
+            tril[..., rows, cols] = raw[..., 2 * self.z_dim :]
+            return dist.MultivariateNormal(loc, scale_tril=tril)
         base = dist.Normal(loc, scale).to_event(1)
         if not self.flows:
             return base
+        # each transform conditioned on the base Gaussian's (loc, log scale)
         context = torch.cat([loc, scale.log()], dim=-1)
         return dist.TransformedDistribution(base, [t.condition(context) for t in self.flows])
 
@@ -150,8 +193,11 @@ class VAE(PyroModel):
     @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The encoder's mean and standard deviation of z for each row of x (with a flow: of
-        the base Gaussian, before the transforms)."""
-        return self.encoder(x)
+        the base Gaussian, before the transforms; with a full covariance: the marginal ones)."""
+        if self.covariance == "diagonal":
+            return self.encoder(x)
+        q = self.posterior(x)
+        return q.mean, q.variance.sqrt()
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
@@ -162,7 +208,7 @@ class VAE(PyroModel):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean image decoded from the posterior mean of z."""
-        return self.decode(self.encoder(x)[0])
+        return self.decode(self.encode(x)[0])
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
