@@ -44,7 +44,8 @@ def commands(args, guide: str) -> list[list[str]]:
     metrics = out / "metrics.jsonl"
     done = metrics.is_file() and len(metrics.read_text().splitlines()) >= args.epochs
     if config.is_file() and not done:  # interrupted: continue where it stood
-        steps.append([*py, str(SCRIPTS / "train_svi.py"), "--resume", str(out), "--quiet"])
+        resume = [*py, str(SCRIPTS / "train_svi.py"), "--resume", str(out), "--quiet"]
+        steps.append([*resume, "--threads", str(args.threads)])
     elif not config.is_file():
         train = [*py, str(SCRIPTS / "train_svi.py"), "--preset", "iw-fast", *GUIDES[guide]]
         train += ["--elbo", "trace", "--num-particles", "1", "--epochs", str(args.epochs)]

@@ -73,6 +73,7 @@ def job_for(args, objective: str, minutes: float) -> Job:
     epochs = epochs_for(objective, minutes)
     if (out / "config.json").is_file():  # interrupted: continue where it stood
         train = [sys.executable, TRAIN, "--resume", str(out), "--quiet"]
+        train += ["--threads", str(args.threads)]
     else:
         train = [sys.executable, TRAIN, "--preset", PRESET, *OBJECTIVES[objective]]
         train += ["--epochs", str(epochs), "--seed", str(args.seed), "--eval-particles", "0"]
