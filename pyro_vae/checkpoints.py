@@ -203,6 +203,14 @@ class RunDir:
         os.replace(tmp, target)
         return target
 
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write ``<run>/<name>`` atomically."""
+        target = self.path / name
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return target
+
     def read_config(self) -> dict[str, Any]:
         return json.loads(self.config_path.read_text())
 

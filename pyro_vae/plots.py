@@ -27,6 +27,8 @@ __all__ = [
     "plot_images",
     "plot_khat",
     "plot_latent_map",
+    "plot_ood_histograms",
+    "plot_roc",
     "plot_reconstructions",
     "save_marginal_likelihood_figures",
     "save_vae_figures",
@@ -340,3 +342,48 @@ def plot_analogies(
         nrow=per_row,
         title="test image, then its style drawn as each class",
     )
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+    path: Path | str | None = None,
+    *,
+    title: str = "",
+) -> Figure:
+    """ROC curves, one per score: ``{name: (fpr, tpr, auroc)}``."""
+    fig = Figure(figsize=(4.8, 4.5))
+    ax = fig.add_subplot()
+    for name, (fpr, tpr, auroc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.3f})")
+    ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=0.8)
+    ax.set_xlabel("false-positive rate (in-distribution images flagged)")
+    ax.set_ylabel("true-positive rate (OOD images flagged)")
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_ood_histograms(
+    inside: Mapping[str, Tensor],
+    outside: Mapping[str, Tensor],
+    path: Path | str | None = None,
+    *,
+    labels: tuple[str, str] = ("in-distribution", "out-of-distribution"),
+) -> Figure:
+    """Histograms of every score for the two sets, one panel per score."""
+    names = list(inside)
+    fig = Figure(figsize=(3.6 * len(names), 3.2))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        a, b = inside[name].double().numpy(), outside[name].double().numpy()
+        lo, hi = np.percentile(np.concatenate([a, b]), [0.5, 99.5])
+        bins = np.linspace(lo, hi, 60)
+        ax.hist(a, bins=bins, alpha=0.6, density=True, label=labels[0])
+        ax.hist(b, bins=bins, alpha=0.6, density=True, label=labels[1])
+        ax.set_xlabel(f"{name} (nats; higher = more typical)", fontsize=8)
+        ax.set_yticks([])
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -14,6 +14,7 @@ REQUIRED = {
     "evaluate_marginal_likelihood.py": ["--checkpoint", "{run}"],
     "compress.py": ["--checkpoint", "{run}"],
     "inference_gaps.py": ["--checkpoint", "{run}"],
+    "detect_ood.py": ["--checkpoint", "{run}", "--out", "noise"],
 }
 BAD_BY_TYPE = {
     cli.positive_int: ["0", "-1", "1.5", "x"],
@@ -46,7 +47,8 @@ def flag_cases():
 def test_invalid_flag_values(script, flag, value, tmp_path, capsys, trained_run):
     out = tmp_path / "run"
     required = [a.replace("{run}", str(trained_run)) for a in REQUIRED.get(script, [])]
-    status, err = run_in_process(script, [*required, flag, value, "--out", str(out)], capsys)
+    where = "--output-dir" if script == "detect_ood.py" else "--out"
+    status, err = run_in_process(script, [*required, flag, value, where, str(out)], capsys)
     assert status == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], err
@@ -69,6 +71,12 @@ PATH_CASES = [
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{tmp}/missing"], "no checkpoint"),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{file}"], "truncated or corrupt"),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{run}", "--out", "{file}/x"], "--out"),
+    ("detect_ood.py", ["--checkpoint", "{tmp}/missing", "--out", "noise"], "no checkpoint"),
+    (
+        "detect_ood.py",
+        ["--checkpoint", "{run}", "--out", "noise", "--output-dir", "{file}/x"],
+        "--output-dir",
+    ),
     # flags that do not go together
     ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "drop --covariance full"),
     ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),

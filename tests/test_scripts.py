@@ -27,6 +27,13 @@ SSVAE_TINY = [
     "--quiet",
 ]
 SMOKE_RUNS = {
+    "detect_ood.py": [
+        ["--checkpoint", "{run}", "--out", "noise", "--images", "30", "--num-particles", "10"],
+        [
+            *("--checkpoint", "{run}/checkpoint.pt", "--out", "flipped", "--images", "20"),
+            *("--num-particles", "5", "--compressor", "bz2", "--quiet"),
+        ],
+    ],
     "inference_gaps.py": [
         [
             *("--checkpoint", "{run}", "--images", "4", "--num-particles", "20"),
@@ -148,7 +155,9 @@ def test_every_script_has_a_smoke_run():
 def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
     out = tmp_path / "run"
     args = [a.replace("{run}", str(trained_run)).replace("{out}", str(out)) for a in args]
-    extra = [] if script == "compress.py" else ["--out", str(out)]
+    extra = {"compress.py": [], "detect_ood.py": ["--output-dir", str(out)]}.get(
+        script, ["--out", str(out)]
+    )
     result = run_script(script, [*args, *extra], data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -189,6 +198,17 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         parts = report["approximation_gap"]["mean"] + report["amortisation_gap"]["mean"]
         assert math.isclose(gap, parts, abs_tol=1e-6)
         assert (out / "figures" / "inference_gaps_full.png").is_file()
+    if script == "detect_ood.py":
+        kind = args[args.index("--out") + 1]
+        report = json.loads((out / f"ood_mnist_vs_{kind}.json").read_text())
+        n = int(args[args.index("--images") + 1])
+        assert report["images"] == {"in": n, "out": n}
+        for metrics in report["metrics"].values():
+            assert 0 <= metrics["auroc"] <= 1 and 0 <= metrics["fpr_at_95_tpr"] <= 1
+        assert {f"ood_mnist_vs_{kind}_roc.png", f"ood_mnist_vs_{kind}_scores.png"} <= {
+            p.name for p in (out / "figures").glob("*.png")
+        }
+        assert ("AUROC" in result.stdout) == ("--quiet" not in args)
     if script == "compress.py":
         assert (tmp_path / "run.pvbb").stat().st_size > 0 and "bits per pixel" in result.stdout
     if script == "evaluate_marginal_likelihood.py":

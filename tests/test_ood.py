@@ -1,0 +1,121 @@
+"""OOD scores and metrics: the metrics against hand counts, the complexity measure, the
+scores' identities, and detection on data the suite can always make (MNIST against noise and
+flipped MNIST); Fashion-MNIST where Debian's package is installed."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_script
+
+from pyro_vae import VAE, BatchLoader, Trainer
+from pyro_vae.data import binarize_static
+from pyro_vae.data.sources import FASHION_DEBIAN_DIR
+from pyro_vae.ood import COMPRESSORS, SCORES, complexity_bits, detection_metrics, ood_scores
+
+
+def pairwise_auroc(inside, outside):
+    """P(a random OOD image scores lower than a random in-distribution one), ties half."""
+    a, b = inside[:, None], outside[None, :]
+    return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+
+
+def test_metrics_match_hand_counts_and_the_orientation():
+    inside = torch.tensor([3.0, 2.0, 1.0, 0.5, 2.5])
+    outside = torch.tensor([0.0, 2.5, -1.0, 1.5])
+    m = detection_metrics(inside, outside)
+    assert m["auroc"] == pytest.approx(pairwise_auroc(inside, outside))
+    separated = detection_metrics(torch.tensor([5.0, 6.0, 7.0]), torch.tensor([1.0, 2.0]))
+    assert separated == {"auroc": 1.0, "auprc": 1.0, "fpr_at_95_tpr": 0.0}
+    backwards = detection_metrics(torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0, 7.0]))
+    assert backwards["auroc"] == 0.0 and backwards["fpr_at_95_tpr"] == 1.0
+    g = torch.Generator().manual_seed(0)
+    same = detection_metrics(torch.randn(4000, generator=g), torch.randn(4000, generator=g))
+    assert abs(same["auroc"] - 0.5) < 0.03
+    with pytest.raises(ValueError, match="finite"):
+        detection_metrics(torch.tensor([float("nan")]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="at least one"):
+        detection_metrics(torch.tensor([]), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_complexity_grows_with_the_content_of_the_image(compressor):
+    g = torch.Generator().manual_seed(1)
+    blank = torch.zeros(1, 784)
+    stripe = torch.zeros(1, 28, 28)
+    stripe[:, 10:14] = 1
+    noise = torch.bernoulli(torch.full((1, 784), 0.5), generator=g)
+    bits = complexity_bits(torch.cat([blank, stripe.reshape(1, -1), noise]), compressor=compressor)
+    assert bits[0] <= bits[1] < bits[2] and (bits % 8 == 0).all()
+    assert bits[2] > 700  # a random image does not compress below its 784 bits by much
+    with pytest.raises(ValueError, match="unknown compressor"):
+        complexity_bits(blank, compressor="jpeg")
+
+
+@pytest.fixture(scope="module")
+def mnist_vae(mnist):
+    """A small VAE trained for a few epochs on 3,000 binarised MNIST images."""
+    torch.manual_seed(0)
+    train = binarize_static(mnist["train"].subset(slice(0, 3000)), 0, "t")
+    vae = VAE(z_dim=16, hidden=(200,))
+    trainer = Trainer(vae.model, vae.guide, lr=3e-3)
+    loader = BatchLoader(train, batch_size=100, shuffle=True, seed=0)
+    for _ in range(8):
+        for (x,) in loader:
+            trainer.step(x)
+    test = binarize_static(mnist["test"].subset(slice(0, 300)), 0, "test").images
+    return vae.eval(), test
+
+
+def test_scores_identities_and_noise_is_detected(mnist_vae):
+    vae, x = mnist_vae
+    s = ood_scores(vae, x, num_particles=50)
+    assert all(v.shape == (len(x),) and v.dtype == torch.float64 for v in s.values())
+    assert (s["log_px"] >= s["elbo"] - 1e-6).all()
+    bits = complexity_bits(x)
+    assert torch.allclose(s["complexity_ratio"], s["log_px"] + bits * math.log(2))
+    recon = vae.likelihood(vae.encode(x)[0]).log_prob(x).double()
+    assert torch.allclose(s["reconstruction"], recon)
+    g = torch.Generator().manual_seed(2)
+    # independent pixels with the digits' own mean intensities: the likelihood sees the
+    # missing strokes; the complexity ratio does not, as the model still codes such noise
+    # better than a generic compressor (it knows where the background is)
+    noise = torch.bernoulli(x.mean(0).expand_as(x), generator=g)
+    n = ood_scores(vae, noise, num_particles=50)
+    for name in ("log_px", "elbo"):
+        assert detection_metrics(s[name], n[name])["auroc"] > 0.95, name
+    # uniform noise: every score sees it
+    uniform = ood_scores(
+        vae, torch.bernoulli(torch.full_like(x, 0.5), generator=g), num_particles=50
+    )
+    for name in SCORES:
+        assert detection_metrics(s[name], uniform[name])["auroc"] > 0.99, name
+    with pytest.raises(ValueError, match="Bernoulli"):
+        ood_scores(VAE(likelihood="gaussian"), x)
+
+
+def test_same_seed_same_scores(mnist_vae):
+    vae, x = mnist_vae
+    a = ood_scores(vae, x[:20], num_particles=30, seed=5)
+    b = ood_scores(vae, x[:20], num_particles=30, seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_script_on_fashion_mnist(data_dir, trained_run, tmp_path):
+    if not FASHION_DEBIAN_DIR.is_dir():
+        pytest.skip(
+            f"Fashion-MNIST is not installed ({FASHION_DEBIAN_DIR} missing): "
+            "apt-get install dataset-fashion-mnist"
+        )
+    out = tmp_path / "ood"
+    args = ["--checkpoint", str(trained_run), "--in", "mnist", "--out", "fashion-mnist"]
+    args += ["--images", "40", "--num-particles", "10", "--output-dir", str(out), "--quiet"]
+    result = run_script("detect_ood.py", args, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "ood_mnist_vs_fashion-mnist.json").read_text())
+    assert report["images"] == {"in": 40, "out": 40}
+    scores = np.load(out / "ood_mnist_vs_fashion-mnist.npz")
+    assert scores["log_px_out"].shape == (40,)
