@@ -24,7 +24,9 @@ __all__ = [
     "plot_confusion",
     "plot_curves",
     "plot_histogram",
+    "plot_image_rows",
     "plot_images",
+    "plot_latent_maps",
     "plot_khat",
     "plot_latent_map",
     "plot_ood_histograms",
@@ -385,5 +387,46 @@ def plot_ood_histograms(
         ax.set_yticks([])
         if i == 0:
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_image_rows(
+    rows: Mapping[str, Tensor],
+    image_shape: Sequence[int],
+    path: Path | str | None = None,
+    *,
+    n: int = 10,
+    title: str = "",
+) -> Figure:
+    """One labelled row of ``n`` images per entry of ``rows`` (name -> (N, D) images)."""
+    fig = Figure(figsize=(n * 0.6 + 1.6, 0.7 * len(rows) + (0.4 if title else 0.1)))
+    for i, (name, images) in enumerate(rows.items()):
+        ax = fig.add_subplot(len(rows), 1, i + 1)
+        ax.imshow(image_grid(images[:n], image_shape, nrow=n), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_latent_maps(
+    codes: Mapping[str, Tensor], labels: Tensor, path: Path | str | None = None
+) -> Figure:
+    """2-D codes of the same images under several models, side by side, coloured by label."""
+    fig = Figure(figsize=(3.2 * len(codes), 3.2))
+    labels = labels.cpu()
+    for i, (name, z) in enumerate(codes.items()):
+        ax = fig.add_subplot(1, len(codes), i + 1)
+        z = z.detach().float().cpu()
+        for c in torch.unique(labels).tolist():
+            m = labels == c
+            ax.scatter(z[m, 0], z[m, 1], s=1.5, alpha=0.6, color=f"C{c % 10}", label=str(c))
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.axes[-1].legend(markerscale=6, fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     return _save(fig, path)

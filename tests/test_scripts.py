@@ -27,6 +27,12 @@ SSVAE_TINY = [
     "--quiet",
 ]
 SMOKE_RUNS = {
+    "compare_baselines.py": [
+        [
+            *("--z-dims", "2", "3", "--epochs", "1", "--train-size", "600"),
+            *("--test-size", "100", "--samples", "50", "--hidden", "32", "--threads", "1"),
+        ],
+    ],
     "detect_ood.py": [
         ["--checkpoint", "{run}", "--out", "noise", "--images", "30", "--num-particles", "10"],
         [
@@ -209,6 +215,17 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
             p.name for p in (out / "figures").glob("*.png")
         }
         assert ("AUROC" in result.stdout) == ("--quiet" not in args)
+    if script == "compare_baselines.py":
+        report = json.loads((out / "comparison.json").read_text())
+        assert set(report["results"]) == {"2", "3"}
+        for methods in report["results"].values():
+            assert set(methods) == {"PCA", "linear autoencoder", "autoencoder", "VAE"}
+            for m in methods.values():
+                assert 0 < m["squared_error_per_pixel"] < 1 and m["bce_per_pixel"] > 0
+                assert 0 <= m["samples"]["class_balance"] <= 1 + 1e-9
+                assert sum(m["samples"]["class_counts"]) == 50
+        figures = {p.name for p in (out / "figures").glob("*.png")}
+        assert {"latent_maps_d2.png", "samples_d3.png", "reconstructions_d3.png"} <= figures
     if script == "compress.py":
         assert (tmp_path / "run.pvbb").stat().st_size > 0 and "bits per pixel" in result.stdout
     if script == "evaluate_marginal_likelihood.py":

@@ -1,0 +1,300 @@
+"""What the VAE is compared with: PCA, a linear autoencoder and a deep autoencoder with the
+VAE's own networks, each as a latent-variable model of binary images with d dimensions, and
+a digit classifier that judges generated samples.
+
+Every method gives (1) reconstructions of held-out images, as pixel probabilities, and (2)
+samples from its latent space:
+
+- PCA (scikit-learn): codes are the projections on the d principal directions; samples are
+  Gaussian in the principal subspace with the explained variances, mapped back and clipped.
+- The linear autoencoder x -> Wx + b -> Vz + c with squared error: at its optimum the decoder
+  spans the same subspace as PCA (Baldi & Hornik 1989); samples decode a Gaussian fitted to
+  the codes of the training images.
+- The deep autoencoder: the VAE's encoder layers to d codes, the VAE's decoder to Bernoulli
+  logits, cross-entropy loss; samples as for the linear one.
+- The VAE: codes are the encoder's means; samples decode draws of the prior.
+
+``sample_quality`` scores samples with a classifier trained here on the labelled training
+images (no downloaded weights): its mean confidence (the largest class probability) and the
+balance of the predicted classes (entropy of their histogram over log 10: 1 when every
+digit is equally common).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pyro_vae.nets import Decoder, mlp
+
+__all__ = [
+    "METHODS",
+    "Autoencoder",
+    "GaussianCodes",
+    "LatentModelComparison",
+    "LinearAutoencoder",
+    "PCAModel",
+    "compare_latent_models",
+    "fit_autoencoder",
+    "fit_classifier",
+    "principal_angles",
+    "reconstruction_errors",
+    "sample_quality",
+]
+
+
+class LinearAutoencoder(nn.Module):
+    """x -> z = W x + b (d codes) -> V z + c; trained on squared error."""
+
+    loss_name = "squared error"
+
+    def __init__(self, x_dim: int, z_dim: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(x_dim, z_dim)
+        self.decoder = nn.Linear(z_dim, x_dim)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Pixel values, clipped to [0, 1] to read as probabilities."""
+        return self.decoder(z).clamp(0.0, 1.0)
+
+    def loss(self, x: Tensor) -> Tensor:
+        return F.mse_loss(self.decoder(self.encoder(x)), x, reduction="sum")
+
+
+class Autoencoder(nn.Module):
+    """The VAE's encoder layers to ``z_dim`` codes (no variance) and its decoder to Bernoulli
+    logits; trained on the binary cross-entropy."""
+
+    loss_name = "binary cross-entropy"
+
+    def __init__(
+        self, x_dim: int, z_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu"
+    ) -> None:
+        super().__init__()
+        self.encoder = mlp([x_dim, *hidden, z_dim], activation)
+        self.decoder = Decoder(z_dim, x_dim, hidden, activation)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(z))
+
+    def loss(self, x: Tensor) -> Tensor:
+        logits = self.decoder(self.encoder(x))
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+
+
+def fit_autoencoder(
+    ae: nn.Module,
+    x: Tensor,
+    *,
+    epochs: int = 10,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``ae`` (anything with ``loss(x)``) with Adam on the rows of ``x``; returns the
+    mean loss per image of every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(ae.parameters(), lr=lr)
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            batch = x[order[start : start + batch_size]]
+            loss = ae.loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        history.append(total / len(x))
+    return history
+
+
+class PCAModel:
+    """scikit-learn's PCA with d components, with the same interface as the autoencoders."""
+
+    def __init__(self, x: Tensor, z_dim: int, seed: int = 0) -> None:
+        from sklearn.decomposition import PCA
+
+        self.pca = PCA(n_components=z_dim, random_state=seed).fit(x.double().numpy())
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.pca.transform(x.double().numpy())).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.from_numpy(self.pca.inverse_transform(z.double().numpy())).float().clamp(0, 1)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Gaussian in the principal subspace, with the explained variances."""
+        std = torch.from_numpy(self.pca.explained_variance_).float().sqrt()
+        return self.decode(torch.randn(n, len(std), generator=generator) * std)
+
+
+@dataclass
+class GaussianCodes:
+    """A full-covariance Gaussian fitted to an encoder's codes of the training images."""
+
+    mean: Tensor
+    scale_tril: Tensor
+
+    @classmethod
+    def fit(cls, codes: Tensor) -> GaussianCodes:
+        codes = codes.double()
+        cov = torch.atleast_2d(torch.cov(codes.T)) + 1e-6 * torch.eye(codes.shape[1])
+        return cls(codes.mean(0), torch.linalg.cholesky(cov))
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        eps = torch.randn(n, len(self.mean), generator=generator, dtype=torch.float64)
+        return (self.mean + eps @ self.scale_tril.T).float()
+
+
+@torch.no_grad()
+def reconstruction_errors(x: Tensor, probs: Tensor) -> dict[str, float]:
+    """Mean per-pixel binary cross-entropy (nats; probabilities clipped to [1e-6, 1 - 1e-6])
+    and squared error of reconstructions ``probs`` of binary images ``x``."""
+    p = probs.double().clamp(1e-6, 1 - 1e-6)
+    x = x.double()
+    return {
+        "bce_per_pixel": float(F.binary_cross_entropy(p, x)),
+        "squared_error_per_pixel": float(F.mse_loss(probs.double(), x)),
+    }
+
+
+def fit_classifier(
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int = 5,
+    hidden: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> nn.Module:
+    """A 784-``hidden``-10 ReLU classifier of images ``x`` (N, 784) with labels ``y``,
+    trained with Adam on the cross-entropy; returns it in eval mode."""
+    torch.manual_seed(seed)
+    net = mlp([x.shape[1], hidden, 10], "relu")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 128):
+            index = order[start : start + 128]
+            loss = F.cross_entropy(net(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def sample_quality(classifier: nn.Module, images: Tensor) -> dict:
+    """The classifier's mean confidence on ``images`` (mean of the largest class
+    probability), the class balance of its predictions (entropy of their histogram / log 10)
+    and the histogram itself."""
+    probs = F.softmax(classifier(images), dim=-1)
+    counts = torch.bincount(probs.argmax(-1), minlength=10).double()
+    share = counts / counts.sum()
+    entropy = -(share[share > 0] * share[share > 0].log()).sum()
+    return {
+        "confidence": float(probs.max(-1).values.mean()),
+        "class_balance": float(entropy / math.log(10)),
+        "class_counts": [int(c) for c in counts],
+    }
+
+
+def principal_angles(a: Tensor, b: Tensor) -> np.ndarray:
+    """Principal angles (radians) between the column spaces of ``a`` and ``b``."""
+    from scipy.linalg import subspace_angles
+
+    return subspace_angles(a.detach().double().numpy(), b.detach().double().numpy())
+
+
+METHODS = ("PCA", "linear autoencoder", "autoencoder", "VAE")
+
+
+@dataclass
+class LatentModelComparison:
+    """What ``compare_latent_models`` found for one latent size ``z_dim``: per method the
+    reconstruction errors and sample quality (``metrics``), and tensors for the figures:
+    reconstructions and samples (N, D), and test codes (N, z_dim)."""
+
+    z_dim: int
+    metrics: dict[str, dict]
+    reconstructions: dict[str, Tensor]
+    samples: dict[str, Tensor]
+    codes: dict[str, Tensor]
+
+
+def compare_latent_models(
+    train: Tensor,
+    test: Tensor,
+    classifier: nn.Module,
+    z_dim: int,
+    *,
+    hidden: Sequence[int] = (400,),
+    activation: str = "relu",
+    epochs: int = 10,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    num_samples: int = 1000,
+    seed: int = 0,
+) -> LatentModelComparison:
+    """Fit PCA, a linear autoencoder, a deep autoencoder and a VAE (``hidden``/``activation``
+    networks, ``epochs`` of Adam at ``lr``; the VAE with ``Trace_ELBO``) with ``z_dim``
+    latent dimensions on the binary images ``train``; reconstruct ``test``, draw
+    ``num_samples`` samples from each latent space and score them with ``classifier``."""
+    from pyro_vae.data import BatchLoader, as_dataset
+    from pyro_vae.models.vae import VAE
+    from pyro_vae.train import Trainer
+
+    x_dim = train.shape[1]
+    torch.manual_seed(seed)
+    pca = PCAModel(train, z_dim, seed)
+    linear = LinearAutoencoder(x_dim, z_dim)
+    fit_autoencoder(linear, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    deep = Autoencoder(x_dim, z_dim, hidden, activation)
+    fit_autoencoder(deep, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    vae = VAE(x_dim=x_dim, z_dim=z_dim, hidden=hidden, activation=activation)
+    trainer = Trainer(vae.model, vae.guide, lr=lr)
+    loader = BatchLoader(as_dataset(train), batch_size, shuffle=True, seed=seed)
+    for _ in range(epochs):
+        for (x,) in loader:
+            trainer.step(x)
+    vae.eval()
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        codes = {
+            "PCA": pca.encode(test),
+            "linear autoencoder": linear.encode(test),
+            "autoencoder": deep.encode(test),
+            "VAE": vae.encode(test)[0],
+        }
+        decoders = {"PCA": pca, "linear autoencoder": linear, "autoencoder": deep}
+        reconstructions = {name: decoders[name].decode(codes[name]) for name in decoders}
+        reconstructions["VAE"] = vae.decode(codes["VAE"])
+        samples = {"PCA": pca.sample(num_samples, generator)}
+        for name, ae, data in (("linear autoencoder", linear, train), ("autoencoder", deep, train)):
+            fitted = GaussianCodes.fit(ae.encode(data))
+            samples[name] = ae.decode(fitted.sample(num_samples, generator))
+        samples["VAE"] = vae.sample(num_samples, generator)
+    metrics = {
+        name: {
+            **reconstruction_errors(test, reconstructions[name]),
+            "samples": sample_quality(classifier, samples[name]),
+        }
+        for name in METHODS
+    }
+    return LatentModelComparison(z_dim, metrics, reconstructions, samples, codes)

@@ -1,0 +1,154 @@
+"""PCA, a linear autoencoder, a deep autoencoder and the VAE, side by side: reconstructions of
+the test images and samples from each latent space, for several latent sizes.
+
+    python scripts/compare_baselines.py --z-dims 2 10 50 --epochs 10
+
+All four fit the same statically binarised training images. Reports, per latent size and
+method, the per-pixel binary cross-entropy and squared error of the test reconstructions,
+and the quality of 1,000 samples judged by a digit classifier trained here (its mean
+confidence and the balance of the classes it sees). Writes comparison.json and, per size,
+figures/reconstructions_d<d>.png and samples_d<d>.png, and figures/latent_maps_d2.png, into
+--out.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from pyro_vae.baselines import METHODS, compare_latent_models, fit_classifier
+from pyro_vae.checkpoints import RunDir
+from pyro_vae.cli import (
+    ArgumentParser,
+    UsageError,
+    add_runtime_args,
+    apply_threads,
+    hidden_sizes,
+    positive_int,
+    run,
+)
+from pyro_vae.data import binarize_static, load_dataset
+from pyro_vae.plots import plot_image_rows, plot_latent_maps
+from pyro_vae.train import seed_everything
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--z-dims",
+        type=positive_int,
+        nargs="+",
+        default=[2, 10, 50],
+        help="latent sizes to compare (default: 2 10 50)",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int, default=10, help="training epochs per model (default: 10)"
+    )
+    p.add_argument(
+        "--hidden",
+        type=hidden_sizes,
+        default=(400,),
+        help="hidden layers of the autoencoder and the VAE (default: 400)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=positive_int,
+        default=None,
+        help="use only the first N training images (default: all 50,000)",
+    )
+    p.add_argument(
+        "--test-size",
+        type=positive_int,
+        default=None,
+        help="use only the first N test images (default: all 10,000)",
+    )
+    p.add_argument(
+        "--samples", type=positive_int, default=1000, help="samples per model (default: 1000)"
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="where data sets live (default: the cache)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/baselines"),
+        help="where to write (default: runs/baselines)",
+    )
+    add_runtime_args(p)
+    return p
+
+
+def main(args) -> dict:
+    apply_threads(args)
+    if args.device != "cpu":
+        raise UsageError("compare_baselines.py runs on the CPU: drop --device")
+    out = RunDir(args.out)
+    try:
+        out.figures.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out.path}: {e.strerror}") from None
+    seed_everything(args.seed)
+    splits = load_dataset("mnist", args.data_dir)
+    train = binarize_static(splits["train"].subset(slice(0, args.train_size)), args.seed, "train")
+    test = binarize_static(splits["test"].subset(slice(0, args.test_size)), args.seed, "test")
+    start = time.perf_counter()
+    classifier = fit_classifier(train.images, train.labels, seed=args.seed)
+    accuracy = float((classifier(test.images).argmax(-1) == test.labels).float().mean())
+    report = {
+        "classifier_test_accuracy": accuracy,
+        "epochs": args.epochs,
+        "hidden": list(args.hidden),
+        "train_images": len(train),
+        "test_images": len(test),
+        "units": "per pixel, nats (cross-entropy) and squared probability error",
+        "results": {},
+    }
+    for d in args.z_dims:
+        result = compare_latent_models(
+            train.images,
+            test.images,
+            classifier,
+            d,
+            hidden=args.hidden,
+            epochs=args.epochs,
+            num_samples=args.samples,
+            seed=args.seed,
+        )
+        report["results"][str(d)] = result.metrics
+        originals = {"test images": test.images}
+        plot_image_rows(
+            originals | result.reconstructions,
+            train.image_shape,
+            out.figures / f"reconstructions_d{d}.png",
+            title=f"reconstructions, d = {d}",
+        )
+        plot_image_rows(
+            result.samples,
+            train.image_shape,
+            out.figures / f"samples_d{d}.png",
+            n=12,
+            title=f"samples, d = {d}",
+        )
+        if d == 2:
+            plot_latent_maps(result.codes, test.labels, out.figures / "latent_maps_d2.png")
+        if not args.quiet:
+            print(f"d = {d}:")
+            for name in METHODS:
+                m = result.metrics[name]
+                q = m["samples"]
+                print(
+                    f"  {name:<19} BCE {m['bce_per_pixel']:.4f}  squared error "
+                    f"{m['squared_error_per_pixel']:.4f}  samples: confidence "
+                    f"{q['confidence']:.3f}, class balance {q['class_balance']:.3f}"
+                )
+    report["seconds"] = time.perf_counter() - start
+    out.write_json("comparison.json", report)
+    if not args.quiet:
+        print(f"digit classifier: test accuracy {accuracy:.3f}")
+        print(f"report: {out.path / 'comparison.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, build_parser().parse_args()))
