@@ -18,6 +18,7 @@ NOTEBOOKS = [
     "05_tighter_bounds.ipynb",
     "06_compression.ipynb",
     "07_inference_gaps.ipynb",
+    "08_baselines_and_ood.ipynb",
 ]
 
 
