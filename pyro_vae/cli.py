@@ -121,6 +121,17 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
+def output_dir(path: Path | str, flag: str = "--out") -> RunDir:
+    """The run directory ``path`` with its ``figures/`` made; a one-line UsageError naming
+    ``flag`` when it cannot be created."""
+    out = RunDir(path)
+    try:
+        out.figures.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {out.path}: {e.strerror}") from None
+    return out
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """``torch.set_num_threads(--threads)`` when the flag is given."""
     if getattr(args, "threads", None) is not None:

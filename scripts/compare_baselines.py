@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from pyro_vae.baselines import METHODS, compare_latent_models, fit_classifier
-from pyro_vae.checkpoints import RunDir
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
     add_runtime_args,
     apply_threads,
     hidden_sizes,
+    output_dir,
     positive_int,
     run,
 )
@@ -83,11 +83,7 @@ def main(args) -> dict:
     apply_threads(args)
     if args.device != "cpu":
         raise UsageError("compare_baselines.py runs on the CPU: drop --device")
-    out = RunDir(args.out)
-    try:
-        out.figures.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out.path}: {e.strerror}") from None
+    out = output_dir(args.out)
     seed_everything(args.seed)
     splits = load_dataset("mnist", args.data_dir)
     train = binarize_static(splits["train"].subset(slice(0, args.train_size)), args.seed, "train")

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae.checkpoints import RunDir, load_checkpoint, resolve_checkpoint
+from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
     add_runtime_args,
     apply_threads,
+    output_dir,
     positive_int,
     resolve_device,
     run,
@@ -121,11 +122,7 @@ def main(args) -> dict:
     if binarize == "none":
         raise UsageError("the checkpoint was trained on grey images; OOD scores need binary ones")
     inside_name = args.inside or config.get("dataset", "mnist")
-    out = RunDir(args.output_dir or path.parent)
-    try:
-        out.figures.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--output-dir {out.path}: {e.strerror}") from None
+    out = output_dir(args.output_dir or path.parent, "--output-dir")
     seed_everything(args.seed)
     data_dir = args.data_dir or config.get("data_dir")
     seed = config.get("seed", 0)

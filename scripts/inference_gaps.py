@@ -16,12 +16,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pyro_vae.checkpoints import RunDir, load_checkpoint, resolve_checkpoint
+from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
     apply_threads,
     nonnegative_int,
+    output_dir,
     positive_float,
     positive_int,
     run,
@@ -86,11 +87,7 @@ def main(args) -> dict:
     if not hasattr(model, "posterior_from"):
         raise UsageError("the gap decomposition needs a VAE checkpoint (one latent site z)")
     config = state.get("config", {})
-    out = RunDir(args.out or path.parent)
-    try:
-        out.figures.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out.path}: {e.strerror}") from None
+    out = output_dir(args.out or path.parent)
     seed_everything(args.seed)
     splits = load_dataset(config.get("dataset", "mnist"), args.data_dir or config.get("data_dir"))
     binarize = config.get("binarize", "dynamic")
