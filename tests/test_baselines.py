@@ -41,7 +41,7 @@ def test_a_linear_autoencoder_spans_the_pca_subspace():
     # and its squared error reaches PCA's, the optimum of all rank-3 linear maps
     projected = torch.from_numpy(pca.pca.inverse_transform(pca.encode(x).double().numpy()))
     pca_error = float(((projected - x.double()) ** 2).mean())
-    ae_error = float(((ae.decoder(ae.encode(x)).double() - x.double()) ** 2).mean())
+    ae_error = float(((ae.decoder(ae.encode(x)).double() - x.double()) ** 2).mean().detach())
     assert pca_error * (1 - 1e-6) <= ae_error < 1.02 * pca_error
     # a subspace of the wrong rank is far from it
     assert principal_angles(components[:, :2], torch.eye(12)[:, :2]).max() > 0.3
