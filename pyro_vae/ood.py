@@ -141,10 +141,10 @@ def detection_metrics(inside: Tensor, outside: Tensor) -> dict[str, float]:
     """AUROC, AUPRC and FPR at 95% TPR of the detector ``-score``, with the ``outside``
     (out-of-distribution) images as positives; ``inside`` and ``outside`` are scores,
     higher = more like the training data."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     labels, scores = _detector(inside, outside)
-    fpr, tpr = roc(inside, outside)
+    fpr, tpr, _ = roc_curve(labels, scores)
     return {
         "auroc": float(roc_auc_score(labels, scores)),
         "auprc": float(average_precision_score(labels, scores)),
