@@ -35,13 +35,14 @@ from pyro_vae.evaluate import (
     psis_khat,
     semi_supervised_report,
 )
-from pyro_vae.models import SSVAE, VAE, model_from_checkpoint
+from pyro_vae.models import SSVAE, VAE, StackedSSVAE, model_from_checkpoint
 from pyro_vae.nets import Decoder, Encoder, mlp
 from pyro_vae.objectives import IWAE, DReG, ObjectiveError
 from pyro_vae.runs import TrainingRun
 from pyro_vae.seeding import seed_everything
 from pyro_vae.train import (
     PRESETS,
+    EarlyStopping,
     NonFiniteError,
     ParamClashError,
     Trainer,
@@ -61,6 +62,7 @@ __all__ = [
     "Dataset",
     "DReG",
     "Decoder",
+    "EarlyStopping",
     "Encoder",
     "LabelMarginalLikelihood",
     "MarginalLikelihood",
@@ -70,6 +72,7 @@ __all__ = [
     "RunDir",
     "SSVAE",
     "SemiSupervisedLoader",
+    "StackedSSVAE",
     "Trainer",
     "TrainingInterrupted",
     "TrainingRun",

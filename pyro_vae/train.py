@@ -34,6 +34,7 @@ from pyro_vae.seeding import seed_everything
 __all__ = [
     "ELBOS",
     "IMPORTANCE_WEIGHTED",
+    "EarlyStopping",
     "LR_SCHEDULES",
     "PRESETS",
     "NonFiniteError",
@@ -101,6 +102,42 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from {LR_SCHEDULES}")
+
+
+class EarlyStopping:
+    """A ``fit`` callback that ends training when the validation metric ``metric`` (higher is
+    better) has not improved for ``patience`` epochs, or once the epochs so far took
+    ``max_seconds`` in all.  Both are read off the trainer's history, so a resumed run
+    stops where an uninterrupted one would have.  0 / None switch a criterion off.
+    """
+
+    def __init__(self, metric: str, patience: int = 0, max_seconds: float | None = None) -> None:
+        if patience < 0:
+            raise ValueError(f"patience must be non-negative, got {patience}")
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+        self.metric, self.patience, self.max_seconds = metric, patience, max_seconds
+
+    def reason(self, history: Sequence[dict[str, Any]]) -> str | None:
+        """Why training should stop after the last epoch of ``history``, or None."""
+        if not history:
+            return None
+        if self.patience:
+            values = [m[self.metric] for m in history]
+            best = max(range(len(values)), key=lambda i: (values[i], -i))  # first best
+            if len(values) - 1 - best >= self.patience:
+                return (
+                    f"{self.metric} has not improved for {self.patience} epochs "
+                    f"(best {values[best]:.4g} at epoch {history[best]['epoch']})"
+                )
+        if self.max_seconds is not None:
+            seconds = sum(m["seconds"] for m in history)
+            if seconds >= self.max_seconds:
+                return f"the time budget of {self.max_seconds / 60:.1f} min is spent"
+        return None
+
+    def __call__(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        trainer.stop_reason = self.reason(trainer.history)
 
 
 def make_elbo(
@@ -325,6 +362,8 @@ class Trainer:
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
         self.stop_requested = False
+        # why a callback ended training before ``epochs`` (None: it did not)
+        self.stop_reason: str | None = None
         # running totals of an epoch stopped midway: {"total", "count", "seconds"}
         self._partial: dict[str, float] | None = None
 
@@ -347,8 +386,9 @@ class Trainer:
                 continue
             init = site["args"][1] if len(site["args"]) > 1 else None
             if isinstance(init, nn.Parameter):  # registered by pyro.module
-                if id(init) in self._param_ids:
-                    continue  # an owner module's own parameter: trained as such
+                if id(init) in self._param_ids or not init.requires_grad:
+                    # an owner module's own parameter (trained as such) or a frozen one
+                    continue
                 if init is not p:
                     raise ParamClashError(
                         f"pyro.module: the param store's {name!r} belongs to another module "
@@ -502,6 +542,8 @@ class Trainer:
             self.history.append(metrics)
             for callback in callbacks:
                 callback(self, metrics)
+            if self.stop_reason is not None:  # set by a callback, e.g. EarlyStopping
+                break
         return self.history
 
     def state_dict(self) -> dict[str, Any]:

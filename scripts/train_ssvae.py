@@ -4,8 +4,13 @@
     python scripts/train_ssvae.py --help
 
 Unlabelled images sum over the ten classes exactly (TraceEnum_ELBO with parallel
-enumeration); labelled images add alpha * log q(y|x). The validation split chooses the epoch
-whose weights are kept (best.pt); the test split is used once, at the end. Writes
+enumeration); labelled images add alpha * log q(y|x). With ``--m1 RUN`` (a VAE trained by
+train_svi.py) the model is the stacked M1+M2: M2 learns on that VAE's latent codes, drawn
+afresh from q(z1|x) at every step, and classifies them (``StackedSSVAE``).
+
+The validation split chooses the epoch whose weights are kept (best.pt) and, with
+``--patience``, when training stops; ``--max-minutes`` caps the training time. The test split
+is used once, at the end. Writes
 config.json, metrics.jsonl, checkpoint.pt, best.pt, evaluation.json and figures/*.png
 (confusion matrix, style and content) into --out (default runs/ssvae-<timestamp>).
 """
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
+from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
@@ -27,6 +32,7 @@ from pyro_vae.cli import (
     begin_run,
     hidden_sizes,
     nonnegative_float,
+    nonnegative_int,
     positive_float,
     positive_int,
     run,
@@ -35,10 +41,10 @@ from pyro_vae.cli import (
 from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
 from pyro_vae.distributed import ShardedLoader
 from pyro_vae.evaluate import predict_labels, semi_supervised_report
-from pyro_vae.models import SSVAE
+from pyro_vae.models import SSVAE, VAE, StackedSSVAE, model_from_checkpoint
 from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
 from pyro_vae.runs import TrainingRun
-from pyro_vae.train import Trainer
+from pyro_vae.train import EarlyStopping, Trainer
 
 NUM_CLASSES = 10
 
@@ -87,6 +93,24 @@ def build_parser() -> ArgumentParser:
         help="weight of KL(q(z|x,y) || p(z)); above 1 the decoder uses y (default: 3)",
     )
     p.add_argument(
+        "--m1",
+        type=Path,
+        default=None,
+        help="a trained VAE (run directory or checkpoint): train M1+M2 on its codes",
+    )
+    p.add_argument(
+        "--patience",
+        type=nonnegative_int,
+        default=0,
+        help="stop after N epochs without a better validation accuracy (default: 0, off)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=positive_float,
+        default=None,
+        help="stop once the epochs so far took this long (default: no limit)",
+    )
+    p.add_argument(
         "--likelihood-size",
         type=positive_int,
         default=1000,
@@ -95,7 +119,21 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def accuracy(model: SSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
+def m1_from(path: Path, dataset: str, x_dim: int) -> VAE:
+    """The trained VAE at ``path``, checked to fit the data M2 will see."""
+    state = load_checkpoint(resolve_checkpoint(path))
+    vae = model_from_checkpoint(state)
+    if not isinstance(vae, VAE):
+        raise UsageError(f"--m1 {path}: holds a {state['model_class']}, not a VAE")
+    if vae.likelihood_name != "bernoulli" or state["config"].get("binarize") == "none":
+        raise UsageError(f"--m1 {path}: M1 must be a Bernoulli VAE trained on binary images")
+    trained_on = state["config"].get("dataset")
+    if vae.x_dim != x_dim or (trained_on is not None and trained_on != dataset):
+        raise UsageError(f"--m1 {path}: trained on {trained_on}, not on --dataset {dataset}")
+    return vae
+
+
+def accuracy(model: SSVAE | StackedSSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict_labels(model.classify, x) == y).double().mean())
 
 
@@ -138,8 +176,7 @@ def main(args) -> dict:
         labelled_every=args.labelled_every,
     )
 
-    model = SSVAE(
-        x_dim=train.images.shape[1],
+    m2 = dict(
         z_dim=args.z_dim,
         num_classes=NUM_CLASSES,
         hidden=args.hidden,
@@ -148,7 +185,15 @@ def main(args) -> dict:
         aux_weight=args.aux_weight,
         beta=args.beta,
         image_shape=train.image_shape,
-    ).to(device)
+    )
+    model_class = "SSVAE" if args.m1 is None else "StackedSSVAE"
+    if args.m1 is None:
+        model = SSVAE(x_dim=train.images.shape[1], **m2)
+    elif state is not None:  # resumed: M1's weights are in the checkpoint
+        model = StackedSSVAE(state["model_config"]["m1"], **m2)
+    else:
+        model = StackedSSVAE.from_vae(m1_from(args.m1, args.dataset, train.images.shape[1]), **m2)
+    model = model.to(device)
     trainer = Trainer(
         partial(model.model, aux=True),
         partial(model.guide, aux=True),
@@ -165,7 +210,7 @@ def main(args) -> dict:
     config = run_config(
         args,
         out=out,
-        model_class="SSVAE",
+        model_class=model_class,
         model_config=model.config(),
         device=device,
         labelled_indices=labelled_idx.tolist(),
@@ -176,7 +221,7 @@ def main(args) -> dict:
         trainer=trainer,
         loader=ShardedLoader(loader, ranks) if ranks.active else loader,
         config=config,
-        model_class="SSVAE",
+        model_class=model_class,
         log=None if args.quiet else tqdm.write,
     )
     best_path = Path(out) / "best.pt"
@@ -189,7 +234,7 @@ def main(args) -> dict:
             save_checkpoint(
                 best_path,
                 {
-                    "model_class": "SSVAE",
+                    "model_class": model_class,
                     "model_config": model.config(),
                     "model": model.state_dict(),
                     "config": config,
@@ -204,8 +249,20 @@ def main(args) -> dict:
         run_.restore(state)
         if not quiet:
             print(f"resuming {out} after epoch {trainer.epoch}, step {trainer.step_count}")
-    # val_elbo: unlabelled, so the auxiliary term is absent and y is drawn from q(y|x).
-    run_.fit(args.epochs, val_data=(valid_x,), callbacks=[on_epoch], progress=not quiet)
+    stopper = EarlyStopping(
+        "val_accuracy",
+        patience=args.patience,
+        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+    )
+    stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
+    if stopped is None and trainer.epoch < args.epochs:
+        # val_elbo: unlabelled, so the auxiliary term is absent and y is drawn from q(y|x).
+        run_.fit(
+            args.epochs, val_data=(valid_x,), callbacks=[on_epoch, stopper], progress=not quiet
+        )
+        stopped = trainer.stop_reason
+    if stopped is not None and not quiet:
+        print(f"stopped after epoch {trainer.epoch}: {stopped}")
     if not ranks.is_main:  # the test evaluation is rank 0's (the labelled test set is small)
         return {}
 
@@ -223,7 +280,11 @@ def main(args) -> dict:
         validate=False,  # data checked above
     )
     report.update(
+        model=model_class,
         labels=args.labels,
+        epochs_trained=trainer.epoch,
+        stopped=stopped,
+        train_minutes=sum(m["seconds"] for m in trainer.history) / 60,
         best_epoch=best["epoch"],
         val_accuracy=max(m["val_accuracy"] for m in trainer.history),
         binarize=args.binarize,
