@@ -16,6 +16,13 @@ image (the complexity measure in nats too), so that one sign convention holds fo
   own test images (Nalisnick et al. 2019, "Do Deep Generative Models Know What They Don't
   Know?").
 
+The compressor matters (on Fashion-MNIST against MNIST, AUROC from 0.78 to 0.98 between
+zlib and bz2), and choosing it by its AUROC would need OOD data.  ``choose_compressor`` picks
+it from in-distribution held-out images only: L(x) is meant to stand in for the part of
+−log p(x) that any model pays for the input's complexity, so the compressor whose code
+lengths track the model's own −log p̂(x) most closely (Pearson correlation) is the best
+stand-in.  ``compressor="auto"`` in ``scripts/detect_ood.py`` does this on the validation split.
+
 ``detection_metrics`` treats the out-of-distribution images as the positive class (the ones
 to detect) and the negated score as the detector's output: AUROC, AUPRC (average precision,
 OOD positive) and the false-positive rate at 95% true-positive rate (the share of
@@ -40,6 +47,7 @@ from pyro_vae.evaluate import estimate_log_px
 __all__ = [
     "COMPRESSORS",
     "SCORES",
+    "choose_compressor",
     "complexity_bits",
     "detection_metrics",
     "ood_scores",
@@ -81,6 +89,28 @@ def complexity_bits(
     size = COMPRESSORS[compressor]
     images = (x.detach().cpu().reshape(len(x), *image_shape).numpy() > 0.5).astype(np.uint8) * 255
     return torch.tensor([8.0 * size(image) for image in images], dtype=torch.float64)
+
+
+def choose_compressor(
+    log_px: Tensor,
+    x: Tensor,
+    image_shape: Sequence[int] = (28, 28),
+    compressors: Sequence[str] | None = None,
+) -> tuple[str, dict[str, float]]:
+    """(the chosen compressor, {compressor: correlation}) for in-distribution held-out images
+    ``x`` with the model's log p̂(x) ``log_px`` (N,): the compressor whose code lengths L(x)
+    have the highest Pearson correlation with −log p̂(x).  Uses no OOD data."""
+    names = list(COMPRESSORS) if compressors is None else list(compressors)
+    if len(x) < 3 or len(log_px) != len(x):
+        raise ValueError("choosing a compressor needs at least 3 images, each with its log p(x)")
+    nll = -log_px.detach().double().cpu().numpy()
+    correlations = {}
+    for name in names:
+        bits = complexity_bits(x, image_shape, name).numpy()
+        # a constant code length (or likelihood) correlates with nothing: rank it last
+        r = np.corrcoef(nll, bits)[0, 1] if bits.std() > 0 and nll.std() > 0 else -1.0
+        correlations[name] = float(r)
+    return max(names, key=correlations.__getitem__), correlations
 
 
 @torch.no_grad()

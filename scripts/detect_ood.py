@@ -8,7 +8,9 @@ trained on) and of the OOD set (``--out``: another data set, or ``noise`` / ``fl
 from the in-distribution test images: independent pixels with their mean intensities, or
 the images upside down), binarised as in training, by log p̂(x) (K = --num-particles), the
 ELBO, the reconstruction and the input-complexity ratio (Serrà et al. 2020); reports AUROC,
-AUPRC and FPR at 95% TPR per score. Writes ood_<in>_vs_<out>.json, the per-image scores
+AUPRC and FPR at 95% TPR per score. The compressor of the complexity ratio is chosen on the
+in-distribution validation images (``--compressor auto``, see ``pyro_vae.ood``), never on
+OOD data. Writes ood_<in>_vs_<out>.json, the per-image scores
 ood_<in>_vs_<out>.npz, and figures/ood_<in>_vs_<out>_roc.png and _scores.png into the run
 directory (or --output-dir).
 """
@@ -32,9 +34,17 @@ from pyro_vae.cli import (
     resolve_device,
     run,
 )
-from pyro_vae.data import DATASETS, as_dataset, heldout_split, load_dataset
+from pyro_vae.data import DATASETS, as_dataset, heldout_images
+from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import model_from_checkpoint
-from pyro_vae.ood import COMPRESSORS, SCORES, detection_metrics, ood_scores, roc
+from pyro_vae.ood import (
+    COMPRESSORS,
+    SCORES,
+    choose_compressor,
+    detection_metrics,
+    ood_scores,
+    roc,
+)
 from pyro_vae.plots import plot_ood_histograms, plot_roc
 from pyro_vae.seeding import child_seed
 from pyro_vae.train import seed_everything
@@ -76,9 +86,17 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--compressor",
-        default="png",
-        choices=sorted(COMPRESSORS),
-        help="the generic compressor that measures input complexity (default: png)",
+        default="auto",
+        choices=("auto", *sorted(COMPRESSORS)),
+        help="the generic compressor that measures input complexity; auto: the one whose code "
+        "lengths track the model's -log p(x) best on in-distribution validation images "
+        "(default: auto)",
+    )
+    p.add_argument(
+        "--select-images",
+        type=positive_int,
+        default=1000,
+        help="validation images that choose the compressor with --compressor auto (default: 1000)",
     )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="where data sets live (default: as in training)"
@@ -91,11 +109,6 @@ def build_parser() -> ArgumentParser:
     )
     add_runtime_args(p)
     return p
-
-
-def test_images(name: str, data_dir, binarize: str, seed: int, n: int | None) -> torch.Tensor:
-    splits = load_dataset(name, data_dir)
-    return heldout_split(splits, "test", binarize, seed).images[:n]
 
 
 def made_images(kind: str, inside: torch.Tensor, seed: int) -> torch.Tensor:
@@ -126,17 +139,33 @@ def main(args) -> dict:
     seed_everything(args.seed)
     data_dir = args.data_dir or config.get("data_dir")
     seed = config.get("seed", 0)
-    inside = test_images(inside_name, data_dir, binarize, seed, args.images)
+    inside = heldout_images(inside_name, data_dir, "test", binarize, seed, args.images)
     if args.outside in MADE:
         outside = as_dataset(made_images(args.outside, inside, args.seed)).images
     else:
-        outside = test_images(args.outside, data_dir, binarize, seed, args.images)
+        outside = heldout_images(args.outside, data_dir, "test", binarize, seed, args.images)
     for name, x in ((inside_name, inside), (args.outside, outside)):
         if x.shape[1] != model.x_dim:
             raise UsageError(f"the model expects {model.x_dim} pixels, {name} has {x.shape[1]}")
 
-    options = {"num_particles": args.num_particles, "compressor": args.compressor}
     progress = not args.quiet
+    compressor, selection = args.compressor, None
+    if compressor == "auto":
+        valid = heldout_images(inside_name, data_dir, "valid", binarize, seed, args.select_images)
+        log_px = estimate_log_px(
+            model.model,
+            model.guide,
+            valid.to(device),
+            num_particles=args.num_particles,
+            ks=(),
+            psis=False,
+            seed=args.seed + 2,
+            progress=progress,
+            validate=False,
+        ).log_px
+        compressor, correlations = choose_compressor(log_px, valid, model.image_shape)
+        selection = {"split": "valid", "images": len(valid), "correlations": correlations}
+    options = {"num_particles": args.num_particles, "compressor": compressor}
     scores_in = ood_scores(model, inside.to(device), seed=args.seed, progress=progress, **options)
     scores_out = ood_scores(
         model, outside.to(device), seed=args.seed + 1, progress=progress, **options
@@ -148,7 +177,8 @@ def main(args) -> dict:
         "out": args.outside,
         "images": {"in": len(inside), "out": len(outside)},
         "num_particles": args.num_particles,
-        "compressor": args.compressor,
+        "compressor": compressor,
+        "compressor_selection": selection,
         "binarize": binarize,
         "checkpoint": str(path),
         "metrics": metrics,
@@ -171,6 +201,12 @@ def main(args) -> dict:
     )
     if not args.quiet:
         print(f"{title}, {len(inside)} + {len(outside)} test images, K={args.num_particles}")
+        if selection is not None:
+            table = ", ".join(f"{c} {r:.3f}" for c, r in selection["correlations"].items())
+            print(
+                f"  compressor {compressor}: corr(L(x), -log p(x)) on {len(valid)} "
+                f"{inside_name} validation images: {table}"
+            )
         print(f"  {'score':<17} {'AUROC':>6} {'AUPRC':>6} {'FPR@95':>7}   mean in / out (nats)")
         for s in SCORES:
             m, mean = metrics[s], report["mean_score"][s]

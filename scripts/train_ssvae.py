@@ -119,17 +119,17 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def m1_from(path: Path, dataset: str, x_dim: int) -> VAE:
-    """The trained VAE at ``path``, checked to fit the data M2 will see."""
+def load_m1(path: Path, dataset: str) -> VAE:
+    """The trained VAE at ``path``, checked to be one M2 can stand on."""
     state = load_checkpoint(resolve_checkpoint(path))
     vae = model_from_checkpoint(state)
     if not isinstance(vae, VAE):
         raise UsageError(f"--m1 {path}: holds a {state['model_class']}, not a VAE")
-    if vae.likelihood_name != "bernoulli" or state["config"].get("binarize") == "none":
+    config = state.get("config", {})
+    if vae.likelihood_name != "bernoulli" or config.get("binarize") == "none":
         raise UsageError(f"--m1 {path}: M1 must be a Bernoulli VAE trained on binary images")
-    trained_on = state["config"].get("dataset")
-    if vae.x_dim != x_dim or (trained_on is not None and trained_on != dataset):
-        raise UsageError(f"--m1 {path}: trained on {trained_on}, not on --dataset {dataset}")
+    if config.get("dataset", dataset) != dataset:
+        raise UsageError(f"--m1 {path}: trained on {config['dataset']}, not on --dataset {dataset}")
     return vae
 
 
@@ -139,6 +139,8 @@ def accuracy(model: SSVAE | StackedSSVAE, x: torch.Tensor, y: torch.Tensor) -> f
 
 def main(args) -> dict:
     args, state, out, device, ranks = begin_run(args, build_parser(), "ssvae")
+    # M1 is checked before the data load; a resumed run has its weights in the checkpoint
+    m1 = load_m1(args.m1, args.dataset) if args.m1 is not None and state is None else None
     train, valid, test = training_splits(
         args.dataset,
         args.data_dir,
@@ -192,7 +194,11 @@ def main(args) -> dict:
     elif state is not None:  # resumed: M1's weights are in the checkpoint
         model = StackedSSVAE(state["model_config"]["m1"], **m2)
     else:
-        model = StackedSSVAE.from_vae(m1_from(args.m1, args.dataset, train.images.shape[1]), **m2)
+        if m1.x_dim != train.images.shape[1]:
+            raise UsageError(
+                f"--m1 {args.m1}: M1 takes {m1.x_dim} pixels, the data have {train.images.shape[1]}"
+            )
+        model = StackedSSVAE.from_vae(m1, **m2)
     model = model.to(device)
     trainer = Trainer(
         partial(model.model, aux=True),

@@ -77,6 +77,8 @@ PATH_CASES = [
         ["--checkpoint", "{run}", "--out", "noise", "--output-dir", "{file}/x"],
         "--output-dir",
     ),
+    ("train_ssvae.py", ["--m1", "{tmp}/missing"], "no checkpoint"),
+    ("train_ssvae.py", ["--m1", "{file}"], "truncated or corrupt"),
     # flags that do not go together
     ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "drop --covariance full"),
     ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),

@@ -74,6 +74,11 @@ SMOKE_RUNS = {
             "0",
             *SSVAE_TINY,
         ],
+        # M1+M2 on the codes of the tiny VAE, stopped early by --patience or --max-minutes
+        [
+            *("--m1", "{run}", "--epochs", "6", "--patience", "1", "--max-minutes", "10"),
+            *("--eval-particles", "4", "--likelihood-size", "10", *SSVAE_TINY),
+        ],
     ],
     "evaluate_marginal_likelihood.py": [
         ["--checkpoint", "{run}", "--num-particles", "60", "--eval-size", "40", "--quiet"],
@@ -197,6 +202,11 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         assert len(config["labelled_indices"]) == 100
         if "log_px" in report:
             assert report["log_px"] >= report["log_pxy"]  # summing over y adds mass
+        if "--m1" in args:
+            assert report["model"] == "StackedSSVAE" and config["model_class"] == "StackedSSVAE"
+            assert report["epochs_trained"] == len(metrics) <= 6
+            if report["stopped"] is not None:  # patience 1: stopped right after a non-improvement
+                assert metrics[-1]["val_accuracy"] <= max(m["val_accuracy"] for m in metrics[:-1])
     if script == "inference_gaps.py":
         report = json.loads((out / "inference_gaps_full.json").read_text())
         assert report["num_datapoints"] == 4 and report["units"] == "nats per image"

@@ -19,7 +19,13 @@ from pyro_vae.data.sources import (
     prepare_fashion_mnist,
     prepare_mnist,
 )
-from pyro_vae.data.splits import binarize_static, heldout_split, labelled_subset, training_splits
+from pyro_vae.data.splits import (
+    binarize_static,
+    heldout_images,
+    heldout_split,
+    labelled_subset,
+    training_splits,
+)
 
 __all__ = [
     "BINARIZATIONS",
@@ -35,6 +41,7 @@ __all__ = [
     "binarize_static",
     "check_images",
     "default_data_dir",
+    "heldout_images",
     "heldout_split",
     "labelled_subset",
     "load_dataset",

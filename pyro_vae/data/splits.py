@@ -12,7 +12,13 @@ from pyro_vae.data.dataset import DataError, Dataset, check_images
 from pyro_vae.data.sources import load_dataset
 from pyro_vae.seeding import generator
 
-__all__ = ["binarize_static", "heldout_split", "labelled_subset", "training_splits"]
+__all__ = [
+    "binarize_static",
+    "heldout_images",
+    "heldout_split",
+    "labelled_subset",
+    "training_splits",
+]
 
 
 def binarize_static(data: Dataset, seed: int, stream: str = "binarize-train") -> Dataset:
@@ -33,6 +39,19 @@ def heldout_split(splits: dict[str, Dataset], name: str, binarize: str, seed: in
         raise DataError(f"unknown held-out split {name!r}; choose valid or test")
     data = splits[name]
     return data if binarize == "none" else binarize_static(data, seed, f"binarize-{name}")
+
+
+def heldout_images(
+    dataset: str,
+    data_dir: Path | str | None,
+    split: str,
+    binarize: str,
+    seed: int,
+    n: int | None = None,
+) -> Tensor:
+    """The first ``n`` images (all when None) of ``dataset``'s ``valid`` or ``test`` split as
+    evaluation sees them (``heldout_split``), shape (n, pixels)."""
+    return heldout_split(load_dataset(dataset, data_dir), split, binarize, seed).images[:n]
 
 
 def training_splits(
