@@ -7,6 +7,8 @@ cores / N threads (on 2 cores, two single-threaded runs finish sooner than two 2
 one after the other). Finished runs are read back; interrupted ones are resumed.
 
     python benchmarks/ssvae_labels.py --labels 100 3000 --seeds 0 1 2 --jobs 2 -- --epochs 30
+    python benchmarks/ssvae_labels.py --out runs/m1m2 --jobs 2 -- --m1 runs/m1 --beta 1 \
+        --lr 3e-3 --epochs 300 --patience 15 --max-minutes 22
 """
 
 from __future__ import annotations
@@ -60,8 +62,14 @@ def main(args, extra: list[str]) -> None:
             continue
         report = json.loads((out / "evaluation.json").read_text())
         wall = out / "wall_seconds.txt"
-        seconds = float(wall.read_text()) if wall.is_file() else float("nan")
+        # a resumed run appends a line per session
+        seconds = sum(map(float, wall.read_text().split())) if wall.is_file() else float("nan")
         results.setdefault(labels, []).append((report["test_error"], seconds))
+        if "epochs_trained" in report:  # early stopping / a time budget
+            print(
+                f"labels {labels:>5}  seed {seed}: {report['epochs_trained']} epochs in "
+                f"{report['train_minutes']:.1f} min; {report['stopped'] or 'ran all epochs'}"
+            )
         extra_cols = ""
         if "log_px" in report:
             extra_cols = (

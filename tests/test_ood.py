@@ -13,7 +13,14 @@ from helpers import run_script
 from pyro_vae import VAE, BatchLoader, Trainer
 from pyro_vae.data import binarize_static
 from pyro_vae.data.sources import FASHION_DEBIAN_DIR
-from pyro_vae.ood import COMPRESSORS, SCORES, complexity_bits, detection_metrics, ood_scores
+from pyro_vae.ood import (
+    COMPRESSORS,
+    SCORES,
+    choose_compressor,
+    complexity_bits,
+    detection_metrics,
+    ood_scores,
+)
 
 
 def pairwise_auroc(inside, outside):
@@ -52,6 +59,23 @@ def test_complexity_grows_with_the_content_of_the_image(compressor):
     assert bits[2] > 700  # a random image does not compress below its 784 bits by much
     with pytest.raises(ValueError, match="unknown compressor"):
         complexity_bits(blank, compressor="jpeg")
+
+
+@pytest.mark.parametrize("target", ["bz2", "zlib"])
+def test_the_compressor_whose_lengths_track_the_likelihood_is_chosen(mnist, target):
+    x = binarize_static(mnist["valid"].subset(slice(0, 60)), 0, "v").images
+    bits = {c: complexity_bits(x, compressor=c) for c in COMPRESSORS}
+    # a "model" whose -log p(x) is exactly the target's code length, plus a little noise
+    noise = torch.randn(len(x), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    log_px = -(bits[target] * math.log(2) + noise)
+    chosen, correlations = choose_compressor(log_px, x)
+    assert chosen == target and set(correlations) == set(COMPRESSORS)
+    assert correlations[target] > 0.99 and max(correlations.values()) == correlations[target]
+    # the correlation is Pearson's: the other compressors' lengths correlate less
+    r = np.corrcoef(-log_px.numpy(), bits["png"].numpy())[0, 1]
+    assert correlations["png"] == pytest.approx(r)
+    with pytest.raises(ValueError, match="at least 3"):
+        choose_compressor(log_px[:2], x[:2])
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,16 @@
 """The stacked M1+M2 model: its enumerated loss by hand, where gradients go, the checkpoint,
 and log p(x) with the labels summed out."""
 
+import json
 import math
+import shutil
 from functools import partial
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import run_script
 from pyro.infer import TraceEnum_ELBO
 from torch.nn import functional as F
 
@@ -194,3 +197,28 @@ def test_trainer_stops_when_a_callback_says_so(stacked):
 
     history = trainer.fit(loader, 10, callbacks=[count], progress=False)
     assert calls == [1, 2, 3] and len(history) == 3 and trainer.epoch == 3
+
+
+@pytest.mark.slow
+def test_a_stacked_run_resumes_without_the_m1_directory(data_dir, trained_run, tmp_path):
+    m1 = tmp_path / "m1"
+    shutil.copytree(trained_run, m1)
+    out = tmp_path / "run"
+    tiny = ["--labels", "100", "--train-size", "1300", "--batch-size", "100", "--eval-size", "100"]
+    tiny += ["--hidden", "32", "--classifier-hidden", "32", "--z-dim", "4", "--quiet"]
+    first = run_script(
+        "train_ssvae.py",
+        ["--m1", str(m1), "--epochs", "1", "--eval-particles", "0", *tiny, "--out", str(out)],
+        data_dir,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(m1)  # M1's weights travel in the stack's checkpoint
+    resumed = run_script("train_ssvae.py", ["--resume", str(out), "--epochs", "2"], data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["model_class"] == "StackedSSVAE" and state["trainer"]["epoch"] == 2
+    stack = model_from_checkpoint(state)
+    original = model_from_checkpoint(load_checkpoint(trained_run))
+    assert all(torch.equal(a, b) for a, b in zip(stack.m1.parameters(), original.parameters()))
