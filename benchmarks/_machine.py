@@ -40,3 +40,22 @@ class Quietness:
             f"machine {verdict}: other processes used {self.others:.0f} core-s over {self.wall:.0f} s "
             f"of wall time ({share:.0%} of {cores} cores); this measurement {self.own:.0f} core-s"
         )
+
+
+def time_alternating(arms: dict, rounds: int) -> tuple[dict[str, list[float]], Quietness]:
+    """Run every arm (a callable doing one epoch) once to warm up, then ``rounds`` times in
+    turn, so that load changes affect all arms alike: ({arm: seconds per round}, quietness)."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for fn in arms.values():
+        fn()
+    with Quietness() as quiet:
+        for r in range(rounds):
+            for name, fn in arms.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            print(
+                f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
+                flush=True,
+            )
+    return times, quiet

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from functools import partial
 
 import pyro
 import pyro.distributions as dist
 import torch
-from _machine import Quietness
+from _machine import time_alternating
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from torch.nn import functional as F
 
@@ -136,19 +135,7 @@ def main(args) -> None:
 
     arms["pyro_example"] = example_epoch
 
-    for fn in arms.values():  # warm-up: one epoch each
-        fn()
-    times = {name: [] for name in arms}
-    with Quietness() as quiet:
-        for r in range(args.rounds):
-            for name, fn in arms.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            print(
-                f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
-                flush=True,
-            )
+    times, quiet = time_alternating(arms, args.rounds)
     base = statistics.median(times["library"])
     print(
         f"\nM2, {args.labels} labels, batch {args.batch_size}, one labelled batch after every "

@@ -32,12 +32,11 @@ import argparse
 import copy
 import math
 import statistics
-import time
 
 import pyro
 import pyro.distributions as dist
 import torch
-from _machine import Quietness
+from _machine import time_alternating
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import VAE, BatchLoader, Trainer, load_dataset
@@ -128,19 +127,7 @@ def main(args):
         example_loader = loader()
         arms["pyro_example"] = lambda: [svi.step(x) for (x,) in example_loader]
 
-    times = {name: [] for name in arms}
-    for fn in arms.values():  # warm-up
-        fn()
-    with Quietness() as quiet:
-        for r in range(args.rounds):
-            for name, fn in arms.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            print(
-                f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
-                flush=True,
-            )
+    times, quiet = time_alternating(arms, args.rounds)
     base = statistics.median(times["plain"])
     hidden = "-".join(map(str, args.hidden))
     print(

@@ -36,7 +36,30 @@ def _with_onehot(h: Tensor, y: Tensor, num_classes: int) -> Tensor:
     return torch.cat([h.expand(*batch, h.shape[-1]), y1.expand(*batch, num_classes)], dim=-1)
 
 
-class SSVAE(PyroModel):
+class ClassConditional:
+    """What a model with ``encode(x)``, ``decode(z, y)``, ``classify(x)``, ``z_dim`` and
+    ``num_classes`` offers on top: reconstructions, samples and style-and-content grids."""
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x)[0], self.classify(x))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, self.z_dim, generator=generator).to(self._zero.device)
+        y = torch.randint(self.num_classes, (n,), generator=generator).to(self._zero.device)
+        return self.decode(z, y)
+
+    @torch.no_grad()
+    def analogies(self, x: Tensor) -> Tensor:
+        """Style and content (Kingma et al. 2014, fig. 1): for each image, z from q(z|x, ŷ)
+        decoded with every class, shape (N, num_classes, x_dim)."""
+        loc, _ = self.encode(x)
+        classes = torch.arange(self.num_classes, device=x.device)
+        return self.decode(loc[:, None, :], classes[None, :].expand(len(x), -1))
+
+
+class SSVAE(ClassConditional, PyroModel):
     """M2 with a classifier q(y|x) and an auxiliary classification loss on labelled data.
 
     ``aux_weight`` (alpha) scales log q(y|x) on labelled batches, added as an observed site
@@ -149,21 +172,3 @@ class SSVAE(PyroModel):
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """Pixel probabilities of p(x|y,z)."""
         return torch.sigmoid(self.decoder(_with_onehot(z, y, self.num_classes)))
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x)[0], self.classify(x))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        z = torch.randn(n, self.z_dim, generator=generator).to(self._zero.device)
-        y = torch.randint(self.num_classes, (n,), generator=generator).to(self._zero.device)
-        return self.decode(z, y)
-
-    @torch.no_grad()
-    def analogies(self, x: Tensor) -> Tensor:
-        """Style and content (Kingma et al. 2014, fig. 1): for each image, z from q(z|x, ŷ)
-        decoded with every class, shape (N, num_classes, x_dim)."""
-        loc, _ = self.encode(x)
-        classes = torch.arange(self.num_classes, device=x.device)
-        return self.decode(loc[:, None, :], classes[None, :].expand(len(x), -1))

@@ -30,14 +30,14 @@ from pyro import poutine
 from torch import Tensor
 
 from pyro_vae.models.base import PyroModel
-from pyro_vae.models.ssvae import _with_onehot
+from pyro_vae.models.ssvae import ClassConditional, _with_onehot
 from pyro_vae.models.vae import VAE
 from pyro_vae.nets import Encoder, mlp
 
 __all__ = ["StackedSSVAE"]
 
 
-class StackedSSVAE(PyroModel):
+class StackedSSVAE(ClassConditional, PyroModel):
     """M1+M2: ``m1`` is the config of a trained ``VAE`` (its weights are part of this module's
     ``state_dict``: use ``from_vae`` to start from a trained one); the other arguments are M2's,
     as in ``SSVAE`` (``z_dim`` is M2's z2; its inputs are M1's ``z_dim`` codes).
@@ -173,21 +173,3 @@ class StackedSSVAE(PyroModel):
         z1 = self.codes(x)
         y = self.classifier(z1).argmax(-1) if y is None else y
         return self.encoder(_with_onehot(z1, y, self.num_classes))
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x)[0], self.classify(x))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        z = torch.randn(n, self.z_dim, generator=generator).to(self._zero.device)
-        y = torch.randint(self.num_classes, (n,), generator=generator).to(self._zero.device)
-        return self.decode(z, y)
-
-    @torch.no_grad()
-    def analogies(self, x: Tensor) -> Tensor:
-        """Style and content: for each image, z2 from q(z2|z1, ŷ) decoded with every class,
-        shape (N, num_classes, x_dim)."""
-        loc, _ = self.encode(x)
-        classes = torch.arange(self.num_classes, device=x.device)
-        return self.decode(loc[:, None, :], classes[None, :].expand(len(x), -1))
