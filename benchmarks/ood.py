@@ -8,7 +8,9 @@ in-distribution set and those of the other the OOD set, binarised as in training
 in ``scripts/detect_ood.py`` (K = --num-particles), the complexity ratio with the compressor
 chosen on the model's own validation images (``choose_compressor``); the ratio is also
 reported for each compressor, with its validation correlation, to show how much the choice
-matters and whether the validation criterion ranks them as the OOD test would. Prints a table and writes ``results.json`` into --out.
+matters and whether the validation criterion ranks them as the OOD test would; and, on the
+first --made-images test images, every compressor against the ``flipped`` and ``noise``
+sets made from them (shifts the criterion was not written on). Prints a table and writes ``results.json`` into --out.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
     COMPRESSORS,
+    MADE,
     SCORES,
     choose_compressor,
     complexity_bits,
     detection_metrics,
+    made_images,
     ood_scores,
 )
 
@@ -39,6 +43,38 @@ from pyro_vae.ood import (
 def images(name: str, config: dict, split: str, n: int | None) -> torch.Tensor:
     binarize, seed = config.get("binarize", "dynamic"), config.get("seed", 0)
     return heldout_images(name, config.get("data_dir"), split, binarize, seed, n)
+
+
+def made_pairs(vae, inside: torch.Tensor, num_particles: int) -> dict:
+    """AUROC of log p̂(x) and of the complexity ratio with each compressor, ``inside``
+    against the ``flipped`` and ``noise`` sets made from it: how the compressor choice fares
+    on shifts other than the one it is usually tuned on."""
+
+    def log_px(x, seed):
+        return estimate_log_px(
+            vae.model,
+            vae.guide,
+            x,
+            num_particles=num_particles,
+            ks=(),
+            psis=False,
+            seed=seed,
+            validate=False,
+        ).log_px
+
+    lp_in = log_px(inside, 0)
+    result = {}
+    for kind in MADE:
+        outside = made_images(kind, inside, 0)
+        lp_out = log_px(outside, 1)
+        auroc = {"log_px": detection_metrics(lp_in, lp_out)["auroc"]}
+        for name in COMPRESSORS:
+            b_in = complexity_bits(inside, vae.image_shape, name) * math.log(2)
+            b_out = complexity_bits(outside, vae.image_shape, name) * math.log(2)
+            auroc[name] = detection_metrics(lp_in + b_in, lp_out + b_out)["auroc"]
+        result[kind] = auroc
+        print(f"  vs {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in auroc.items()))
+    return result
 
 
 def main(args) -> int:
@@ -97,6 +133,8 @@ def main(args) -> int:
             row["complexity_ratio_by_compressor"][name] = detection_metrics(
                 s_in["log_px"] + bits_in * math.log(2), s_out["log_px"] + bits_out * math.log(2)
             )
+        if args.made_images:
+            row["made"] = made_pairs(vae, inside[: args.made_images], args.num_particles)
         rows.append(row)
         print(f"model trained on {own}, OOD {other}: {len(inside)} + {len(outside)} test images")
         print(
@@ -125,6 +163,12 @@ if __name__ == "__main__":
     p.add_argument("--num-particles", type=int, default=1000)
     p.add_argument(
         "--select-images", type=int, default=1000, help="validation images choosing the compressor"
+    )
+    p.add_argument(
+        "--made-images",
+        type=int,
+        default=2000,
+        help="test images scored against their flipped and noise versions (0: skip)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/ood")

@@ -43,13 +43,16 @@ import torch
 from torch import Tensor
 
 from pyro_vae.evaluate import estimate_log_px
+from pyro_vae.seeding import child_seed
 
 __all__ = [
     "COMPRESSORS",
+    "MADE",
     "SCORES",
     "choose_compressor",
     "complexity_bits",
     "detection_metrics",
+    "made_images",
     "ood_scores",
     "roc",
 ]
@@ -111,6 +114,22 @@ def choose_compressor(
         r = np.corrcoef(nll, bits)[0, 1] if bits.std() > 0 and nll.std() > 0 else -1.0
         correlations[name] = float(r)
     return max(names, key=correlations.__getitem__), correlations
+
+
+# OOD sets made from the in-distribution images themselves, so that no other data set is needed
+MADE = ("noise", "flipped")
+
+
+def made_images(kind: str, inside: Tensor, seed: int) -> Tensor:
+    """``noise``: independent pixels with the in-distribution images' mean intensity per
+    pixel; ``flipped``: the in-distribution images (square) upside down."""
+    if kind not in MADE:
+        raise ValueError(f"unknown made OOD set {kind!r}; choose from {MADE}")
+    if kind == "flipped":
+        side = int(round(inside.shape[1] ** 0.5))
+        return inside.reshape(len(inside), side, side).flip(1).reshape(len(inside), -1)
+    gen = torch.Generator().manual_seed(child_seed(seed, "ood-noise"))
+    return torch.bernoulli(inside.mean(0).expand_as(inside), generator=gen)
 
 
 @torch.no_grad()

@@ -39,17 +39,16 @@ from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
     COMPRESSORS,
+    MADE,
     SCORES,
     choose_compressor,
     detection_metrics,
+    made_images,
     ood_scores,
     roc,
 )
 from pyro_vae.plots import plot_ood_histograms, plot_roc
-from pyro_vae.seeding import child_seed
 from pyro_vae.train import seed_everything
-
-MADE = ("noise", "flipped")
 
 
 def build_parser() -> ArgumentParser:
@@ -109,17 +108,6 @@ def build_parser() -> ArgumentParser:
     )
     add_runtime_args(p)
     return p
-
-
-def made_images(kind: str, inside: torch.Tensor, seed: int) -> torch.Tensor:
-    """``noise``: independent pixels with the in-distribution images' mean intensity per
-    pixel; ``flipped``: the in-distribution images upside down."""
-    if kind == "flipped":
-        side = int(round(inside.shape[1] ** 0.5))
-        return inside.reshape(len(inside), side, side).flip(1).reshape(len(inside), -1)
-    generator = torch.Generator().manual_seed(child_seed(seed, "ood-noise"))
-    probs = inside.mean(0).expand_as(inside)
-    return torch.bernoulli(probs, generator=generator)
 
 
 def main(args) -> dict:

@@ -19,6 +19,7 @@ from pyro_vae.ood import (
     choose_compressor,
     complexity_bits,
     detection_metrics,
+    made_images,
     ood_scores,
 )
 
@@ -76,6 +77,20 @@ def test_the_compressor_whose_lengths_track_the_likelihood_is_chosen(mnist, targ
     assert correlations["png"] == pytest.approx(r)
     with pytest.raises(ValueError, match="at least 3"):
         choose_compressor(log_px[:2], x[:2])
+
+
+def test_made_ood_sets():
+    x = torch.bernoulli(torch.full((200, 16), 0.4), generator=torch.Generator().manual_seed(1))
+    flipped = made_images("flipped", x, seed=0)
+    assert torch.equal(flipped.reshape(200, 4, 4), x.reshape(200, 4, 4).flip(1))
+    assert torch.equal(made_images("flipped", flipped, seed=0), x)
+    noise = made_images("noise", x, seed=3)
+    assert torch.equal(noise, made_images("noise", x, seed=3))
+    assert not torch.equal(noise, made_images("noise", x, seed=4))
+    assert ((noise == 0) | (noise == 1)).all()
+    assert torch.allclose(noise.mean(0), x.mean(0), atol=0.15)  # the pixels' own frequencies
+    with pytest.raises(ValueError, match="unknown made OOD set"):
+        made_images("blur", x, seed=0)
 
 
 @pytest.fixture(scope="module")
