@@ -66,9 +66,11 @@ def main(args, extra: list[str]) -> None:
         seconds = sum(map(float, wall.read_text().split())) if wall.is_file() else float("nan")
         results.setdefault(labels, []).append((report["test_error"], seconds))
         if "epochs_trained" in report:  # early stopping / a time budget
+            epochs = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+            minutes = sum(m["seconds"] for m in epochs) / 60
             print(
                 f"labels {labels:>5}  seed {seed}: {report['epochs_trained']} epochs in "
-                f"{report['train_minutes']:.1f} min; {report['stopped'] or 'ran all epochs'}"
+                f"{minutes:.1f} min; {report['stopped'] or 'ran all epochs'}"
             )
         extra_cols = ""
         if "log_px" in report:

@@ -290,7 +290,6 @@ def main(args) -> dict:
         labels=args.labels,
         epochs_trained=trainer.epoch,
         stopped=stopped,
-        train_minutes=sum(m["seconds"] for m in trainer.history) / 60,
         best_epoch=best["epoch"],
         val_accuracy=max(m["val_accuracy"] for m in trainer.history),
         binarize=args.binarize,
