@@ -26,7 +26,6 @@ import torch
 
 from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
 from pyro_vae.data import heldout_images
-from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
     COMPRESSORS,
@@ -35,6 +34,7 @@ from pyro_vae.ood import (
     choose_compressor,
     complexity_bits,
     detection_metrics,
+    log_px_per_image,
     made_images,
     ood_scores,
 )
@@ -50,23 +50,11 @@ def made_pairs(vae, inside: torch.Tensor, num_particles: int) -> dict:
     against the ``flipped`` and ``noise`` sets made from it: how the compressor choice fares
     on shifts other than the one it is usually tuned on."""
 
-    def log_px(x, seed):
-        return estimate_log_px(
-            vae.model,
-            vae.guide,
-            x,
-            num_particles=num_particles,
-            ks=(),
-            psis=False,
-            seed=seed,
-            validate=False,
-        ).log_px
-
-    lp_in = log_px(inside, 0)
+    lp_in = log_px_per_image(vae, inside, num_particles=num_particles, seed=0)
     result = {}
     for kind in MADE:
         outside = made_images(kind, inside, 0)
-        lp_out = log_px(outside, 1)
+        lp_out = log_px_per_image(vae, outside, num_particles=num_particles, seed=1)
         auroc = {"log_px": detection_metrics(lp_in, lp_out)["auroc"]}
         for name in COMPRESSORS:
             b_in = complexity_bits(inside, vae.image_shape, name) * math.log(2)
@@ -98,16 +86,7 @@ def main(args) -> int:
         # the compressor as scripts/detect_ood.py --compressor auto chooses it: on the
         # in-distribution validation images only
         valid = images(own, config, "valid", args.select_images)
-        log_px_valid = estimate_log_px(
-            vae.model,
-            vae.guide,
-            valid,
-            num_particles=args.num_particles,
-            ks=(),
-            psis=False,
-            seed=2,
-            validate=False,
-        ).log_px
+        log_px_valid = log_px_per_image(vae, valid, num_particles=args.num_particles, seed=2)
         chosen, correlations = choose_compressor(log_px_valid, valid, vae.image_shape)
         options = {"num_particles": args.num_particles, "compressor": chosen}
         s_in = ood_scores(vae, inside, seed=0, **options)

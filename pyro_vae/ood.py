@@ -52,6 +52,7 @@ __all__ = [
     "choose_compressor",
     "complexity_bits",
     "detection_metrics",
+    "log_px_per_image",
     "made_images",
     "ood_scores",
     "roc",
@@ -130,6 +131,25 @@ def made_images(kind: str, inside: Tensor, seed: int) -> Tensor:
         return inside.reshape(len(inside), side, side).flip(1).reshape(len(inside), -1)
     gen = torch.Generator().manual_seed(child_seed(seed, "ood-noise"))
     return torch.bernoulli(inside.mean(0).expand_as(inside), generator=gen)
+
+
+@torch.no_grad()
+def log_px_per_image(
+    model, x: Tensor, *, num_particles: int = 1000, seed: int | None = 0, progress: bool = False
+) -> Tensor:
+    """The evaluator's importance-weighted log p̂(x) of every row of ``x`` under ``model``'s
+    model/guide pair, nothing else (no PSIS, no bound against K): (N,) float64, nats."""
+    return estimate_log_px(
+        model.model,
+        model.guide,
+        x,
+        num_particles=num_particles,
+        ks=(),
+        psis=False,
+        seed=seed,
+        progress=progress,
+        validate=False,
+    ).log_px
 
 
 @torch.no_grad()

@@ -35,7 +35,6 @@ from pyro_vae.cli import (
     run,
 )
 from pyro_vae.data import DATASETS, as_dataset, heldout_images
-from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
     COMPRESSORS,
@@ -43,6 +42,7 @@ from pyro_vae.ood import (
     SCORES,
     choose_compressor,
     detection_metrics,
+    log_px_per_image,
     made_images,
     ood_scores,
     roc,
@@ -140,17 +140,13 @@ def main(args) -> dict:
     compressor, selection = args.compressor, None
     if compressor == "auto":
         valid = heldout_images(inside_name, data_dir, "valid", binarize, seed, args.select_images)
-        log_px = estimate_log_px(
-            model.model,
-            model.guide,
+        log_px = log_px_per_image(
+            model,
             valid.to(device),
             num_particles=args.num_particles,
-            ks=(),
-            psis=False,
             seed=args.seed + 2,
             progress=progress,
-            validate=False,
-        ).log_px
+        )
         compressor, correlations = choose_compressor(log_px, valid, model.image_shape)
         selection = {"split": "valid", "images": len(valid), "correlations": correlations}
     options = {"num_particles": args.num_particles, "compressor": compressor}
