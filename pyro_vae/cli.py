@@ -72,6 +72,17 @@ positive_float = number_type(float, allow_zero=False)
 nonnegative_float = number_type(float, allow_zero=True)
 
 
+def probability(s: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number in [0, 1)") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number in [0, 1)")
+    return value
+
+
 def hidden_sizes(s: str) -> tuple[int, ...]:
     """'400' or '500,300' -> (500, 300)."""
     try:

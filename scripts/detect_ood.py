@@ -8,7 +8,9 @@ trained on) and of the OOD set (``--out``: another data set, or ``noise`` / ``fl
 from the in-distribution test images: independent pixels with their mean intensities, or
 the images upside down), binarised as in training, by log p̂(x) (K = --num-particles), the
 ELBO, the reconstruction and the input-complexity ratio (Serrà et al. 2020); reports AUROC,
-AUPRC and FPR at 95% TPR per score. The compressor of the complexity ratio is chosen on the
+AUPRC and FPR at 95% TPR per score; with ``--background RUN`` (a VAE trained by
+``train_svi.py --perturb``) also the likelihood ratio against that background model (Ren et
+al. 2019). The compressor of the complexity ratio is chosen on the
 in-distribution validation images (``--compressor auto``, see ``pyro_vae.ood``), never on
 OOD data. Writes ood_<in>_vs_<out>.json, the per-image scores
 ood_<in>_vs_<out>.npz, and figures/ood_<in>_vs_<out>_roc.png and _scores.png into the run
@@ -37,6 +39,7 @@ from pyro_vae.cli import (
 from pyro_vae.data import DATASETS, as_dataset, heldout_images
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
+    BACKGROUND_SCORE,
     COMPRESSORS,
     MADE,
     SCORES,
@@ -98,6 +101,13 @@ def build_parser() -> ArgumentParser:
         help="validation images that choose the compressor with --compressor auto (default: 1000)",
     )
     p.add_argument(
+        "--background",
+        type=Path,
+        default=None,
+        help="checkpoint or run directory of a background model (train_svi.py --perturb) on the "
+        "same images: adds the likelihood-ratio score log p(x) - log p_background(x)",
+    )
+    p.add_argument(
         "--data-dir", type=Path, default=None, help="where data sets live (default: as in training)"
     )
     p.add_argument(
@@ -123,6 +133,22 @@ def main(args) -> dict:
     if binarize == "none":
         raise UsageError("the checkpoint was trained on grey images; OOD scores need binary ones")
     inside_name = args.inside or config.get("dataset", "mnist")
+    background, background_info = None, None
+    if args.background is not None:
+        bg_path = resolve_checkpoint(args.background)
+        bg_state = load_checkpoint(bg_path, map_location=device)
+        background = model_from_checkpoint(bg_state).to(device).eval()
+        bg_config = bg_state.get("config", {})
+        if getattr(background, "likelihood_name", None) != "bernoulli":
+            raise UsageError("--background needs a VAE checkpoint with a Bernoulli likelihood")
+        if background.x_dim != model.x_dim:
+            raise UsageError(f"--background has {background.x_dim} pixels, the model {model.x_dim}")
+        if bg_config.get("dataset", "mnist") != config.get("dataset", "mnist"):
+            raise UsageError(
+                f"--background was trained on {bg_config.get('dataset', 'mnist')}, the model on "
+                f"{config.get('dataset', 'mnist')}: a likelihood ratio needs the same data"
+            )
+        background_info = {"checkpoint": str(bg_path), "perturb": bg_config.get("perturb", 0.0)}
     out = output_dir(args.output_dir or path.parent, "--output-dir")
     seed_everything(args.seed)
     data_dir = args.data_dir or config.get("data_dir")
@@ -149,12 +175,17 @@ def main(args) -> dict:
         )
         compressor, correlations = choose_compressor(log_px, valid, model.image_shape)
         selection = {"split": "valid", "images": len(valid), "correlations": correlations}
-    options = {"num_particles": args.num_particles, "compressor": compressor}
+    options = {
+        "num_particles": args.num_particles,
+        "compressor": compressor,
+        "background": background,
+    }
     scores_in = ood_scores(model, inside.to(device), seed=args.seed, progress=progress, **options)
     scores_out = ood_scores(
         model, outside.to(device), seed=args.seed + 1, progress=progress, **options
     )
-    metrics = {s: detection_metrics(scores_in[s], scores_out[s]) for s in SCORES}
+    names = [*SCORES, *([BACKGROUND_SCORE] if background is not None else [])]
+    metrics = {s: detection_metrics(scores_in[s], scores_out[s]) for s in names}
     tag = f"ood_{inside_name}_vs_{args.outside}"
     report = {
         "in": inside_name,
@@ -163,21 +194,21 @@ def main(args) -> dict:
         "num_particles": args.num_particles,
         "compressor": compressor,
         "compressor_selection": selection,
+        "background": background_info,
         "binarize": binarize,
         "checkpoint": str(path),
         "metrics": metrics,
         "mean_score": {
-            s: {"in": float(scores_in[s].mean()), "out": float(scores_out[s].mean())}
-            for s in SCORES
+            s: {"in": float(scores_in[s].mean()), "out": float(scores_out[s].mean())} for s in names
         },
         "positive_class": "out-of-distribution images; detector = -score",
         "units": "scores in nats per image, higher = more like the training data",
     }
     out.write_json(f"{tag}.json", report)
-    arrays = {f"{s}_in": scores_in[s].numpy() for s in SCORES}
-    arrays |= {f"{s}_out": scores_out[s].numpy() for s in SCORES}
+    arrays = {f"{s}_in": scores_in[s].numpy() for s in names}
+    arrays |= {f"{s}_out": scores_out[s].numpy() for s in names}
     out.write_bytes(f"{tag}.npz", _npz(arrays))
-    curves = {s: (*roc(scores_in[s], scores_out[s]), metrics[s]["auroc"]) for s in SCORES}
+    curves = {s: (*roc(scores_in[s], scores_out[s]), metrics[s]["auroc"]) for s in names}
     title = f"model trained on {config.get('dataset', 'mnist')}: {inside_name} vs {args.outside}"
     plot_roc(curves, out.figures / f"{tag}_roc.png", title=title)
     plot_ood_histograms(
@@ -192,7 +223,7 @@ def main(args) -> dict:
                 f"{inside_name} validation images: {table}"
             )
         print(f"  {'score':<17} {'AUROC':>6} {'AUPRC':>6} {'FPR@95':>7}   mean in / out (nats)")
-        for s in SCORES:
+        for s in names:
             m, mean = metrics[s], report["mean_score"][s]
             print(
                 f"  {s:<17} {m['auroc']:6.3f} {m['auprc']:6.3f} {m['fpr_at_95_tpr']:7.3f}"

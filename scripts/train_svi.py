@@ -22,6 +22,7 @@ from pyro_vae.cli import (
     begin_run,
     positive_float,
     positive_int,
+    probability,
     run,
     run_config,
 )
@@ -63,6 +64,14 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--beta", type=positive_float, default=1.0, help="weight of the KL term (default: 1)"
+    )
+    p.add_argument(
+        "--perturb",
+        type=probability,
+        default=0.0,
+        help="replace each training pixel, with this probability, by a random value: the "
+        "background model of the likelihood-ratio OOD score (Ren et al. 2019; "
+        "detect_ood.py --background) (default: 0, off)",
     )
     p.add_argument(
         "--flow",
@@ -160,6 +169,7 @@ def main(args) -> dict:
         drop_last=args.elbo == "jit",
         seed=args.seed,
         device=device,
+        perturb=args.perturb,
     )
     config = run_config(args, out=out, model_class="VAE", model_config=vae.config(), device=device)
     run = TrainingRun(

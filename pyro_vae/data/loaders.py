@@ -21,6 +21,12 @@ class BatchLoader:
     image is used) draw from their own ``torch.Generator``s, whose states ``state_dict``
     returns, so a resumed run replays the same batches.  Slicing tensors in memory avoids
     the per-item Python overhead of ``torch.utils.data.DataLoader`` for data this small.
+
+    ``perturb`` > 0 replaces each pixel, with that probability and afresh every time an
+    image is used, by a random value: a fair coin for binary images (dynamically binarised
+    or already 0/1), uniform on [0, 1] otherwise.  This is how Ren et al. (2019, "Likelihood
+    Ratios for Out-of-Distribution Detection") train the background model of their
+    likelihood ratio; it has a generator of its own, so it changes no other draw.
     """
 
     def __init__(
@@ -35,6 +41,7 @@ class BatchLoader:
         seed: int = 0,
         stream: str = "train",
         device: torch.device | str = "cpu",
+        perturb: float = 0.0,
     ) -> None:
         if binarize not in BINARIZATIONS:
             raise DataError(f"unknown binarisation {binarize!r}; choose from {BINARIZATIONS}")
@@ -44,6 +51,8 @@ class BatchLoader:
             raise DataError("labels were requested but the data set has none")
         if drop_last and len(data) < batch_size:
             raise DataError(f"{len(data)} images are fewer than one batch of {batch_size}")
+        if not 0.0 <= perturb < 1.0:
+            raise DataError(f"perturb is a probability in [0, 1), got {perturb}")
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -54,6 +63,10 @@ class BatchLoader:
         # streams of their own, named after the loader's ``stream``
         self.shuffle_generator = generator(seed, f"{stream}-shuffle")
         self.binarize_generator = generator(seed, f"{stream}-binarize")
+        self.perturb = float(perturb)
+        self.perturb_generator = generator(seed, f"{stream}-perturb") if perturb else None
+        images = data.images
+        self._binary = binarize == "dynamic" or bool(((images == 0) | (images == 1)).all())
         # Where the current pass stands: the shuffle state it started from and how many
         # batches it has handed out, so that a pass stopped midway can be replayed exactly.
         self._epoch_shuffle_state = self.shuffle_generator.get_state()
@@ -80,6 +93,8 @@ class BatchLoader:
             x = self.data.images[idx]
             if self.binarize == "dynamic":
                 x = torch.bernoulli(x, generator=self.binarize_generator)
+            if self.perturb_generator is not None:
+                x = self._perturbed(x)
             x = x.to(self.device, non_blocking=True)
             self._handed_out = b + 1
             if self.labels:
@@ -88,19 +103,34 @@ class BatchLoader:
                 yield (x,)
         self._handed_out = 0
 
+    def _perturbed(self, x: Tensor) -> Tensor:
+        gen = self.perturb_generator
+        hit = torch.rand(x.shape, generator=gen) < self.perturb
+        value = torch.rand(x.shape, generator=gen)
+        if self._binary:
+            value = (value < 0.5).to(x.dtype)
+        return torch.where(hit, value.to(x.dtype), x)
+
     def state_dict(self) -> dict[str, Any]:
         """Generator states and the position within the current pass (0 between passes)."""
-        return {
+        state = {
             "shuffle": self.shuffle_generator.get_state(),
             "binarize": self.binarize_generator.get_state(),
             "epoch_shuffle": self._epoch_shuffle_state,
             "position": self._handed_out,
         }
+        if self.perturb_generator is not None:
+            state["perturb"] = self.perturb_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state; the next pass continues after the batches already handed out."""
         self.shuffle_generator.set_state(state["shuffle"])
         self.binarize_generator.set_state(state["binarize"])
+        if self.perturb_generator is not None:
+            if "perturb" not in state:
+                raise DataError("the saved loader state has no perturbation stream")
+            self.perturb_generator.set_state(state["perturb"])
         self._epoch_shuffle_state = state["epoch_shuffle"]
         self._resume_at = int(state["position"])
         self._handed_out = self._resume_at
