@@ -74,6 +74,11 @@ PATH_CASES = [
     ("detect_ood.py", ["--checkpoint", "{tmp}/missing", "--out", "noise"], "no checkpoint"),
     (
         "detect_ood.py",
+        ["--checkpoint", "{run}", "--out", "noise", "--background", "{tmp}/missing"],
+        "no checkpoint",
+    ),
+    (
+        "detect_ood.py",
         ["--checkpoint", "{run}", "--out", "noise", "--output-dir", "{file}/x"],
         "--output-dir",
     ),

@@ -128,6 +128,38 @@ def test_loader_state_replays_batches(mnist):
     assert len(BatchLoader(data, 128, drop_last=True)) == 4
 
 
+@pytest.mark.parametrize("binarize", ["dynamic", "none"])
+def test_perturbation_rate_values_and_resume(mnist, binarize):
+    data = mnist["train"].subset(slice(0, 1000))
+    if binarize == "none":
+        data = binarize_static(data, 1)
+    plain = BatchLoader(data, 1000, binarize=binarize, seed=4)
+    perturbed = BatchLoader(data, 1000, binarize=binarize, seed=4, perturb=0.3)
+    ((a,),), ((b,),) = list(plain), list(perturbed)
+    # the perturbation draws from a stream of its own: the binarisation is the same, and a
+    # replaced pixel is a fair coin, so a pixel differs with probability 0.3 / 2
+    assert set(b.unique().tolist()) == {0.0, 1.0}
+    changed = float((a != b).double().mean())  # 784,000 pixels: sd about 4e-4
+    assert abs(changed - 0.15) < 3e-3
+    assert torch.equal(a, next(iter(BatchLoader(data, 1000, binarize=binarize, seed=4)))[0])
+    # grey images get uniform values
+    grey = BatchLoader(mnist["train"].subset(slice(0, 200)), 200, seed=4, perturb=0.5)
+    (g,) = next(iter(grey))
+    replaced = g[(g != grey.data.images) & (g > 0) & (g < 1)]
+    assert 0.4 < float(replaced.mean()) < 0.6 and len(replaced.unique()) > 1000
+    # resume replays the perturbation too
+    loader = BatchLoader(data, 300, shuffle=True, binarize=binarize, seed=4, perturb=0.3)
+    list(loader)
+    state = loader.state_dict()
+    first = [x for (x,) in loader]
+    loader.load_state_dict(state)
+    assert all(torch.equal(p, q) for p, (q,) in zip(first, loader))
+    with pytest.raises(DataError, match="perturbation"):
+        loader.load_state_dict(plain.state_dict())
+    with pytest.raises(DataError, match="probability"):
+        BatchLoader(data, 10, perturb=1.0)
+
+
 def test_user_arrays():
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
     ds = as_dataset(imgs, labels=[0, 1, 2, 3, 4])

@@ -14,11 +14,13 @@ from pyro_vae import VAE, BatchLoader, Trainer
 from pyro_vae.data import binarize_static
 from pyro_vae.data.sources import FASHION_DEBIAN_DIR
 from pyro_vae.ood import (
+    BACKGROUND_SCORE,
     COMPRESSORS,
     SCORES,
     choose_compressor,
     complexity_bits,
     detection_metrics,
+    log_px_per_image,
     made_images,
     ood_scores,
 )
@@ -133,6 +135,35 @@ def test_scores_identities_and_noise_is_detected(mnist_vae):
         assert detection_metrics(s[name], uniform[name])["auroc"] > 0.99, name
     with pytest.raises(ValueError, match="Bernoulli"):
         ood_scores(VAE(likelihood="gaussian"), x)
+
+
+def test_background_ratio(mnist, mnist_vae):
+    vae, x = mnist_vae
+    x = x[:100]
+    # against itself the ratio is exactly zero: the two estimates share their draws
+    s = ood_scores(vae, x, num_particles=20, background=vae, seed=3)
+    assert set(s) == {*SCORES, BACKGROUND_SCORE} and torch.equal(s[BACKGROUND_SCORE], 0 * x[:, 0])
+    # a background model trained on the same images with 20% of the pixels replaced by coin
+    # flips (Ren et al.'s recipe) knows noise better than the clean model does
+    torch.manual_seed(1)
+    train = binarize_static(mnist["train"].subset(slice(0, 3000)), 0, "t")
+    bg = VAE(z_dim=16, hidden=(200,))
+    trainer = Trainer(bg.model, bg.guide, lr=3e-3)
+    loader = BatchLoader(train, batch_size=100, shuffle=True, seed=1, perturb=0.2)
+    for _ in range(4):
+        for (batch,) in loader:
+            trainer.step(batch)
+    bg.eval()
+    s = ood_scores(vae, x, num_particles=20, background=bg, seed=3)
+    lp_bg = log_px_per_image(bg, x, num_particles=20, seed=3)
+    assert torch.allclose(s[BACKGROUND_SCORE], s["log_px"] - lp_bg)
+    g = torch.Generator().manual_seed(4)
+    uniform = torch.bernoulli(torch.full_like(x, 0.5), generator=g)
+    n = ood_scores(vae, uniform, num_particles=20, background=bg, seed=3)
+    assert (log_px_per_image(bg, uniform, num_particles=20) > n["log_px"]).all()
+    assert detection_metrics(s[BACKGROUND_SCORE], n[BACKGROUND_SCORE])["auroc"] > 0.99
+    with pytest.raises(ValueError, match="Bernoulli"):
+        ood_scores(vae, x, background=VAE(likelihood="gaussian"))
 
 
 def test_same_seed_same_scores(mnist_vae):

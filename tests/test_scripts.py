@@ -34,7 +34,10 @@ SMOKE_RUNS = {
         ],
     ],
     "detect_ood.py": [
-        ["--checkpoint", "{run}", "--out", "noise", "--images", "30", "--num-particles", "10"],
+        [
+            *("--checkpoint", "{run}", "--out", "noise", "--images", "30", "--num-particles"),
+            *("10", "--background", "{run}"),
+        ],
         [
             *("--checkpoint", "{run}/checkpoint.pt", "--out", "flipped", "--images", "20"),
             *("--num-particles", "5", "--compressor", "bz2", "--quiet"),
@@ -225,6 +228,9 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
             p.name for p in (out / "figures").glob("*.png")
         }
         assert ("AUROC" in result.stdout) == ("--quiet" not in args)
+        if "--background" in args:  # the model as its own background: a ratio of zero
+            assert report["metrics"]["background_ratio"]["auroc"] == 0.5
+            assert report["background"]["perturb"] == 0.0
     if script == "compare_baselines.py":
         report = json.loads((out / "comparison.json").read_text())
         assert set(report["results"]) == {"2", "3"}
@@ -291,6 +297,7 @@ BAD_INPUTS = [
     (["--z-dim", "0"], "positive integer"),
     (["--hidden", "400,-1"], "hidden sizes"),
     (["--beta", "0"], "positive number"),
+    (["--perturb", "1"], "in [0, 1)"),
     (["--dataset", "cifar"], "invalid choice"),
     (["--likelihood", "poisson"], "invalid choice"),
     (["--binarize", "sometimes"], "invalid choice"),
