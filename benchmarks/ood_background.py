@@ -101,7 +101,7 @@ def main(args) -> int:
             "num_particles": args.num_particles,
             "compressor": chosen,
             "auroc": {},
-        }
+        }  # mean_score: {OOD set: {score: [in-distribution mean, OOD mean]}} in nats
         print(f"model trained on {own} ({len(inside)} test images, K={args.num_particles})")
         for kind in (other, *MADE):
             if kind in MADE:
@@ -109,9 +109,10 @@ def main(args) -> int:
             else:
                 outside = images(kind, config, "test", args.images)
             s_out = ood_scores(vae, outside, seed=1, **options)
-            row["auroc"][kind] = {
-                s: detection_metrics(s_in[s], s_out[s])["auroc"]
-                for s in ("log_px", "complexity_ratio", BACKGROUND_SCORE)
+            names = ("log_px", "complexity_ratio", BACKGROUND_SCORE)
+            row["auroc"][kind] = {s: detection_metrics(s_in[s], s_out[s])["auroc"] for s in names}
+            row.setdefault("mean_score", {})[kind] = {
+                s: [float(s_in[s].mean()), float(s_out[s].mean())] for s in names
             }
             print(
                 f"  vs {kind:<13} "
