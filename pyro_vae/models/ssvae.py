@@ -37,8 +37,35 @@ def _with_onehot(h: Tensor, y: Tensor, num_classes: int) -> Tensor:
 
 
 class ClassConditional:
-    """What a model with ``encode(x)``, ``decode(z, y)``, ``classify(x)``, ``z_dim`` and
-    ``num_classes`` offers on top: reconstructions, samples and style-and-content grids."""
+    """M2's pieces over some features h (the pixels in ``SSVAE``, M1's z1 in the stack), for a
+    model with ``classifier``, ``encoder``, ``z_dim``, ``num_classes``, ``beta`` and
+    ``aux_weight``: the sites of y and z in model and guide, the auxiliary term; and, with
+    ``encode(x)``, ``decode(z, y)`` and ``classify(x)``, reconstructions, samples and
+    style-and-content grids.  Call the site methods inside the data plate."""
+
+    def _model_y_z(self, y: Tensor | None, z_site: str) -> tuple[Tensor, Tensor]:
+        """p(y) (observed when given) and p(z) = N(0, I) scaled by beta: (y, z)."""
+        prior_y = dist.Categorical(logits=self._zero.expand(self.num_classes))
+        y = pyro.sample("y", prior_y, obs=y)
+        with poutine.scale(scale=self.beta):
+            z = pyro.sample(z_site, dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1))
+        return y, z
+
+    def _aux(self, h: Tensor, y: Tensor | None, aux: bool) -> None:
+        """alpha * log q(y|h) as the observed site ``"y_aux"``, on labelled batches with aux."""
+        if aux and y is not None and self.aux_weight > 0:
+            with poutine.scale(scale=self.aux_weight):
+                pyro.sample("y_aux", dist.Categorical(logits=self.classifier(h)), obs=y)
+
+    def _guide_y_z(self, h: Tensor, y: Tensor | None, z_site: str) -> None:
+        """q(y|h) (enumerated when y is not given) and q(z|h,y) scaled by beta."""
+        if y is None:
+            y = pyro.sample(
+                "y", dist.Categorical(logits=self.classifier(h)), infer={"enumerate": "parallel"}
+            )
+        loc, scale = self.encoder(_with_onehot(h, y, self.num_classes))
+        with poutine.scale(scale=self.beta):
+            pyro.sample(z_site, dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -126,29 +153,17 @@ class SSVAE(ClassConditional, PyroModel):
         labels, adds alpha * log q(y|x) as the observed site ``"y_aux"``."""
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
-            prior_y = dist.Categorical(logits=self._zero.expand(self.num_classes))
-            y_ = pyro.sample("y", prior_y, obs=y)
-            with poutine.scale(scale=self.beta):
-                z = pyro.sample("z", dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1))
-            logits = self.decoder(_with_onehot(z, y_, self.num_classes))
-            pyro.sample("x", BernoulliImage(logits), obs=x)
-            if aux and y is not None and self.aux_weight > 0:
-                with poutine.scale(scale=self.aux_weight):
-                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=y)
+            y_, z = self._model_y_z(y, "z")
+            pyro.sample(
+                "x", BernoulliImage(self.decoder(_with_onehot(z, y_, self.num_classes))), obs=x
+            )
+            self._aux(x, y, aux)
 
     def guide(self, x: Tensor, y: Tensor | None = None, aux: bool = False) -> None:
         """q(y|x) (enumerated when y is not given) and q(z|x,y)."""
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
-            if y is None:
-                y = pyro.sample(
-                    "y",
-                    dist.Categorical(logits=self.classifier(x)),
-                    infer={"enumerate": "parallel"},
-                )
-            loc, scale = self.encoder(_with_onehot(x, y, self.num_classes))
-            with poutine.scale(scale=self.beta):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            self._guide_y_z(x, y, "z")
 
     # -- conveniences --------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor
 
 from pyro_vae.models.base import PyroModel
@@ -117,33 +116,18 @@ class StackedSSVAE(ClassConditional, PyroModel):
         ``aux`` and labels, adds alpha * log q(y|z1) as the observed site ``"y_aux"``."""
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
-            prior_y = dist.Categorical(logits=self._zero.expand(self.num_classes))
-            y_ = pyro.sample("y", prior_y, obs=y)
-            with poutine.scale(scale=self.beta):
-                z2 = pyro.sample(
-                    "z2", dist.Normal(self._zero, 1.0).expand([self.z_dim]).to_event(1)
-                )
+            y_, z2 = self._model_y_z(y, "z2")
             loc, scale = self.z1_decoder(_with_onehot(z2, y_, self.num_classes))
             z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))
             pyro.sample("x", self.m1.likelihood(z1), obs=x)
-            if aux and y is not None and self.aux_weight > 0:
-                with poutine.scale(scale=self.aux_weight):
-                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(z1)), obs=y)
+            self._aux(z1, y, aux)
 
     def guide(self, x: Tensor, y: Tensor | None = None, aux: bool = False) -> None:
         """q(z1|x) (M1's), q(y|z1) (enumerated when y is not given) and q(z2|z1,y)."""
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             z1 = pyro.sample("z1", self.m1.posterior(x))
-            if y is None:
-                y = pyro.sample(
-                    "y",
-                    dist.Categorical(logits=self.classifier(z1)),
-                    infer={"enumerate": "parallel"},
-                )
-            loc, scale = self.encoder(_with_onehot(z1, y, self.num_classes))
-            with poutine.scale(scale=self.beta):
-                pyro.sample("z2", dist.Normal(loc, scale).to_event(1))
+            self._guide_y_z(z1, y, "z2")
 
     # -- conveniences --------------------------------------------------------------------
 
