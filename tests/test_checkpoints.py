@@ -118,7 +118,11 @@ def test_a_pause_point_holds_until_signalled_and_then_runs_the_handler(tmp_path)
     from pyro_vae.faults import PAUSE_ENV, PAUSE_FILE_ENV
 
     marker = tmp_path / "held"
+    # Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at start,
+    # and a background job of a non-interactive shell starts with it ignored: set it here.
     code = (
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from pyro_vae.faults import pause_point\n"
         "for i in range(3):\n"
         "    print(i, flush=True)\n"
