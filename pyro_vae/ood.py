@@ -18,9 +18,9 @@ image (the complexity measure in nats too), so that one sign convention holds fo
 - ``background_ratio``: log p̂(x) − log p̂_b(x), where p_b is a background model: the same
   kind of VAE trained on the same images with each pixel replaced by a random value with
   some probability (``train_svi.py --perturb``; Ren et al. 2019, "Likelihood Ratios for
-  Out-of-Distribution Detection").  The perturbed model learns the population statistics
-  (how many pixels are on, how smooth the strokes are) but less of the semantics, so the
-  ratio keeps what is specific to the training data.  Scored only when a background model
+  Out-of-Distribution Detection").  The perturbed model is meant to learn the population
+  statistics (how many pixels are on, how smooth the strokes are) but less of the semantics,
+  so that the ratio keeps what is specific to the training data.  Scored only when a background model
   is given.
 
 The compressor matters (on Fashion-MNIST against MNIST, AUROC from 0.78 to 0.98 between

@@ -39,10 +39,8 @@ from pyro_vae.cli import (
 from pyro_vae.data import DATASETS, as_dataset, heldout_images
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
-    BACKGROUND_SCORE,
     COMPRESSORS,
     MADE,
-    SCORES,
     choose_compressor,
     detection_metrics,
     log_px_per_image,
@@ -184,7 +182,7 @@ def main(args) -> dict:
     scores_out = ood_scores(
         model, outside.to(device), seed=args.seed + 1, progress=progress, **options
     )
-    names = [*SCORES, *([BACKGROUND_SCORE] if background is not None else [])]
+    names = list(scores_in)  # SCORES, and the background ratio when a background is given
     metrics = {s: detection_metrics(scores_in[s], scores_out[s]) for s in names}
     tag = f"ood_{inside_name}_vs_{args.outside}"
     report = {

@@ -65,8 +65,10 @@ class BatchLoader:
         self.binarize_generator = generator(seed, f"{stream}-binarize")
         self.perturb = float(perturb)
         self.perturb_generator = generator(seed, f"{stream}-perturb") if perturb else None
-        images = data.images
-        self._binary = binarize == "dynamic" or bool(((images == 0) | (images == 1)).all())
+        # which replacement values fit the images; looked at only when perturbing
+        self._binary = bool(perturb) and (
+            binarize == "dynamic" or bool(((data.images == 0) | (data.images == 1)).all())
+        )
         # Where the current pass stands: the shuffle state it started from and how many
         # batches it has handed out, so that a pass stopped midway can be replayed exactly.
         self._epoch_shuffle_state = self.shuffle_generator.get_state()
