@@ -4,7 +4,10 @@ Runs scripts/train_ssvae.py once per (labels, seed), each in its own run directo
 mean ± sd of the test error and the training time per label budget. Extra arguments after
 ``--`` go to every training run. ``--jobs N`` runs N trainings at once, each limited to
 cores / N threads (on 2 cores, two single-threaded runs finish sooner than two 2-thread runs
-one after the other). Finished runs are read back; interrupted ones are resumed.
+one after the other). Finished runs are read back; interrupted ones are resumed, and so are
+finished ones when the extra arguments give them a different ``--epochs``, ``--patience`` or
+``--max-minutes`` (a run that stopped on a 35-minute budget continues to a 60-minute one
+exactly as if it had been given 60 minutes from the start).
 
     python benchmarks/ssvae_labels.py --labels 100 3000 --seeds 0 1 2 --jobs 2 -- --epochs 30
     python benchmarks/ssvae_labels.py --out runs/m1m2 --jobs 2 -- --m1 runs/m1 --beta 1 \
@@ -22,13 +25,43 @@ from pathlib import Path
 
 from _jobs import Job, run_jobs
 
+from pyro_vae import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
 
 
+# the flags a resumed run may change, as train_ssvae.py takes them
+RESUMABLE = ("--epochs", "--patience", "--max-minutes", "--threads")
+
+
+def resumable_flags(extra: list[str]) -> list[str]:
+    """The ``RESUMABLE`` flags among ``extra``, with their values."""
+    flags = []
+    for i, arg in enumerate(extra):
+        name, eq, value = arg.partition("=")
+        if name in RESUMABLE:
+            flags += [name, value] if eq else [name, extra[i + 1]]
+    return flags
+
+
+def is_finished(out: Path, extra: list[str]) -> bool:
+    """Whether the run in ``out`` was evaluated with the stopping rules ``extra`` asks for."""
+    if not (out / "evaluation.json").is_file():
+        return False
+    # a resumed run's flags are in its checkpoint (config.json keeps those it started with)
+    config = load_checkpoint(out)["config"]
+    flags = resumable_flags(extra)
+    for name, value in zip(flags[::2], flags[1::2]):
+        key = name[2:].replace("-", "_")
+        if key != "threads" and (config.get(key) is None or float(config[key]) != float(value)):
+            return False
+    return True
+
+
 def command_for(out: Path, labels: int, seed: int, extra: list[str]) -> list[str]:
-    if (out / "config.json").is_file():  # an interrupted run: continue it
-        return [sys.executable, SCRIPT, "--resume", str(out), "--quiet"]
+    if (out / "config.json").is_file():  # an interrupted or extended run: continue it
+        return [sys.executable, SCRIPT, "--resume", str(out), "--quiet", *resumable_flags(extra)]
     return [
         sys.executable,
         SCRIPT,
@@ -47,13 +80,14 @@ def main(args, extra: list[str]) -> None:
 
     def job(labels: int, seed: int, out: Path) -> Job:
         def done(seconds: float) -> None:
-            (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+            with open(out / "wall_seconds.txt", "a") as f:  # a line per session
+                f.write(f"{seconds:.1f}\n")
             report = json.loads((out / "evaluation.json").read_text())
             print(f"{out.name}: test error {report['test_error']:.2%}", flush=True)
 
         return Job(out.name, [command_for(out, labels, seed, extra)], out.with_suffix(".log"), done)
 
-    todo = [job(*r) for r in runs if not (r[2] / "evaluation.json").is_file()]
+    todo = [job(*r) for r in runs if not is_finished(r[2], extra)]
     failed = run_jobs(todo, args.jobs, threads)
 
     results: dict[int, list[tuple[float, float]]] = {}

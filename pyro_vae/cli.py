@@ -178,8 +178,18 @@ def apply_preset(args: argparse.Namespace, presets: dict) -> argparse.Namespace:
 # What runs from before a flag existed did, where that differs from the flag's default.
 LEGACY_DEFAULTS = {"preset": "classic", "lr_schedule": "constant"}
 
-# Flags a resumed run may change; everything else comes from the run's config.json.
-RESUMABLE_FLAGS = ("epochs", "quiet", "device", "resume", "data_dir", "threads")
+# Flags a resumed run may change; everything else comes from the run's config.json.  The
+# stopping rules are among them so that a run which stopped on its budget can be given more.
+RESUMABLE_FLAGS = (
+    "epochs",
+    "quiet",
+    "device",
+    "resume",
+    "data_dir",
+    "threads",
+    "patience",
+    "max_minutes",
+)
 
 
 def add_resume_arg(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +199,8 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="continue the run in this directory from its last checkpoint (its config is "
-        "reused; only --epochs, --device, --data-dir and --quiet may change)",
+        "reused; only --epochs, --device, --threads, --data-dir, --quiet and, where the "
+        "script has them, --patience and --max-minutes may change)",
     )
 
 
@@ -222,6 +233,7 @@ def merge_resumed_args(
     Any other flag set to a non-default value is an error: it would silently not apply.
     """
     merged = dict(config)
+    known = {a.dest for a in parser._actions}
     for key, value in vars(args).items():
         default = parser.get_default(key)
         if key in RESUMABLE_FLAGS:
@@ -233,7 +245,11 @@ def merge_resumed_args(
             flag = "--" + key.replace("_", "-")
             raise UsageError(
                 f"{flag} cannot change when resuming (only "
-                + ", ".join("--" + f.replace("_", "-") for f in RESUMABLE_FLAGS if f != "resume")
+                + ", ".join(
+                    "--" + f.replace("_", "-")
+                    for f in RESUMABLE_FLAGS
+                    if f in known and f != "resume"
+                )
                 + ")"
             )
         elif key not in merged:  # a flag newer than the run: the behaviour it had then
@@ -244,7 +260,6 @@ def merge_resumed_args(
     for key, value in merged.items():
         if isinstance(value, list):
             merged[key] = tuple(value)
-    known = {a.dest for a in parser._actions}
     return argparse.Namespace(**{k: v for k, v in merged.items() if k in known})
 
 

@@ -206,10 +206,18 @@ SSVAE_ARGS = [
 SSVAE_SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
 
 
-def test_semi_supervised_run_resumes_bitwise_after_sigkill_and_ctrl_c(data_dir, tmp_path):
-    ref = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def ssvae_reference(data_dir, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ssvae") / "reference"
     proc = start([*SSVAE_ARGS, "--out", str(ref)], data_dir, script=SSVAE_SCRIPT)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return ref
+
+
+def test_semi_supervised_run_resumes_bitwise_after_sigkill_and_ctrl_c(
+    ssvae_reference, data_dir, tmp_path
+):
+    ref = ssvae_reference
     out = tmp_path / "run"
     kill(
         held_at([*SSVAE_ARGS, "--out", str(out)], data_dir, "epoch-saved:1", tmp_path, SSVAE_SCRIPT)
@@ -226,3 +234,26 @@ def test_semi_supervised_run_resumes_bitwise_after_sigkill_and_ctrl_c(data_dir, 
         load_checkpoint(out / "best.pt")["model"]["classifier.0.weight"],
         load_checkpoint(ref / "best.pt")["model"]["classifier.0.weight"],
     )
+
+
+def test_a_run_stopped_by_its_time_budget_runs_on_when_resumed_with_a_larger_one(
+    ssvae_reference, data_dir, tmp_path
+):
+    out = tmp_path / "run"
+    # Every epoch takes longer than 60 microseconds: the budget is spent after epoch 1.
+    proc = start([*SSVAE_ARGS, "--max-minutes", "1e-6", "--out", str(out)], data_dir, SSVAE_SCRIPT)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["epochs_trained"] == 1 and "time budget" in report["stopped"]
+    # Resuming without a new budget keeps the spent one: nothing more is trained.
+    proc = start(["--resume", str(out), "--quiet"], data_dir, SSVAE_SCRIPT)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert load_checkpoint(out)["trainer"]["epoch"] == 1
+    # A larger budget continues the run to exactly the numbers of one that never stopped.
+    resume = ["--resume", str(out), "--max-minutes", "1000", "--quiet"]
+    proc = start(resume, data_dir, SSVAE_SCRIPT)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["epochs_trained"] == 3 and report["stopped"] is None
+    assert load_checkpoint(out)["config"]["max_minutes"] == 1000
+    assert_same(outcome(out), outcome(ssvae_reference))
