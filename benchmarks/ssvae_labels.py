@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_ssvae.py")
 
 
+# test-error targets of the label-budget benchmark (%), drawn on the figure
+TARGETS = {100: 5.0, 3000: 3.5}
+
 # the flags a resumed run may change, as train_ssvae.py takes them
 RESUMABLE = ("--epochs", "--patience", "--max-minutes", "--threads")
 
@@ -68,6 +71,52 @@ def command_for(out: Path, labels: int, seed: int, extra: list[str]) -> list[str
         *("--labels", str(labels), "--seed", str(seed), "--out", str(out), "--quiet"),
         *extra,
     ]
+
+
+def plot(runs: list[tuple[int, int, Path]], path: Path) -> None:
+    """Validation error against training minutes, one line per run and a panel per label
+    budget; a dot marks the epoch whose weights were kept and tested."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    budgets = sorted({labels for labels, _, _ in runs})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for labels, seed, out in runs:
+            if labels != budget or not (out / "evaluation.json").is_file():
+                continue
+            metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+            minutes = [m["seconds"] / 60 for m in metrics]
+            minutes = [sum(minutes[: i + 1]) for i in range(len(minutes))]
+            error = [100 * (1 - m["val_accuracy"]) for m in metrics]
+            report = json.loads((out / "evaluation.json").read_text())
+            (line,) = ax.plot(
+                minutes,
+                error,
+                lw=1,
+                label=f"seed {seed}: test {100 * report['test_error']:.2f}%",
+            )
+            best = report["best_epoch"] - 1
+            ax.plot(minutes[best], error[best], "o", color=line.get_color(), ms=4)
+        if budget in TARGETS:
+            ax.axhline(TARGETS[budget], ls=":", color="k", lw=0.8)
+            ax.text(0, TARGETS[budget], " target (test error)", va="bottom", fontsize=7)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("training minutes (one thread)")
+        ax.set_ylabel("validation error (%)")
+        ax.set_title(f"M2, {budget} labels", fontsize=10)
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"figure: {path}")
 
 
 def main(args, extra: list[str]) -> None:
@@ -125,6 +174,8 @@ def main(args, extra: list[str]) -> None:
             f"{labels:>6}   {statistics.mean(errors):.2%} ± {sd:.2%} (n={len(errors)})"
             f"               {statistics.mean(s for _, s in rows) / 60:.1f}"
         )
+    if args.figure is not None:
+        plot(runs, args.figure)
     if failed:
         sys.exit(1)
 
@@ -138,4 +189,7 @@ if __name__ == "__main__":
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (default: 1)")
     p.add_argument("--out", default="runs/ssvae-benchmark")
+    p.add_argument(
+        "--figure", type=Path, default=None, help="validation error against minutes (PNG)"
+    )
     main(p.parse_args(argv), extra)

@@ -39,9 +39,22 @@ def _with_onehot(h: Tensor, y: Tensor, num_classes: int) -> Tensor:
 class ClassConditional:
     """M2's pieces over some features h (the pixels in ``SSVAE``, M1's z1 in the stack), for a
     model with ``classifier``, ``encoder``, ``z_dim``, ``num_classes``, ``beta`` and
-    ``aux_weight``: the sites of y and z in model and guide, the auxiliary term; and, with
+    ``aux_weight`` (and, for its config, the sizes it was built with): the sites of y and z in model and guide, the auxiliary term; and, with
     ``encode(x)``, ``decode(z, y)`` and ``classify(x)``, reconstructions, samples and
     style-and-content grids.  Call the site methods inside the data plate."""
+
+    def _m2_config(self) -> dict[str, Any]:
+        """M2's constructor arguments (every model's config holds them)."""
+        return {
+            "z_dim": self.z_dim,
+            "num_classes": self.num_classes,
+            "hidden": list(self.hidden),
+            "classifier_hidden": list(self.classifier_hidden),
+            "activation": self.activation,
+            "aux_weight": self.aux_weight,
+            "beta": self.beta,
+            "image_shape": list(self.image_shape),
+        }
 
     def _model_y_z(self, y: Tensor | None, z_site: str) -> tuple[Tensor, Tensor]:
         """p(y) (observed when given) and p(z) = N(0, I) scaled by beta: (y, z)."""
@@ -134,17 +147,7 @@ class SSVAE(ClassConditional, PyroModel):
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
     def config(self) -> dict[str, Any]:
-        return {
-            "x_dim": self.x_dim,
-            "z_dim": self.z_dim,
-            "num_classes": self.num_classes,
-            "hidden": list(self.hidden),
-            "classifier_hidden": list(self.classifier_hidden),
-            "activation": self.activation,
-            "aux_weight": self.aux_weight,
-            "beta": self.beta,
-            "image_shape": list(self.image_shape),
-        }
+        return {"x_dim": self.x_dim, **self._m2_config()}
 
     # -- model and guide -----------------------------------------------------------------
 

@@ -97,17 +97,7 @@ class StackedSSVAE(ClassConditional, PyroModel):
         return stacked.to(next(vae.parameters()).device)
 
     def config(self) -> dict[str, Any]:
-        return {
-            "m1": self.m1.config(),
-            "z_dim": self.z_dim,
-            "num_classes": self.num_classes,
-            "hidden": list(self.hidden),
-            "classifier_hidden": list(self.classifier_hidden),
-            "activation": self.activation,
-            "aux_weight": self.aux_weight,
-            "beta": self.beta,
-            "image_shape": list(self.image_shape),
-        }
+        return {"m1": self.m1.config(), **self._m2_config()}
 
     # -- model and guide -----------------------------------------------------------------
 
