@@ -52,8 +52,13 @@ def is_finished(out: Path, extra: list[str]) -> bool:
     """Whether the run in ``out`` was evaluated with the stopping rules ``extra`` asks for."""
     if not (out / "evaluation.json").is_file():
         return False
+    checkpoint = load_checkpoint(out)
+    # a run stopped while being extended keeps the evaluation of its shorter self
+    report = json.loads((out / "evaluation.json").read_text())
+    if report.get("epochs_trained") != checkpoint["trainer"]["epoch"]:
+        return False
     # a resumed run's flags are in its checkpoint (config.json keeps those it started with)
-    config = load_checkpoint(out)["config"]
+    config = checkpoint["config"]
     flags = resumable_flags(extra)
     for name, value in zip(flags[::2], flags[1::2]):
         key = name[2:].replace("-", "_")
