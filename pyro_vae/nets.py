@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "Decoder", "Encoder", "mlp"]
+__all__ = ["ACTIVATIONS", "Decoder", "Encoder", "mlp", "with_class"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -55,6 +55,10 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.link(self.net(x))
 
+    def with_class(self, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """``self([x, one_hot(y)])``, computed as ``with_class`` does."""
+        return self.link(with_class(self.net, x, y, num_classes))
+
     def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         """(loc, scale) from the last layer's unconstrained output (..., 2 z_dim)."""
         loc, raw_scale = raw.chunk(2, dim=-1)
@@ -73,3 +77,30 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)
+
+    def with_class(self, z: Tensor, y: Tensor, num_classes: int) -> Tensor:
+        """``self([z, one_hot(y)])``, computed as ``with_class`` does."""
+        return with_class(self.net, z, y, num_classes)
+
+
+def with_class(net: nn.Sequential, h: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """``net([h, one_hot(y)])`` for an ``mlp`` whose input is h (..., d) followed by the
+    ``num_classes`` one-hot columns of y; h's and y's batch shapes broadcast against each other
+    (y may carry an enumeration dimension on the left).
+
+    The first layer is computed as W_h h + W_y[:, y] + b: with y enumerated over C classes, h
+    goes through the first layer once instead of C times, and no (C, N, d + C) concatenation
+    is built.  Same weights, same result up to rounding.
+    """
+    first = net[0]
+    if not isinstance(first, nn.Linear) or first.in_features != h.shape[-1] + num_classes:
+        raise ValueError(
+            f"net's first layer takes {getattr(first, 'in_features', '?')} inputs, "
+            f"not {h.shape[-1]} + {num_classes} classes"
+        )
+    d = h.shape[-1]
+    from_h = F.linear(h, first.weight[:, :d], first.bias)
+    # column y of W_y for each label: an embedding lookup, (*y.shape, out)
+    from_y = F.embedding(y, first.weight[:, d:].t())
+    out = from_h + from_y  # broadcasts h's batch shape against y's
+    return net[1:](out) if len(net) > 1 else out

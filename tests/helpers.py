@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from torch.nn import functional as F
+
 from pyro_vae.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +43,12 @@ def run_in_process(script, args, capsys):
     except SystemExit as e:
         status = e.code
     return status, capsys.readouterr().err
+
+
+def with_onehot(h, y, num_classes):
+    """[h, one_hot(y)] with h's and y's batch shapes broadcast: the input that the
+    class-conditional networks are defined on, built literally (the reference for
+    ``pyro_vae.nets.with_class``)."""
+    y1 = F.one_hot(y, num_classes).to(h.dtype)
+    batch = torch.broadcast_shapes(h.shape[:-1], y1.shape[:-1])
+    return torch.cat([h.expand(*batch, h.shape[-1]), y1.expand(*batch, num_classes)], dim=-1)

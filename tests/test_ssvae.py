@@ -4,6 +4,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import with_onehot
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from torch.nn import functional as F
@@ -12,7 +13,7 @@ from pyro_vae import DataError
 from pyro_vae.data import Dataset, labelled_subset
 from pyro_vae.evaluate import estimate_log_px_over_labels
 from pyro_vae.models import SSVAE
-from pyro_vae.models.ssvae import _with_onehot
+from pyro_vae.nets import mlp, with_class
 
 C = 4
 
@@ -47,9 +48,9 @@ def test_enumerated_loss_is_the_sum_over_classes_by_hand(ssvae, beta):
     with torch.no_grad():
         log_qy = torch.log_softmax(ssvae.classifier(x), -1)  # (N, C)
         ys = torch.arange(C)[:, None].expand(C, len(x))
-        loc, scale = ssvae.encoder(_with_onehot(x, ys, C))  # (C, N, z)
+        loc, scale = ssvae.encoder(with_onehot(x, ys, C))  # (C, N, z)
         z = loc + scale * torch.empty(loc.shape).normal_()
-        log_px = -F.softplus((1 - 2 * x) * ssvae.decoder(_with_onehot(z, ys, C))).sum(-1)
+        log_px = -F.softplus((1 - 2 * x) * ssvae.decoder(with_onehot(z, ys, C))).sum(-1)
         log_pz = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
         log_qz = dist.Normal(loc, scale).log_prob(z).sum(-1)
         per_class = math.log(1 / C) + log_px + beta * (log_pz - log_qz)  # (C, N)
@@ -156,3 +157,32 @@ def test_log_px_with_labels_summed_out_is_exact():
     assert summary["generative_accuracy"] == float(
         (exact_joint.argmax(1) == labels).double().mean()
     )
+
+
+@pytest.mark.parametrize(
+    "h_shape, y_shape",
+    [((6, 5), (6,)), ((6, 5), (C, 1)), ((6, 1, 5), (6, C)), ((5,), ())],
+    ids=["labelled", "enumerated", "every-class-per-row", "single"],
+)
+def test_with_class_equals_the_net_on_the_concatenated_one_hot(h_shape, y_shape):
+    """The factored first layer gives what the net gives on [h, one_hot(y)], and the same
+    gradients for every weight, for each way the models broadcast h against y."""
+    torch.manual_seed(0)
+    net = mlp([5 + C, 7, 3], "softplus").double()
+    h = torch.randn(h_shape, dtype=torch.float64)
+    y = torch.randint(C, y_shape)
+    if y_shape == (C, 1):
+        y = torch.arange(C).reshape(C, 1)
+    fast = with_class(net, h, y, C)
+    reference = net(with_onehot(h, y, C))
+    assert fast.shape == reference.shape
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    g_fast = torch.autograd.grad(fast.square().sum(), list(net.parameters()))
+    g_ref = torch.autograd.grad(reference.square().sum(), list(net.parameters()))
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_with_class_rejects_a_net_of_the_wrong_width():
+    with pytest.raises(ValueError, match="takes 9 inputs, not 6 \\+ 4 classes"):
+        with_class(mlp([5 + C, 3]), torch.zeros(2, 6), torch.zeros(2, dtype=torch.long), C)

@@ -10,7 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from helpers import run_in_process
+from helpers import run_in_process, with_onehot
 from pyro.infer import TraceEnum_ELBO
 from torch.nn import functional as F
 
@@ -18,7 +18,6 @@ from pyro_vae import EarlyStopping, Trainer
 from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
 from pyro_vae.evaluate import estimate_log_px, estimate_log_px_over_labels
 from pyro_vae.models import VAE, StackedSSVAE, model_from_checkpoint
-from pyro_vae.models.ssvae import _with_onehot
 
 C = 3
 
@@ -54,9 +53,9 @@ def test_enumerated_loss_is_the_sum_over_classes_by_hand(stacked, beta):
         log_qz1 = dist.Normal(loc1, scale1).log_prob(z1).sum(-1)
         log_qy = torch.log_softmax(stacked.classifier(z1), -1).T  # (C, N)
         ys = torch.arange(C)[:, None].expand(C, len(x))
-        loc2, scale2 = stacked.encoder(_with_onehot(z1, ys, C))  # (C, N, z2)
+        loc2, scale2 = stacked.encoder(with_onehot(z1, ys, C))  # (C, N, z2)
         z2 = loc2 + scale2 * torch.empty(loc2.shape).normal_()
-        loc_z1, scale_z1 = stacked.z1_decoder(_with_onehot(z2, ys, C))
+        loc_z1, scale_z1 = stacked.z1_decoder(with_onehot(z2, ys, C))
         log_pz1 = dist.Normal(loc_z1, scale_z1).log_prob(z1).sum(-1)  # (C, N)
         log_pz2 = dist.Normal(0.0, 1.0).log_prob(z2).sum(-1)
         log_qz2 = dist.Normal(loc2, scale2).log_prob(z2).sum(-1)
@@ -150,7 +149,7 @@ def test_log_px_of_the_stack_matches_quadrature():
         log_dz = math.log(16 / 2000) * 2
         log_px_z1 = m1.likelihood(z1[:, None].float()[:, None, :]).log_prob(x).double()  # (G1, N)
         ys = torch.arange(C)[:, None].expand(C, len(z2))
-        loc, scale = stacked.z1_decoder(_with_onehot(z2[None, :, None].float(), ys, C))
+        loc, scale = stacked.z1_decoder(with_onehot(z2[None, :, None].float(), ys, C))
         log_pz1 = dist.Normal(loc.double(), scale.double()).log_prob(z1)  # (C, G2, G1)
         log_joint = log_pz1 + dist.Normal(0.0, 1.0).log_prob(z2)[:, None] + math.log(1 / C)
         # (C, G2, G1) + (G1, N) -> sum over C, G2, G1 for each image

@@ -19,21 +19,12 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import Tensor
-from torch.nn import functional as F
 
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder, mlp
 
 __all__ = ["SSVAE"]
-
-
-def _with_onehot(h: Tensor, y: Tensor, num_classes: int) -> Tensor:
-    """[h, one_hot(y)], broadcasting h's and y's batch dimensions against each other
-    (y may carry an enumeration dimension on the left)."""
-    y1 = F.one_hot(y, num_classes).to(h.dtype)
-    batch = torch.broadcast_shapes(h.shape[:-1], y1.shape[:-1])
-    return torch.cat([h.expand(*batch, h.shape[-1]), y1.expand(*batch, num_classes)], dim=-1)
 
 
 class ClassConditional:
@@ -76,7 +67,7 @@ class ClassConditional:
             y = pyro.sample(
                 "y", dist.Categorical(logits=self.classifier(h)), infer={"enumerate": "parallel"}
             )
-        loc, scale = self.encoder(_with_onehot(h, y, self.num_classes))
+        loc, scale = self.encoder.with_class(h, y, self.num_classes)
         with poutine.scale(scale=self.beta):
             pyro.sample(z_site, dist.Normal(loc, scale).to_event(1))
 
@@ -158,7 +149,7 @@ class SSVAE(ClassConditional, PyroModel):
         with pyro.plate(self.plate_name, x.shape[0]):
             y_, z = self._model_y_z(y, "z")
             pyro.sample(
-                "x", BernoulliImage(self.decoder(_with_onehot(z, y_, self.num_classes))), obs=x
+                "x", BernoulliImage(self.decoder.with_class(z, y_, self.num_classes)), obs=x
             )
             self._aux(x, y, aux)
 
@@ -184,9 +175,9 @@ class SSVAE(ClassConditional, PyroModel):
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and sd of q(z|x,y); y defaults to the classifier's choice."""
         y = self.classify(x) if y is None else y
-        return self.encoder(_with_onehot(x, y, self.num_classes))
+        return self.encoder.with_class(x, y, self.num_classes)
 
     @torch.no_grad()
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """Pixel probabilities of p(x|y,z)."""
-        return torch.sigmoid(self.decoder(_with_onehot(z, y, self.num_classes)))
+        return torch.sigmoid(self.decoder.with_class(z, y, self.num_classes))

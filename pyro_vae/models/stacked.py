@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pyro_vae.models.base import PyroModel
-from pyro_vae.models.ssvae import ClassConditional, _with_onehot
+from pyro_vae.models.ssvae import ClassConditional
 from pyro_vae.models.vae import VAE
 from pyro_vae.nets import Encoder, mlp
 
@@ -107,7 +107,7 @@ class StackedSSVAE(ClassConditional, PyroModel):
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             y_, z2 = self._model_y_z(y, "z2")
-            loc, scale = self.z1_decoder(_with_onehot(z2, y_, self.num_classes))
+            loc, scale = self.z1_decoder.with_class(z2, y_, self.num_classes)
             z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))
             pyro.sample("x", self.m1.likelihood(z1), obs=x)
             self._aux(z1, y, aux)
@@ -139,11 +139,11 @@ class StackedSSVAE(ClassConditional, PyroModel):
     @torch.no_grad()
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """Mean image of p(x | z1) at the mean of p(z1 | y, z2)."""
-        return self.m1.decode(self.z1_decoder(_with_onehot(z, y, self.num_classes))[0])
+        return self.m1.decode(self.z1_decoder.with_class(z, y, self.num_classes)[0])
 
     @torch.no_grad()
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and sd of q(z2 | E[z1|x], y); y defaults to the classifier's choice."""
         z1 = self.codes(x)
         y = self.classifier(z1).argmax(-1) if y is None else y
-        return self.encoder(_with_onehot(z1, y, self.num_classes))
+        return self.encoder.with_class(z1, y, self.num_classes)
