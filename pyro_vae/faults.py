@@ -49,8 +49,11 @@ def pause_point(name: str) -> None:
     # stays pending instead of slipping in before the wait.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, awaited)
     try:
-        marker = os.environ[PAUSE_FILE_ENV] + ("" if rank is None else f".rank{rank}")
-        Path(marker).write_text(name)
+        marker = Path(os.environ[PAUSE_FILE_ENV] + ("" if rank is None else f".rank{rank}"))
+        # Written aside and renamed: a watcher that sees the marker sees its whole text.
+        partial = marker.with_name(f"{marker.name}.{os.getpid()}.part")
+        partial.write_text(name)
+        os.replace(partial, marker)
         received = signal.sigwait(awaited)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -135,6 +135,9 @@ def test_a_pause_point_holds_until_signalled_and_then_runs_the_handler(tmp_path)
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.01)
+    # the marker appears whole (written aside, then renamed), with nothing left beside it
+    assert marker.read_text() == "epoch-saved"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held"]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert out.split() == [b"0", b"1"]  # held at the second arrival, never reached the third
