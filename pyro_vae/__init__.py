@@ -36,7 +36,7 @@ from pyro_vae.evaluate import (
     semi_supervised_report,
 )
 from pyro_vae.models import SSVAE, VAE, StackedSSVAE, model_from_checkpoint
-from pyro_vae.nets import Decoder, Encoder, mlp
+from pyro_vae.nets import ConvNet, Decoder, Encoder, mlp
 from pyro_vae.objectives import IWAE, DReG, ObjectiveError
 from pyro_vae.runs import TrainingRun
 from pyro_vae.seeding import seed_everything
@@ -58,6 +58,7 @@ __all__ = [
     "BatchLoader",
     "BernoulliImage",
     "CheckpointError",
+    "ConvNet",
     "DataError",
     "Dataset",
     "DReG",

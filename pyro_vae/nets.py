@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "Decoder", "Encoder", "mlp", "with_class"]
+__all__ = ["ACTIVATIONS", "ConvNet", "Decoder", "Encoder", "mlp", "with_class"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -35,6 +35,41 @@ def mlp(
         if i < len(sizes) - 2 or final_activation:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """Flattened images x (..., H * W) -> (..., out_dim): 5x5 convolutions of stride 2 with
+    ``channels`` filters each, then an ``mlp`` through ``hidden``.
+
+    The classifier q(y|x) of the semi-supervised model can be one: from 100 labels a
+    convolutional net generalises better than an MLP of the same depth.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        out_dim: int,
+        channels: Sequence[int] = (16, 32),
+        hidden: Sequence[int] = (500,),
+        activation: str = "softplus",
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 2:
+            raise ValueError(f"a ConvNet takes grey images (H, W), not shape {tuple(image_shape)}")
+        self.image_shape = tuple(image_shape)
+        layers: list[nn.Module] = []
+        h, w, c_in = *self.image_shape, 1
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), ACTIVATIONS[activation]()]
+            h, w, c_in = (h + 1) // 2, (w + 1) // 2, c_out
+        layers.append(nn.Flatten())
+        self.features = nn.Sequential(*layers)
+        self.head = mlp([c_in * h * w, *hidden, out_dim], activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        out = self.head(self.features(x.reshape(-1, 1, *self.image_shape)))
+        return out.reshape(*lead, -1)
 
 
 class Encoder(nn.Module):

@@ -42,6 +42,7 @@ from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, tr
 from pyro_vae.distributed import ShardedLoader
 from pyro_vae.evaluate import predict_labels, semi_supervised_report
 from pyro_vae.models import SSVAE, VAE, StackedSSVAE, model_from_checkpoint
+from pyro_vae.models.ssvae import CLASSIFIERS
 from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
 from pyro_vae.runs import TrainingRun
 from pyro_vae.train import EarlyStopping, Trainer
@@ -81,6 +82,12 @@ def build_parser() -> ArgumentParser:
         help="classifier hidden sizes (default: 500)",
     )
     p.add_argument(
+        "--classifier",
+        choices=CLASSIFIERS,
+        default="mlp",
+        help="q(y|x): an MLP on the pixels, or two 5x5 convolutions before it (default: mlp)",
+    )
+    p.add_argument(
         "--aux-weight",
         type=nonnegative_float,
         default=50.0,
@@ -91,6 +98,13 @@ def build_parser() -> ArgumentParser:
         type=positive_float,
         default=3.0,
         help="weight of KL(q(z|x,y) || p(z)); above 1 the decoder uses y (default: 3)",
+    )
+    p.add_argument(
+        "--balance",
+        type=nonnegative_float,
+        default=0.0,
+        help="gamma, the weight of KL(batch mean of q(y|x) || p(y)) on unlabelled batches "
+        "(default: 0, off)",
     )
     p.add_argument(
         "--m1",
@@ -140,6 +154,12 @@ def accuracy(model: SSVAE | StackedSSVAE, x: torch.Tensor, y: torch.Tensor) -> f
 def main(args) -> dict:
     args, state, out, device, ranks = begin_run(args, build_parser(), "ssvae")
     # M1 is checked before the data load; a resumed run has its weights in the checkpoint
+    if args.m1 is not None and args.balance > 0:
+        raise UsageError("--balance is for M2 on pixels; the stack does not take it")
+    if args.m1 is not None and args.classifier != "mlp":
+        raise UsageError(
+            "--classifier conv classifies pixels; with --m1 q(y|z1) is an MLP on codes"
+        )
     m1 = load_m1(args.m1, args.dataset) if args.m1 is not None and state is None else None
     train, valid, test = training_splits(
         args.dataset,
@@ -186,11 +206,12 @@ def main(args) -> dict:
         activation=args.activation,
         aux_weight=args.aux_weight,
         beta=args.beta,
+        balance=args.balance,
         image_shape=train.image_shape,
     )
     model_class = "SSVAE" if args.m1 is None else "StackedSSVAE"
     if args.m1 is None:
-        model = SSVAE(x_dim=train.images.shape[1], **m2)
+        model = SSVAE(x_dim=train.images.shape[1], classifier=args.classifier, **m2)
     elif state is not None:  # resumed: M1's weights are in the checkpoint
         model = StackedSSVAE(state["model_config"]["m1"], **m2)
     else:

@@ -87,6 +87,8 @@ PATH_CASES = [
     # flags that do not go together
     ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "drop --covariance full"),
     ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),
+    ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier conv"),
+    ("train_ssvae.py", ["--m1", "{run}", "--balance", "5"], "--balance"),
 ]
 
 

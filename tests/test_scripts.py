@@ -75,6 +75,8 @@ SMOKE_RUNS = {
             "2",
             "--aux-weight",
             "0",
+            "--classifier",
+            "conv",
             *SSVAE_TINY,
         ],
         # M1+M2 on the codes of the tiny VAE, stopped early by --patience or --max-minutes

@@ -18,8 +18,8 @@ from pyro_vae.nets import mlp, with_class
 C = 4
 
 
-@pytest.fixture
-def ssvae():
+@pytest.fixture(params=["mlp", "conv"])
+def ssvae(request):
     torch.manual_seed(0)
     return SSVAE(
         x_dim=12,
@@ -29,6 +29,7 @@ def ssvae():
         classifier_hidden=(8,),
         aux_weight=7.0,
         image_shape=(3, 4),
+        classifier=request.param,
     )
 
 
@@ -94,6 +95,39 @@ def test_aux_loss_is_alpha_log_q_and_reaches_only_the_classifier(ssvae):
     pyro.set_rng_seed(3)
     elbo.differentiable_loss(ssvae.model, ssvae.guide, x, y).backward()
     assert all(p.grad is None for p in ssvae.classifier.parameters())
+
+
+def test_balance_is_gamma_n_kl_of_the_batch_mean_of_q_and_reaches_only_the_classifier(ssvae):
+    x, y = batch()
+    x, ssvae = x.double(), ssvae.double()  # the factor is a small difference of two losses
+    elbo = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
+    ssvae.balance = 2.5
+    pyro.set_rng_seed(3)
+    with_balance = elbo.differentiable_loss(ssvae.model, ssvae.guide, x, aux=True)
+    pyro.set_rng_seed(3)
+    without = elbo.differentiable_loss(ssvae.model, ssvae.guide, x)  # what the evaluator sees
+    q_bar = torch.softmax(ssvae.classifier(x), -1).mean(0)
+    kl = (q_bar * (q_bar * C).log()).sum()  # KL(q̄ || uniform p(y))
+    assert float((with_balance - without).detach()) == pytest.approx(
+        2.5 * len(x) * float(kl.detach()), rel=1e-9
+    )
+    ssvae.zero_grad()
+    (with_balance - without).backward()
+    assert any(p.grad.abs().sum() > 0 for p in ssvae.classifier.parameters())
+    for net in (ssvae.encoder, ssvae.decoder):
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.parameters())
+    # labelled batches do not carry it: there the classes are given
+    pyro.set_rng_seed(3)
+    labelled = elbo.differentiable_loss(ssvae.model, ssvae.guide, x, y, aux=True)
+    ssvae.balance = 0.0
+    pyro.set_rng_seed(3)
+    assert torch.equal(labelled, elbo.differentiable_loss(ssvae.model, ssvae.guide, x, y, aux=True))
+
+
+def test_balance_is_non_negative_and_is_in_the_config():
+    with pytest.raises(ValueError, match="balance"):
+        SSVAE(x_dim=12, z_dim=3, balance=-1.0)
+    assert SSVAE(x_dim=12, z_dim=3, balance=20.0).config()["balance"] == 20.0
 
 
 def test_beta_must_be_positive_and_is_in_the_config():
@@ -186,3 +220,34 @@ def test_with_class_equals_the_net_on_the_concatenated_one_hot(h_shape, y_shape)
 def test_with_class_rejects_a_net_of_the_wrong_width():
     with pytest.raises(ValueError, match="takes 9 inputs, not 6 \\+ 4 classes"):
         with_class(mlp([5 + C, 3]), torch.zeros(2, 6), torch.zeros(2, dtype=torch.long), C)
+
+
+def test_a_conv_classifier_sees_images_and_round_trips_through_a_checkpoint(tmp_path):
+    from pyro_vae import load_checkpoint, save_checkpoint
+    from pyro_vae.models import model_from_checkpoint
+
+    torch.manual_seed(0)
+    model = SSVAE(x_dim=12, z_dim=3, num_classes=C, hidden=(8,), image_shape=(3, 4))
+    assert model.config()["classifier"] == "mlp"
+    conv = SSVAE(
+        x_dim=12, z_dim=3, num_classes=C, hidden=(8,), image_shape=(3, 4), classifier="conv"
+    )
+    x, _ = batch()
+    # a pixel's neighbours matter: the net reads x as a 3 x 4 image, whatever the batch shape
+    assert conv.classifier(x[None].expand(2, -1, -1)).shape == (2, 5, C)
+    first = conv.classifier.features[0]
+    assert isinstance(first, torch.nn.Conv2d) and first.in_channels == 1
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        {"model_class": "SSVAE", "model_config": conv.config(), "model": conv.state_dict()},
+    )
+    again = model_from_checkpoint(load_checkpoint(path))
+    assert again.config() == conv.config()
+    assert torch.equal(again.class_probs(x), conv.class_probs(x))
+    # a config written before the option existed builds the MLP
+    old = {k: v for k, v in model.config().items() if k != "classifier"}
+    assert SSVAE(**old).classifier_kind == "mlp"
+    with pytest.raises(ValueError, match="unknown classifier"):
+        SSVAE(x_dim=12, image_shape=(3, 4), classifier="rnn")
+    with pytest.raises(ValueError, match="H \\* W"):
+        SSVAE(x_dim=13, image_shape=(3, 4), classifier="conv")
