@@ -308,6 +308,7 @@ class Trainer:
         lr_schedule: str = "constant",
         ranks: Ranks | None = None,
         find_unused_parameters: bool = False,
+        eval_model: Callable | None = None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -316,6 +317,9 @@ class Trainer:
                 f"unknown learning-rate schedule {lr_schedule!r}; choose from {LR_SCHEDULES}"
             )
         self.model, self.guide = model, guide
+        # the model the validation ELBO scores: the pure model, when ``model`` carries terms
+        # that only training adds (the semi-supervised model's auxiliary and balance terms)
+        self.eval_model = model if eval_model is None else eval_model
         self.elbo = (
             make_elbo(elbo, num_particles, max_plate_nesting) if isinstance(elbo, str) else elbo
         )
@@ -459,7 +463,7 @@ class Trainer:
         total, count = 0.0, stop - start
         if count:
             result = estimate_log_px(
-                self.model,
+                self.eval_model,
                 self.guide,
                 *(t[start:stop] for t in data),
                 num_particles=num_particles,

@@ -206,12 +206,13 @@ def main(args) -> dict:
         activation=args.activation,
         aux_weight=args.aux_weight,
         beta=args.beta,
-        balance=args.balance,
         image_shape=train.image_shape,
     )
     model_class = "SSVAE" if args.m1 is None else "StackedSSVAE"
     if args.m1 is None:
-        model = SSVAE(x_dim=train.images.shape[1], classifier=args.classifier, **m2)
+        model = SSVAE(
+            x_dim=train.images.shape[1], classifier=args.classifier, balance=args.balance, **m2
+        )
     elif state is not None:  # resumed: M1's weights are in the checkpoint
         model = StackedSSVAE(state["model_config"]["m1"], **m2)
     else:
@@ -233,6 +234,7 @@ def main(args) -> dict:
         ranks=ranks,
         # without the auxiliary term a labelled batch leaves the classifier out
         find_unused_parameters=args.aux_weight == 0,
+        eval_model=model.model,  # the validation ELBO without the training-only terms
     )
     config = run_config(
         args,
@@ -283,7 +285,7 @@ def main(args) -> dict:
     )
     stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
     if stopped is None and trainer.epoch < args.epochs:
-        # val_elbo: unlabelled, so the auxiliary term is absent and y is drawn from q(y|x).
+        # val_elbo: the pure model on unlabelled images, y drawn from q(y|x).
         run_.fit(
             args.epochs, val_data=(valid_x,), callbacks=[on_epoch, stopper], progress=not quiet
         )

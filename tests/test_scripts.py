@@ -63,7 +63,10 @@ SMOKE_RUNS = {
         ],
     ],
     "train_ssvae.py": [
-        ["--epochs", "2", "--eval-particles", "5", "--likelihood-size", "20", *SSVAE_TINY],
+        [
+            *("--epochs", "2", "--eval-particles", "5", "--likelihood-size", "20"),
+            *("--balance", "5", *SSVAE_TINY),
+        ],
         [
             "--epochs",
             "1",
