@@ -41,8 +41,7 @@ class ConvNet(nn.Module):
     """Flattened images x (..., H * W) -> (..., out_dim): 5x5 convolutions of stride 2 with
     ``channels`` filters each, then an ``mlp`` through ``hidden``.
 
-    The classifier q(y|x) of the semi-supervised model can be one: from 100 labels a
-    convolutional net generalises better than an MLP of the same depth.
+    The semi-supervised model's classifier q(y|x) can be one (``SSVAE(classifier="conv")``).
     """
 
     def __init__(
