@@ -153,13 +153,13 @@ def accuracy(model: SSVAE | StackedSSVAE, x: torch.Tensor, y: torch.Tensor) -> f
 
 def main(args) -> dict:
     args, state, out, device, ranks = begin_run(args, build_parser(), "ssvae")
-    # M1 is checked before the data load; a resumed run has its weights in the checkpoint
     if args.m1 is not None and args.balance > 0:
         raise UsageError("--balance is for M2 on pixels; the stack does not take it")
     if args.m1 is not None and args.classifier != "mlp":
         raise UsageError(
             "--classifier conv classifies pixels; with --m1 q(y|z1) is an MLP on codes"
         )
+    # M1 is checked before the data load; a resumed run has its weights in the checkpoint
     m1 = load_m1(args.m1, args.dataset) if args.m1 is not None and state is None else None
     train, valid, test = training_splits(
         args.dataset,
