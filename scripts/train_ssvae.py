@@ -76,6 +76,13 @@ def build_parser() -> ArgumentParser:
         help="one labelled batch after every N unlabelled ones (default: 5)",
     )
     p.add_argument(
+        "--label-shift",
+        type=nonnegative_int,
+        default=0,
+        help="translate each labelled image by up to N pixels along each axis, afresh every "
+        "time it is used (default: 0, off)",
+    )
+    p.add_argument(
         "--classifier-hidden",
         type=hidden_sizes,
         default=(500,),
@@ -194,6 +201,7 @@ def main(args) -> dict:
             seed=args.seed,
             stream="labelled-train",
             device=device,
+            shift=args.label_shift,
         ),
         labelled_every=args.labelled_every,
     )

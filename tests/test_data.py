@@ -160,6 +160,47 @@ def test_perturbation_rate_values_and_resume(mnist, binarize):
         BatchLoader(data, 10, perturb=1.0)
 
 
+def test_shift_moves_each_image_by_at_most_shift_pixels_and_resumes():
+    # one lit pixel per image: where it lands is the image's translation
+    x = torch.zeros(500, 7 * 9)
+    x.view(500, 7, 9)[:, 3, 4] = 1.0
+    data = as_dataset(x, torch.zeros(500, dtype=torch.long), image_shape=(7, 9))
+    loader = BatchLoader(data, 500, labels=True, seed=2, shift=2)
+    ((a, y),) = list(loader)
+    ((b, _),) = list(loader)
+    assert torch.equal(y, data.labels) and a.sum(1).eq(1).all()
+    rows, cols = a.view(500, 7, 9).nonzero()[:, 1:].T
+    offsets = torch.stack([rows - 3, cols - 4])
+    assert offsets.abs().max() == 2
+    # all 25 translations occur, about equally often, and the next pass draws afresh
+    counts = torch.bincount((offsets[0] + 2) * 5 + offsets[1] + 2, minlength=25)
+    assert counts.min() > 5 and not torch.equal(a, b)
+    # an edge pixel that moves out of the frame leaves an empty image, not a wrapped one
+    edge = torch.zeros(200, 7 * 9)
+    edge.view(200, 7, 9)[:, 0, 0] = 1.0
+    ((e,),) = list(BatchLoader(as_dataset(edge, image_shape=(7, 9)), 200, seed=2, shift=1))
+    assert set(e.sum(1).tolist()) == {0.0, 1.0}
+    assert e.view(200, 7, 9)[:, :2, :2].sum() == e.sum()  # nothing wraps round to the far side
+    # the shift has a stream of its own: the shuffle and binarisation draws are unchanged
+    grey = as_dataset(torch.rand(300, 7 * 9), image_shape=(7, 9))
+    plain = BatchLoader(grey, 100, shuffle=True, binarize="dynamic", seed=3)
+    shifted = BatchLoader(grey, 100, shuffle=True, binarize="dynamic", seed=3, shift=1)
+    list(plain), list(shifted)
+    assert torch.equal(plain.shuffle_generator.get_state(), shifted.shuffle_generator.get_state())
+    assert torch.equal(plain.binarize_generator.get_state(), shifted.binarize_generator.get_state())
+    # resume replays the translations
+    state = shifted.state_dict()
+    first = [x for (x,) in shifted]
+    shifted.load_state_dict(state)
+    assert all(torch.equal(p, q) for p, (q,) in zip(first, shifted))
+    with pytest.raises(DataError, match="shift stream"):
+        shifted.load_state_dict(plain.state_dict())
+    with pytest.raises(DataError, match="at least 0"):
+        BatchLoader(data, 10, shift=-1)
+    with pytest.raises(DataError, match="two axes"):
+        BatchLoader(as_dataset(torch.rand(4, 6), image_shape=(6,)), 2, shift=1)
+
+
 def test_user_arrays():
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
     ds = as_dataset(imgs, labels=[0, 1, 2, 3, 4])

@@ -65,7 +65,7 @@ SMOKE_RUNS = {
     "train_ssvae.py": [
         [
             *("--epochs", "2", "--eval-particles", "5", "--likelihood-size", "20"),
-            *("--balance", "5", *SSVAE_TINY),
+            *("--balance", "5", "--label-shift", "2", *SSVAE_TINY),
         ],
         [
             "--epochs",

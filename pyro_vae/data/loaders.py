@@ -27,6 +27,11 @@ class BatchLoader:
     or already 0/1), uniform on [0, 1] otherwise.  This is how Ren et al. (2019, "Likelihood
     Ratios for Out-of-Distribution Detection") train the background model of their
     likelihood ratio; it has a generator of its own, so it changes no other draw.
+
+    ``shift`` > 0 translates each image, afresh every time it is used, by a whole number of
+    pixels drawn uniformly from [-shift, shift] along each axis, filling the uncovered
+    border with 0 (before any binarisation).  The semi-supervised model uses it on its few
+    labelled images; it too has a generator of its own.
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class BatchLoader:
         stream: str = "train",
         device: torch.device | str = "cpu",
         perturb: float = 0.0,
+        shift: int = 0,
     ) -> None:
         if binarize not in BINARIZATIONS:
             raise DataError(f"unknown binarisation {binarize!r}; choose from {BINARIZATIONS}")
@@ -53,6 +59,10 @@ class BatchLoader:
             raise DataError(f"{len(data)} images are fewer than one batch of {batch_size}")
         if not 0.0 <= perturb < 1.0:
             raise DataError(f"perturb is a probability in [0, 1), got {perturb}")
+        if shift < 0:
+            raise DataError(f"shift is a number of pixels, at least 0, got {shift}")
+        if shift and len(data.image_shape) != 2:
+            raise DataError(f"shift needs images of two axes, not of shape {data.image_shape}")
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -65,6 +75,8 @@ class BatchLoader:
         self.binarize_generator = generator(seed, f"{stream}-binarize")
         self.perturb = float(perturb)
         self.perturb_generator = generator(seed, f"{stream}-perturb") if perturb else None
+        self.shift = int(shift)
+        self.shift_generator = generator(seed, f"{stream}-shift") if shift else None
         # which replacement values fit the images; looked at only when perturbing
         self._binary = bool(perturb) and (
             binarize == "dynamic" or bool(((data.images == 0) | (data.images == 1)).all())
@@ -93,6 +105,8 @@ class BatchLoader:
             if order is not None:
                 idx = order[idx]
             x = self.data.images[idx]
+            if self.shift_generator is not None:
+                x = self._shifted(x)
             if self.binarize == "dynamic":
                 x = torch.bernoulli(x, generator=self.binarize_generator)
             if self.perturb_generator is not None:
@@ -113,6 +127,14 @@ class BatchLoader:
             value = (value < 0.5).to(x.dtype)
         return torch.where(hit, value.to(x.dtype), x)
 
+    def _shifted(self, x: Tensor) -> Tensor:
+        n, (h, w), s = x.shape[0], self.data.image_shape, self.shift
+        padded = torch.nn.functional.pad(x.view(n, h, w), (s, s, s, s))
+        offsets = torch.randint(0, 2 * s + 1, (2, n), generator=self.shift_generator)
+        rows = (offsets[0, :, None] + torch.arange(h))[:, :, None]
+        cols = (offsets[1, :, None] + torch.arange(w))[:, None, :]
+        return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, h * w)
+
     def state_dict(self) -> dict[str, Any]:
         """Generator states and the position within the current pass (0 between passes)."""
         state = {
@@ -123,6 +145,8 @@ class BatchLoader:
         }
         if self.perturb_generator is not None:
             state["perturb"] = self.perturb_generator.get_state()
+        if self.shift_generator is not None:
+            state["shift"] = self.shift_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -133,6 +157,10 @@ class BatchLoader:
             if "perturb" not in state:
                 raise DataError("the saved loader state has no perturbation stream")
             self.perturb_generator.set_state(state["perturb"])
+        if self.shift_generator is not None:
+            if "shift" not in state:
+                raise DataError("the saved loader state has no shift stream")
+            self.shift_generator.set_state(state["shift"])
         self._epoch_shuffle_state = state["epoch_shuffle"]
         self._resume_at = int(state["position"])
         self._handed_out = self._resume_at
