@@ -10,6 +10,8 @@ finished ones when the extra arguments give them a different ``--epochs``, ``--p
 exactly as if it had been given 60 minutes from the start).
 
     python benchmarks/ssvae_labels.py --labels 100 3000 --seeds 0 1 2 --jobs 2 -- --epochs 30
+    python benchmarks/ssvae_labels.py --labels 100 --seeds 0 1 2 --out runs/b \
+        --figure b.png --compare runs/a --name "b, " --compare-name "a, "
     python benchmarks/ssvae_labels.py --out runs/m1m2 --jobs 2 -- --m1 runs/m1 --beta 1 \
         --lr 3e-3 --epochs 300 --patience 15 --max-minutes 22
 """
@@ -78,9 +80,26 @@ def command_for(out: Path, labels: int, seed: int, extra: list[str]) -> list[str
     ]
 
 
-def plot(runs: list[tuple[int, int, Path]], path: Path) -> None:
+def _curve(out: Path) -> tuple[list[float], list[float], dict]:
+    """Cumulative training minutes, validation error (%) and the test report of a run."""
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    minutes = [m["seconds"] / 60 for m in metrics]
+    minutes = [sum(minutes[: i + 1]) for i in range(len(minutes))]
+    error = [100 * (1 - m["val_accuracy"]) for m in metrics]
+    return minutes, error, json.loads((out / "evaluation.json").read_text())
+
+
+def plot(
+    runs: list[tuple[int, int, Path]],
+    path: Path,
+    compare: Path | None = None,
+    label: str = "",
+    compare_label: str = "",
+) -> None:
     """Validation error against training minutes, one line per run and a panel per label
-    budget; a dot marks the epoch whose weights were kept and tested."""
+    budget; a dot marks the epoch whose weights were kept and tested.  With ``compare``,
+    the same (labels, seed) runs of that benchmark directory are drawn dashed, in the
+    seed's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,19 +112,29 @@ def plot(runs: list[tuple[int, int, Path]], path: Path) -> None:
         for labels, seed, out in runs:
             if labels != budget or not (out / "evaluation.json").is_file():
                 continue
-            metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-            minutes = [m["seconds"] / 60 for m in metrics]
-            minutes = [sum(minutes[: i + 1]) for i in range(len(minutes))]
-            error = [100 * (1 - m["val_accuracy"]) for m in metrics]
-            report = json.loads((out / "evaluation.json").read_text())
-            (line,) = ax.plot(
+            minutes, error, report = _curve(out)
+            color = f"C{seed % 10}"
+            ax.plot(
                 minutes,
                 error,
                 lw=1,
-                label=f"seed {seed}: test {100 * report['test_error']:.2f}%",
+                color=color,
+                label=f"{label}seed {seed}: test {100 * report['test_error']:.2f}%",
             )
             best = report["best_epoch"] - 1
-            ax.plot(minutes[best], error[best], "o", color=line.get_color(), ms=4)
+            ax.plot(minutes[best], error[best], "o", color=color, ms=4)
+            other = None if compare is None else compare / out.name
+            if other is not None and (other / "evaluation.json").is_file():
+                minutes, error, report = _curve(other)
+                ax.plot(
+                    minutes,
+                    error,
+                    lw=0.8,
+                    ls="--",
+                    color=color,
+                    alpha=0.7,
+                    label=f"{compare_label}seed {seed}: test {100 * report['test_error']:.2f}%",
+                )
         if budget in TARGETS:
             ax.axhline(TARGETS[budget], ls=":", color="k", lw=0.8)
             ax.text(0, TARGETS[budget], " target (test error)", va="bottom", fontsize=7)
@@ -180,7 +209,7 @@ def main(args, extra: list[str]) -> None:
             f"               {statistics.mean(s for _, s in rows) / 60:.1f}"
         )
     if args.figure is not None:
-        plot(runs, args.figure)
+        plot(runs, args.figure, args.compare, args.name, args.compare_name)
     if failed:
         sys.exit(1)
 
@@ -197,4 +226,13 @@ if __name__ == "__main__":
     p.add_argument(
         "--figure", type=Path, default=None, help="validation error against minutes (PNG)"
     )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="another benchmark directory whose runs of the same labels and seeds the figure "
+        "draws dashed",
+    )
+    p.add_argument("--name", default="", help="legend prefix of this directory's runs")
+    p.add_argument("--compare-name", default="", help="legend prefix of --compare's runs")
     main(p.parse_args(argv), extra)
