@@ -83,6 +83,18 @@ def build_parser() -> ArgumentParser:
         "time it is used (default: 0, off)",
     )
     p.add_argument(
+        "--label-rotate",
+        type=nonnegative_float,
+        default=0.0,
+        help="rotate each labelled image by up to DEG degrees (default: 0, off)",
+    )
+    p.add_argument(
+        "--label-shear",
+        type=nonnegative_float,
+        default=0.0,
+        help="shear (slant) each labelled image by up to DEG degrees (default: 0, off)",
+    )
+    p.add_argument(
         "--classifier-hidden",
         type=hidden_sizes,
         default=(500,),
@@ -202,6 +214,8 @@ def main(args) -> dict:
             stream="labelled-train",
             device=device,
             shift=args.label_shift,
+            rotate=args.label_rotate,
+            shear=args.label_shear,
         ),
         labelled_every=args.labelled_every,
     )

@@ -89,6 +89,7 @@ PATH_CASES = [
     ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),
     ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier conv"),
     ("train_ssvae.py", ["--m1", "{run}", "--balance", "5"], "--balance"),
+    ("train_ssvae.py", ["--label-rotate", "200", "--out", "{tmp}/r"], "in degrees in [0, 180]"),
 ]
 
 

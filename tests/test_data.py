@@ -201,6 +201,69 @@ def test_shift_moves_each_image_by_at_most_shift_pixels_and_resumes():
         BatchLoader(as_dataset(torch.rand(4, 6), image_shape=(6,)), 2, shift=1)
 
 
+def _slant(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Angle (degrees) of each image's principal axis from the vertical, by its moments."""
+    img = x.view(-1, *shape)
+    ys, xs = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1]), indexing="ij")
+    mass = img.sum((1, 2))
+    dx = xs - (img * xs).sum((1, 2))[:, None, None] / mass[:, None, None]
+    dy = ys - (img * ys).sum((1, 2))[:, None, None] / mass[:, None, None]
+    mxx, myy, mxy = ((img * a * b).sum((1, 2)) for a, b in ((dx, dx), (dy, dy), (dx, dy)))
+    return torch.rad2deg(0.5 * torch.atan2(2 * mxy, myy - mxx))
+
+
+@pytest.mark.parametrize("kind", ["rotate", "shear"])
+def test_rotate_and_shear_tilt_a_bar_within_their_range(kind):
+    # a vertical bar, 20 by 2 pixels, on a 28 x 30 frame
+    shape = (28, 30)
+    x = torch.zeros(400, shape[0] * shape[1])
+    x.view(400, *shape)[:, 4:24, 14:16] = 1.0
+    data = as_dataset(x, image_shape=shape)
+    ((a,),) = list(BatchLoader(data, 400, seed=1, binarize="dynamic", **{kind: 20.0}))
+    ((binary,),) = list(BatchLoader(data, 400, seed=1, **{kind: 20.0}))
+    # either way the bar's slant is the angle drawn, uniform on [-20, 20] degrees; the
+    # sampled pixels of a dynamically binarised image make its measured angle noisy
+    for b, tol in ((binary, 2.5), (a, 6.0)):
+        angle = _slant(b, shape)
+        assert angle.abs().max() < 20 + tol and angle.min() < -15 and angle.max() > 15
+        assert abs(float(angle.mean())) < 2.0
+    # nearest-pixel resampling keeps binary images binary; bilinear makes grey edges, which
+    # dynamic binarisation then draws from
+    assert set(binary.unique().tolist()) == {0.0, 1.0}
+    assert set(a.unique().tolist()) == {0.0, 1.0}
+    # a vanishing angle is the identity map
+    ((same,),) = list(BatchLoader(data, 400, seed=1, **{kind: 1e-9}))
+    assert torch.equal(same, x)
+
+
+def test_affine_translation_stream_and_resume():
+    shape = (28, 28)
+    x = torch.zeros(500, 28 * 28)
+    x.view(500, *shape)[:, 12:16, 12:16] = 1.0
+    loader = BatchLoader(as_dataset(x), 500, seed=2, shift=3, shear=1e-9)
+    ((a,),) = list(loader)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    img = a.view(500, *shape)
+    mass = img.sum((1, 2))
+    offset = torch.stack(
+        [(img * xs).sum((1, 2)) / mass - 13.5, (img * ys).sum((1, 2)) / mass - 13.5]
+    )
+    # continuous translations, uniform on [-3, 3] pixels along each axis (to the nearest pixel)
+    assert offset.abs().max() <= 3.5 and offset.abs().max() > 2.5 and offset.std() > 1.2
+    # its own stream, saved and replayed; the integer-shift stream is not used
+    assert loader.shift_generator is None
+    state = loader.state_dict()
+    first = [b for (b,) in loader]
+    loader.load_state_dict(state)
+    assert all(torch.equal(p, q) for p, (q,) in zip(first, loader))
+    with pytest.raises(DataError, match="affine stream"):
+        loader.load_state_dict(BatchLoader(as_dataset(x), 500, seed=2, shift=3).state_dict())
+    with pytest.raises(DataError, match="in degrees"):
+        BatchLoader(as_dataset(x), 10, rotate=200)
+    with pytest.raises(DataError, match="in degrees"):
+        BatchLoader(as_dataset(x), 10, shear=-1)
+
+
 def test_user_arrays():
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
     ds = as_dataset(imgs, labels=[0, 1, 2, 3, 4])

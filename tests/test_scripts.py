@@ -80,6 +80,7 @@ SMOKE_RUNS = {
             "0",
             "--classifier",
             "conv",
+            *("--label-shift", "1", "--label-rotate", "10", "--label-shear", "15"),
             *SSVAE_TINY,
         ],
         # M1+M2 on the codes of the tiny VAE, stopped early by --patience or --max-minutes

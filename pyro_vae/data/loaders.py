@@ -30,8 +30,13 @@ class BatchLoader:
 
     ``shift`` > 0 translates each image, afresh every time it is used, by a whole number of
     pixels drawn uniformly from [-shift, shift] along each axis, filling the uncovered
-    border with 0 (before any binarisation).  The semi-supervised model uses it on its few
-    labelled images; it too has a generator of its own.
+    border with 0 (before any binarisation).  ``rotate`` and ``shear`` > 0 (degrees) make
+    it a random affine map instead: a horizontal shear (a change of slant) by an angle
+    uniform in [-shear, shear] composed with a rotation by an angle uniform in [-rotate,
+    rotate] and a translation uniform in [-shift, shift] pixels along each axis, resampled
+    bilinearly before dynamic binarisation and to the nearest pixel otherwise (so binary
+    images stay binary).  The semi-supervised model uses them on its few labelled images;
+    each has a generator of its own.
     """
 
     def __init__(
@@ -48,6 +53,8 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         perturb: float = 0.0,
         shift: int = 0,
+        rotate: float = 0.0,
+        shear: float = 0.0,
     ) -> None:
         if binarize not in BINARIZATIONS:
             raise DataError(f"unknown binarisation {binarize!r}; choose from {BINARIZATIONS}")
@@ -61,8 +68,13 @@ class BatchLoader:
             raise DataError(f"perturb is a probability in [0, 1), got {perturb}")
         if shift < 0:
             raise DataError(f"shift is a number of pixels, at least 0, got {shift}")
-        if shift and len(data.image_shape) != 2:
-            raise DataError(f"shift needs images of two axes, not of shape {data.image_shape}")
+        for name, value, top in (("rotate", rotate, 180.0), ("shear", shear, 60.0)):
+            if not 0.0 <= value <= top:
+                raise DataError(f"{name} is an angle in degrees in [0, {top:g}], got {value}")
+        if (shift or rotate or shear) and len(data.image_shape) != 2:
+            raise DataError(
+                f"shift, rotate and shear need images of two axes, not of shape {data.image_shape}"
+            )
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -76,7 +88,10 @@ class BatchLoader:
         self.perturb = float(perturb)
         self.perturb_generator = generator(seed, f"{stream}-perturb") if perturb else None
         self.shift = int(shift)
-        self.shift_generator = generator(seed, f"{stream}-shift") if shift else None
+        self.rotate, self.shear = float(rotate), float(shear)
+        affine = bool(rotate or shear)
+        self.shift_generator = generator(seed, f"{stream}-shift") if shift and not affine else None
+        self.affine_generator = generator(seed, f"{stream}-affine") if affine else None
         # which replacement values fit the images; looked at only when perturbing
         self._binary = bool(perturb) and (
             binarize == "dynamic" or bool(((data.images == 0) | (data.images == 1)).all())
@@ -107,6 +122,8 @@ class BatchLoader:
             x = self.data.images[idx]
             if self.shift_generator is not None:
                 x = self._shifted(x)
+            elif self.affine_generator is not None:
+                x = self._affine(x)
             if self.binarize == "dynamic":
                 x = torch.bernoulli(x, generator=self.binarize_generator)
             if self.perturb_generator is not None:
@@ -135,6 +152,27 @@ class BatchLoader:
         cols = (offsets[1, :, None] + torch.arange(w))[:, None, :]
         return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, h * w)
 
+    def _affine(self, x: Tensor) -> Tensor:
+        n, (h, w) = x.shape[0], self.data.image_shape
+        u = 2 * torch.rand(4, n, generator=self.affine_generator, dtype=torch.float64) - 1
+        angle, slant = torch.deg2rad(self.rotate * u[0]), torch.deg2rad(self.shear * u[1])
+        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(slant)
+        # M maps output pixel coordinates (x right, y down, about the centre) to input
+        # ones: rotation times shear; theta is M in affine_grid's coordinates of [-1, 1].
+        m = torch.stack(
+            [torch.stack([cos, cos * tan - sin], -1), torch.stack([sin, sin * tan + cos], -1)], -2
+        )
+        half = torch.tensor([w / 2, h / 2], dtype=torch.float64)
+        theta = torch.empty(n, 2, 3, dtype=torch.float64)
+        theta[:, :, :2] = m * half[None, None, :] / half[None, :, None]
+        theta[:, :, 2] = self.shift * u[2:].T / half
+        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
+        mode = "bilinear" if self.binarize == "dynamic" else "nearest"
+        out = torch.nn.functional.grid_sample(
+            x.view(n, 1, h, w), grid, mode=mode, padding_mode="zeros", align_corners=False
+        )
+        return out.reshape(n, h * w)
+
     def state_dict(self) -> dict[str, Any]:
         """Generator states and the position within the current pass (0 between passes)."""
         state = {
@@ -147,6 +185,8 @@ class BatchLoader:
             state["perturb"] = self.perturb_generator.get_state()
         if self.shift_generator is not None:
             state["shift"] = self.shift_generator.get_state()
+        if self.affine_generator is not None:
+            state["affine"] = self.affine_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -161,6 +201,10 @@ class BatchLoader:
             if "shift" not in state:
                 raise DataError("the saved loader state has no shift stream")
             self.shift_generator.set_state(state["shift"])
+        if self.affine_generator is not None:
+            if "affine" not in state:
+                raise DataError("the saved loader state has no affine stream")
+            self.affine_generator.set_state(state["affine"])
         self._epoch_shuffle_state = state["epoch_shuffle"]
         self._resume_at = int(state["position"])
         self._handed_out = self._resume_at
