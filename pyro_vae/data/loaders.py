@@ -173,6 +173,14 @@ class BatchLoader:
         )
         return out.reshape(n, h * w)
 
+    def _optional_streams(self) -> dict[str, tuple[str, torch.Generator | None]]:
+        # the streams that exist only when their option is on: state key -> (name, generator)
+        return {
+            "perturb": ("perturbation", self.perturb_generator),
+            "shift": ("shift", self.shift_generator),
+            "affine": ("affine", self.affine_generator),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Generator states and the position within the current pass (0 between passes)."""
         state = {
@@ -181,30 +189,20 @@ class BatchLoader:
             "epoch_shuffle": self._epoch_shuffle_state,
             "position": self._handed_out,
         }
-        if self.perturb_generator is not None:
-            state["perturb"] = self.perturb_generator.get_state()
-        if self.shift_generator is not None:
-            state["shift"] = self.shift_generator.get_state()
-        if self.affine_generator is not None:
-            state["affine"] = self.affine_generator.get_state()
+        for key, (_, gen) in self._optional_streams().items():
+            if gen is not None:
+                state[key] = gen.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state; the next pass continues after the batches already handed out."""
         self.shuffle_generator.set_state(state["shuffle"])
         self.binarize_generator.set_state(state["binarize"])
-        if self.perturb_generator is not None:
-            if "perturb" not in state:
-                raise DataError("the saved loader state has no perturbation stream")
-            self.perturb_generator.set_state(state["perturb"])
-        if self.shift_generator is not None:
-            if "shift" not in state:
-                raise DataError("the saved loader state has no shift stream")
-            self.shift_generator.set_state(state["shift"])
-        if self.affine_generator is not None:
-            if "affine" not in state:
-                raise DataError("the saved loader state has no affine stream")
-            self.affine_generator.set_state(state["affine"])
+        for key, (what, gen) in self._optional_streams().items():
+            if gen is not None:
+                if key not in state:
+                    raise DataError(f"the saved loader state has no {what} stream")
+                gen.set_state(state[key])
         self._epoch_shuffle_state = state["epoch_shuffle"]
         self._resume_at = int(state["position"])
         self._handed_out = self._resume_at
