@@ -128,6 +128,14 @@ def test_loader_state_replays_batches(mnist):
     assert len(BatchLoader(data, 128, drop_last=True)) == 4
 
 
+def assert_resume_replays(loader: BatchLoader) -> None:
+    """A pass after ``load_state_dict(state_dict())`` hands out the same images again."""
+    state = loader.state_dict()
+    first = [batch[0] for batch in loader]
+    loader.load_state_dict(state)
+    assert all(torch.equal(p, q[0]) for p, q in zip(first, loader, strict=True))
+
+
 @pytest.mark.parametrize("binarize", ["dynamic", "none"])
 def test_perturbation_rate_values_and_resume(mnist, binarize):
     data = mnist["train"].subset(slice(0, 1000))
@@ -150,10 +158,7 @@ def test_perturbation_rate_values_and_resume(mnist, binarize):
     # resume replays the perturbation too
     loader = BatchLoader(data, 300, shuffle=True, binarize=binarize, seed=4, perturb=0.3)
     list(loader)
-    state = loader.state_dict()
-    first = [x for (x,) in loader]
-    loader.load_state_dict(state)
-    assert all(torch.equal(p, q) for p, (q,) in zip(first, loader))
+    assert_resume_replays(loader)
     with pytest.raises(DataError, match="perturbation"):
         loader.load_state_dict(plain.state_dict())
     with pytest.raises(DataError, match="probability"):
@@ -189,10 +194,7 @@ def test_shift_moves_each_image_by_at_most_shift_pixels_and_resumes():
     assert torch.equal(plain.shuffle_generator.get_state(), shifted.shuffle_generator.get_state())
     assert torch.equal(plain.binarize_generator.get_state(), shifted.binarize_generator.get_state())
     # resume replays the translations
-    state = shifted.state_dict()
-    first = [x for (x,) in shifted]
-    shifted.load_state_dict(state)
-    assert all(torch.equal(p, q) for p, (q,) in zip(first, shifted))
+    assert_resume_replays(shifted)
     with pytest.raises(DataError, match="shift stream"):
         shifted.load_state_dict(plain.state_dict())
     with pytest.raises(DataError, match="at least 0"):
@@ -252,10 +254,7 @@ def test_affine_translation_stream_and_resume():
     assert offset.abs().max() <= 3.5 and offset.abs().max() > 2.5 and offset.std() > 1.2
     # its own stream, saved and replayed; the integer-shift stream is not used
     assert loader.shift_generator is None
-    state = loader.state_dict()
-    first = [b for (b,) in loader]
-    loader.load_state_dict(state)
-    assert all(torch.equal(p, q) for p, (q,) in zip(first, loader))
+    assert_resume_replays(loader)
     with pytest.raises(DataError, match="affine stream"):
         loader.load_state_dict(BatchLoader(as_dataset(x), 500, seed=2, shift=3).state_dict())
     with pytest.raises(DataError, match="in degrees"):
