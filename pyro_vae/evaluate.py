@@ -8,11 +8,9 @@ log w_k = log p(x, z_k) - log q(z_k|x):
     ELBO(x)    = mean_k(log w_k)                   (unbiased for E_q[log w])
     gap(x)     = log p̂_K(x) - ELBO(x)              (estimates KL(q(z|x) || p(z|x)))
 
-Pyro's ``vectorized_importance_weights`` and ``psis_diagnostic`` sum the log weights over
-the data plate (one weight per particle for the whole batch).  ``RenyiELBO`` keeps the data
-plate when every site sits in it (since Pyro's PR 2321), but uses the *scaled* log-probs
-(subsampling, ``poutine.scale``) and returns only the batch total.  So the weights are built
-here from each site's own, unscaled ``log_prob`` with the data dimension kept.
+The log weights come from ``pyro_vae.weights`` (each site's own, unscaled ``log_prob``
+with the data dimension kept), the same computation the training objectives use; here they
+are drawn in chunks of particles and datapoints and reduced in float64.
 """
 
 from __future__ import annotations
@@ -28,13 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm import tqdm
 
 from pyro_vae.faults import pause_point
 from pyro_vae.seeding import child_seed
+from pyro_vae.weights import trace_particles
 
 __all__ = [
     "LabelMarginalLikelihood",
@@ -77,36 +74,6 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def data_frame(site: dict, plate_name: str):
-    """The site's frame of the plate ``plate_name``; a ``ValueError`` if it is outside it."""
-    for frame in site["cond_indep_stack"]:
-        if frame.name == plate_name:
-            return frame
-    raise ValueError(
-        f"sample site {site['name']!r} is outside plate {plate_name!r}: per-datapoint "
-        "weights need every sample site inside the data plate"
-    )
-
-
-def site_log_prob(
-    site: dict, plate_name: str, particle_dim: int, value: Tensor | None = None
-) -> Tensor:
-    """The site's unscaled, masked log-prob at ``value`` (default: the site's value),
-    summed over everything but the particle and data dimensions: shape (K or 1, N or 1)."""
-    data_dim = data_frame(site, plate_name).dim
-    lp = site["fn"].log_prob(site["value"] if value is None else value)
-    mask = site["mask"]
-    if mask is not None and mask is not True:
-        lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
-    while lp.dim() < -particle_dim:
-        lp = lp.unsqueeze(0)
-    others = [d for d in range(-lp.dim(), 0) if d not in (particle_dim, data_dim)]
-    if others:
-        lp = lp.sum(others, keepdim=True)
-    # Every dimension but the two kept is now of size one, and particles sit left of data.
-    return lp.reshape(lp.shape[particle_dim], lp.shape[data_dim])
-
-
 @torch.no_grad()
 def log_weights(
     model: Callable,
@@ -125,26 +92,15 @@ def log_weights(
     A model latent site that the guide does not sample is drawn from the prior, where its
     prior and proposal densities cancel, so it adds nothing to the weight.
     """
-    particle_dim = -(max_plate_nesting + 1)
-    with pyro.plate("_particles", num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    total = None
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            if sign > 0 and not site["is_observed"] and name not in guide_trace.nodes:
-                continue
-            if sign < 0 and site["is_observed"]:
-                continue
-            lp = sign * site_log_prob(site, plate_name, particle_dim)
-            total = lp if total is None else total + lp
-    if total is None:
-        raise ValueError("the model and guide have no sample sites")
-    return total.expand(num_particles, -1) if total.shape[0] == 1 else total
+    return trace_particles(
+        model,
+        guide,
+        *args,
+        num_particles=num_particles,
+        max_plate_nesting=max_plate_nesting,
+        plate_name=plate_name,
+        **kwargs,
+    ).log_weights()
 
 
 def psis_khat(log_w: np.ndarray) -> np.ndarray:

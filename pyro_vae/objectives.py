@@ -32,14 +32,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import pyro
 import torch
-from pyro import poutine
 from pyro.infer import ELBO
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_vae.evaluate import data_frame, site_log_prob
+from pyro_vae.weights import (
+    ImportanceTraces,
+    data_frame,
+    replay_guide,
+    site_log_prob,
+    trace_particles,
+)
 
 __all__ = ["DReG", "IWAE", "ObjectiveError"]
 
@@ -110,13 +113,22 @@ class IWAE(ELBO):
     def _bound(self, model, guide, args, kwargs) -> tuple[Tensor, Tensor | None]:
         k_total = self.num_particles * self.num_groups
         dreg = self._doubly_reparameterised and torch.is_grad_enabled()
-        with pyro.plate("_iw_particles", k_total, dim=self.particle_dim):
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            hooks = self._reweight_latents(guide_trace) if dreg else None
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-        log_w, log_q_direct, scale = self._log_weights(model_trace, guide_trace, dreg)
+        weights: dict[str, Tensor] = {}  # filled in once the weights are known
+        traces = trace_particles(
+            model,
+            guide,
+            *args,
+            num_particles=k_total,
+            max_plate_nesting=self.max_plate_nesting,
+            plate_name=self.plate_name,
+            model_values=self._reweighted(weights) if dreg else None,
+            **kwargs,
+        )
+        scale = self._check_sites(traces)
+        log_p, log_q = traces.log_p(), traces.log_q()
+        log_w = log_p - log_q
+        if log_w.shape[0] == 1:
+            log_w = log_w.expand(k_total, -1)
         k, m = self.num_particles, self.num_groups
         grouped = log_w.reshape(m, k, -1)  # (M, K, B)
         bound = torch.logsumexp(grouped, dim=1) - math.log(k)  # (M, B)
@@ -125,91 +137,94 @@ class IWAE(ELBO):
             return loss, None
         with torch.no_grad():
             w = torch.softmax(grouped, dim=1).reshape(k_total, -1)  # normalised per group
-        hooks["weights"] = w  # the latents' gradient hooks multiply by these: w~^2 overall
-        # Model parameters: sum_k w~_k d log w_k.  Guide parameters: the gradient through
-        # z_k, scaled once more by w~_k in the hooks, while log q(sg(z_k); phi) cancels the
-        # direct dependence of log q(z_k; phi) on phi.
-        surrogate = -scale * (w * (log_w + log_q_direct)).sum() / m
+        weights["w"] = w
+        # The doubly reparameterised estimator (Tucker et al. 2018), for any guide:
+        #   model parameters theta: sum_k w_k d log p(x, z_k) / d theta  (IWAE's gradient);
+        #   guide parameters phi:   sum_k w_k^2 (d log w_k / d z_k)(d z_k / d phi),
+        # where d log w / d z keeps phi fixed *in the densities* but every sampled value live,
+        # including earlier draws inside later densities (d log q(z2 | z1) / d z1 is part of
+        # the path), and d z / d phi is the whole reparameterised map, z2 through z1.
+        # - log p: the model sees each latent through a hook that multiplies the gradient
+        #   reaching it by w_k, so its path to phi carries w_k^2 and its theta part w_k.
+        # - log q: weighted by w_k^2 as a whole, minus log q rescored with every latent
+        #   detached (the guide rebuilt from detached values), whose gradient is the direct
+        #   dependence on phi alone: the difference is the path derivative.
+        log_q_direct = self._log_q_direct(traces, guide, args, kwargs)
+        surrogate = -scale * (w * log_p - w.square() * (log_q - log_q_direct)).sum() / m
         return loss, surrogate
 
-    def _reweight_latents(self, guide_trace: poutine.Trace) -> dict:
-        """Route the gradient of each guide latent through a hook that multiplies it by the
-        particle's normalised weight (filled in once the weights are known)."""
-        state: dict = {}
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-                continue
+    def _reweighted(self, weights: dict[str, Tensor]) -> Callable[[str, dict], Tensor]:
+        """The value the model sees at a guide latent: a view whose gradient is multiplied
+        by the particle's normalised weight (``weights["w"]``, (K, B), set after the pass)."""
+        particle_dim = self.particle_dim
+
+        def model_value(name: str, site: dict) -> Tensor:
+            value = site["value"]
             if not getattr(site["fn"], "has_rsample", False):
                 raise ObjectiveError(
                     f"DReG needs a reparameterisable guide: site {name!r} "
                     f"({type(site['fn']).__name__}) has no rsample"
                 )
-            value = site["value"]
             if not value.requires_grad:
-                continue
+                return value
             data_dim = data_frame(site, self.plate_name).dim
-            batch_dims = len(site["fn"].batch_shape)
-            event_dims = value.dim() - batch_dims
-            shape = [1] * value.dim()
+            event_dims = value.dim() - len(site["fn"].batch_shape)
 
-            def hook(grad, data_dim=data_dim, event_dims=event_dims, shape=shape):
-                w = state["weights"]  # (K, B)
-                view = list(shape)
-                view[self.particle_dim - event_dims] = w.shape[0]
+            def hook(grad: Tensor) -> Tensor:
+                w = weights["w"]  # (K, B)
+                view = [1] * grad.dim()
+                view[particle_dim - event_dims] = w.shape[0]
                 view[data_dim - event_dims] = w.shape[1]
                 return grad * w.reshape(view)
 
             routed = value.view_as(value)
             routed.register_hook(hook)
-            site["value"] = routed
-            site["_iw_raw_value"] = value
-        return state
+            return routed
 
-    def _log_weights(
-        self, model_trace: poutine.Trace, guide_trace: poutine.Trace, dreg: bool
-    ) -> tuple[Tensor, Tensor, float]:
-        total: Tensor | None = None
-        direct: Tensor | float = 0.0
+        return model_value
+
+    def _log_q_direct(self, traces: ImportanceTraces, guide, args, kwargs) -> Tensor:
+        """log q at the drawn values with every latent detached, (K, B): its gradient is
+        the dependence of log q on the guide's parameters alone.  A guide with one latent
+        site rescored in place; with several, the guide is replayed on the detached values,
+        so that no later density is built from a live earlier draw."""
+        latents = list(traces.latent_sites())
+        if len(latents) > 1:
+            detached = replay_guide(
+                traces, guide, *args, values=lambda name, site: site["value"].detach(), **kwargs
+            )
+            latents = [(name, detached.nodes[name]) for name, _ in latents]
+        total = 0.0
+        for name, site in latents:
+            try:
+                total = total + site_log_prob(
+                    site, self.plate_name, self.particle_dim, site["value"].detach()
+                )
+            except (KeyError, NotImplementedError):
+                raise ObjectiveError(
+                    f"DReG needs log q at values the guide did not just draw: site {name!r}'s "
+                    f"distribution ({type(site['fn']).__name__}) cannot evaluate them (a flow "
+                    "without an inverse, e.g. planar); use iwae, or an invertible flow (iaf)"
+                ) from None
+        return total
+
+    def _check_sites(self, traces: ImportanceTraces) -> float:
+        """Refuse what the bound is not defined for; return the data plate's subsampling
+        factor N/B."""
         scale = None
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if sign > 0 and not site["is_observed"] and name not in guide_trace.nodes:
-                    continue  # drawn from its prior in both: p and q cancel
-                if sign < 0:
-                    if site["is_observed"]:
-                        continue
-                    if not getattr(site["fn"], "has_rsample", False):
-                        raise ObjectiveError(
-                            f"{type(self).__name__} needs reparameterisable guide sites: "
-                            f"{name!r} ({type(site['fn']).__name__}) has no rsample"
-                        )
-                site_scale = self._check_scale(site, data_frame(site, self.plate_name))
-                if scale is None:
-                    scale = site_scale
-                rerouted = dreg and sign < 0 and "_iw_raw_value" in site
-                try:
-                    lp = sign * site_log_prob(site, self.plate_name, self.particle_dim)
-                    if rerouted:
-                        raw = site["_iw_raw_value"].detach()
-                        lq = site_log_prob(site, self.plate_name, self.particle_dim, raw)
-                        direct = direct + lq
-                except (KeyError, NotImplementedError):
-                    if not rerouted:
-                        raise
-                    raise ObjectiveError(
-                        f"DReG needs log q at values the guide did not just draw: site {name!r}'s "
-                        f"distribution ({type(site['fn']).__name__}) cannot evaluate them (a flow "
-                        "without an inverse, e.g. planar); use iwae, or an invertible flow (iaf)"
-                    ) from None
-                total = lp if total is None else total + lp
-        if total is None:
+        for name, site in traces.latent_sites():
+            if not getattr(site["fn"], "has_rsample", False):
+                raise ObjectiveError(
+                    f"{type(self).__name__} needs reparameterisable guide sites: "
+                    f"{name!r} ({type(site['fn']).__name__}) has no rsample"
+                )
+        for _, site in (*traces.model_sites(), *traces.latent_sites()):
+            site_scale = self._check_scale(site, data_frame(site, self.plate_name))
+            if scale is None:
+                scale = site_scale
+        if scale is None:
             raise ObjectiveError("the model and guide have no sample sites")
-        k_total = self.num_particles * self.num_groups
-        if total.shape[0] == 1:
-            total = total.expand(k_total, -1)
-        return total, direct, 1.0 if scale is None else scale
+        return scale
 
     def _check_scale(self, site: dict, frame) -> float:
         """The subsampling factor N/B of the data plate; any other scale is refused."""
@@ -237,9 +252,10 @@ class DReG(IWAE):
     (Tucker et al. 2018); the model's parameters get IWAE's gradient.  The value returned
     is the same negative bound as ``IWAE``'s.
 
-    Meant for guides whose latent sites are each reparameterised from noise and the
-    guide's parameters (the project's VAE, flows on top of it); every guide site must have
-    ``rsample``.
+    Every guide site must have ``rsample``; sites may be drawn given earlier ones
+    (q(z1 | x) q(z2 | z1), a flow after a Gaussian site): the estimator differentiates log w
+    along every draw, earlier draws inside later densities included.  A guide with several
+    latent sites is run once more per step, on the detached draws, to rescore log q.
     """
 
     _doubly_reparameterised = True
