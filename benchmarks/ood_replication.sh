@@ -3,7 +3,7 @@
 # not exist when the rule was written. Protocol, fixed before the model is trained:
 #   model: scripts/train_svi.py defaults on Fashion-MNIST with --seed 1 and --epochs 40 (the
 #          time available; the benchmarked model had seed 0 and 70 epochs);
-#   test:  detect_ood.py --out mnist, auto compressor (chosen on 1,000 validation images),
+#   test:  detect_ood.py --ood mnist, auto compressor (chosen on 1,000 validation images),
 #          the first 1,000 test images of each set, K = 500;
 #   success: AUROC of the complexity ratio >= 0.95 (the target).
 # Usage: bash benchmarks/ood_replication.sh OUT_DIR [THREADS]
@@ -20,5 +20,5 @@ if [ ! -f "$out/evaluation.json" ]; then
       --eval-particles 0 --quiet --threads "$threads" --out "$out"
   fi
 fi
-"$py" "$here/scripts/detect_ood.py" --checkpoint "$out" --out mnist --images 1000 \
+"$py" "$here/scripts/detect_ood.py" --checkpoint "$out" --ood mnist --images 1000 \
   --num-particles 500 --threads "$threads"

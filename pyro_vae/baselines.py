@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyro_vae.choices import METHODS
 from pyro_vae.nets import Decoder, mlp
 
 __all__ = [
@@ -219,9 +220,6 @@ def principal_angles(a: Tensor, b: Tensor) -> np.ndarray:
     from scipy.linalg import subspace_angles
 
     return subspace_angles(a.detach().double().numpy(), b.detach().double().numpy())
-
-
-METHODS = ("PCA", "linear autoencoder", "autoencoder", "VAE")
 
 
 @dataclass

@@ -8,13 +8,11 @@ they are not used here.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from pyro_vae.faults import pause_point
+from pyro_vae.rundir import CHECKPOINT_NAME, RunDir, default_run_dir
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -38,7 +37,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
 # save_checkpoint's temporary files: "<target>." + tempfile's 8 random characters + ".tmp"
 _TEMPORARY = re.compile(r"^(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
@@ -161,62 +159,3 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"{path}: checkpoint format {state['format_version']} is not the supported {FORMAT_VERSION}"
         )
     return state
-
-
-def default_run_dir(name: str, root: Path | str = "runs") -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>``."""
-    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-class RunDir:
-    """The files of one run: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``,
-    ``figures/*.png`` and evaluation reports (``*.json``)."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / CHECKPOINT_NAME
-
-    @property
-    def figures(self) -> Path:
-        return self.path / "figures"
-
-    def create(self) -> RunDir:
-        self.figures.mkdir(parents=True, exist_ok=True)
-        return self
-
-    def write_json(self, name: str, data: dict[str, Any]) -> Path:
-        """Write ``<run>/<name>`` atomically, pretty-printed."""
-        target = self.path / name
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-        return target
-
-    def write_bytes(self, name: str, data: bytes) -> Path:
-        """Write ``<run>/<name>`` atomically."""
-        target = self.path / name
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        return target
-
-    def read_config(self) -> dict[str, Any]:
-        return json.loads(self.config_path.read_text())
-
-    def write_metrics(self, history: list[dict[str, Any]]) -> None:
-        """Rewrite ``metrics.jsonl`` (one line per epoch) from the full history, atomically,
-        so a resumed run never holds lines from epochs it replays."""
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
-        os.replace(tmp, self.metrics_path)

@@ -13,19 +13,26 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from pyro_vae.choices import ACTIVATIONS, BINARIZATIONS, DATASETS, LR_SCHEDULES
+from pyro_vae.rundir import CHECKPOINT_NAME, Outputs, RunDir, RunDirError, release_all
 
-from pyro_vae.checkpoints import CHECKPOINT_NAME, CheckpointError, RunDir, load_checkpoint
-from pyro_vae.data import BINARIZATIONS, DATASETS, DataError
-from pyro_vae.distributed import Ranks
-from pyro_vae.train import NonFiniteError, TrainingInterrupted
+if TYPE_CHECKING:
+    import torch
+
+    from pyro_vae.distributed import Ranks
+
+# This module imports nothing heavy at the top: the scripts parse their arguments with it
+# before torch and Pyro are loaded, so --help and a bad flag answer at once.
 
 __all__ = [
     "ArgumentParser",
+    "ResultError",
     "UsageError",
     "add_data_args",
-    "check_output_dir",
+    "add_force_arg",
+    "output_dir",
     "hidden_sizes",
     "number_type",
     "positive_float",
@@ -37,6 +44,11 @@ __all__ = [
 
 class UsageError(ValueError):
     """A bad flag value or combination detected after parsing."""
+
+
+class ResultError(Exception):
+    """A result the method cannot produce (a diverged fit, say): reported in one line with
+    exit status 1, never printed as a number."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -70,6 +82,18 @@ positive_int = number_type(int, allow_zero=False)
 nonnegative_int = number_type(int, allow_zero=True)
 positive_float = number_type(float, allow_zero=False)
 nonnegative_float = number_type(float, allow_zero=True)
+
+
+def seed_value(s: str) -> int:
+    """An argparse type: a seed, a whole number in [0, 2**32) (numpy's global generator,
+    which Pyro seeds, takes no more)."""
+    try:
+        value = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a seed in [0, 2**32)") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a seed in [0, 2**32)")
+    return value
 
 
 def probability(s: str) -> float:
@@ -116,7 +140,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """``--seed --device --quiet``."""
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default: 0)")
     parser.add_argument(
         "--device",
         default="cpu",
@@ -133,19 +157,37 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def output_dir(path: Path | str, flag: str = "--out") -> RunDir:
-    """The run directory ``path`` with its ``figures/`` made; a one-line UsageError naming
-    ``flag`` when it cannot be created."""
-    out = RunDir(path)
-    try:
-        out.figures.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {out.path}: {e.strerror}") from None
-    return out
+    """The output directory ``path``, checked (not made): a one-line ``RunDirError`` naming
+    ``flag`` if it cannot be made or another live process writes there.  ``Outputs.commit``
+    claims it when the results are ready."""
+    return RunDir(path).check(flag=flag)
+
+
+def add_force_arg(parser: argparse.ArgumentParser) -> None:
+    """``--force``: replace results an earlier invocation left (never a script's input)."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing results of the same name (without it, the script refuses "
+        "before it starts; its own inputs are never replaced)",
+    )
+
+
+def outputs_for(
+    out: RunDir, args: argparse.Namespace, *names: str, flag: str = "--out", protect=()
+) -> Outputs:
+    """The staged result files for ``out``, refused now if one of ``names`` exists and
+    ``--force`` was not given."""
+    return Outputs(out.path, force=getattr(args, "force", False), flag=flag, protect=protect).check(
+        *names
+    )
 
 
 def apply_threads(args: argparse.Namespace) -> None:
     """``torch.set_num_threads(--threads)`` when the flag is given."""
     if getattr(args, "threads", None) is not None:
+        import torch
+
         torch.set_num_threads(args.threads)
 
 
@@ -212,10 +254,13 @@ def resume_state(path: Path) -> tuple[dict | None, dict]:
     """
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
-    if (run_dir / CHECKPOINT_NAME).is_file() or path.is_file():
-        state = load_checkpoint(path)
-        return state, {**state["config"], "out": str(run_dir)}
     run = RunDir(run_dir)
+    if (run_dir / CHECKPOINT_NAME).is_file() or path.is_file():
+        from pyro_vae.checkpoints import load_checkpoint
+
+        state = load_checkpoint(path)
+        _check_saved_config(run, state)
+        return state, {**state["config"], "out": str(run_dir)}
     if not run.config_path.is_file():
         raise UsageError(f"--resume {path}: no checkpoint.pt or config.json there")
     try:
@@ -223,6 +268,33 @@ def resume_state(path: Path) -> tuple[dict | None, dict]:
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {path}: unreadable config.json ({e})") from None
     return None, {**config, "out": str(run_dir)}
+
+
+def _check_saved_config(run: RunDir, state: dict) -> None:
+    """The checkpoint is the source of truth; a ``config.json`` beside it that says otherwise
+    (corrupt, or another run's) is refused rather than left in place or silently replaced."""
+    if not run.config_path.exists():
+        return
+    try:
+        saved = run.read_config()
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or _identity(saved) != _identity(state.get("config")):
+        raise UsageError(
+            f"--resume {run.path}: config.json does not match the checkpoint's config (corrupt "
+            "or from another run); restore it, or remove it to have it rewritten from the "
+            "checkpoint"
+        )
+
+
+def _identity(config) -> dict:
+    """A config without the flags a resumed run may change, as plain JSON values."""
+    import json
+
+    if not isinstance(config, dict):
+        return {}
+    kept = {k: v for k, v in config.items() if k not in (*RESUMABLE_FLAGS, "out")}
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))
 
 
 def merge_resumed_args(
@@ -267,7 +339,7 @@ def run_config(args: argparse.Namespace, **extra) -> dict:
     """A run's config.json: every flag as a plain value, plus ``extra``."""
     config = {}
     for key, value in {**vars(args), **extra}.items():
-        if isinstance(value, (Path, torch.device)):
+        if isinstance(value, Path) or type(value).__name__ == "device":
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
@@ -291,8 +363,6 @@ def add_training_args(
     """The flags both training scripts share, spelled and checked the same way, plus
     ``--out``, ``--resume``, the data flags and the runtime flags.  A default of ``None``
     means "set by ``--preset``" (see ``apply_preset``)."""
-    from pyro_vae.nets import ACTIVATIONS
-    from pyro_vae.train import LR_SCHEDULES
 
     def default(value, shown=None):
         return "set by --preset" if value is None else (shown or f"{value}")
@@ -377,12 +447,15 @@ def begin_run(
     ``--batch-size`` is the global batch and must be a multiple of the number of processes;
     rank r > 0 draws from a random stream of its own.
     """
-    from pyro_vae.checkpoints import default_run_dir
     from pyro_vae.distributed import all_gather_objects, setup
+    from pyro_vae.rundir import default_run_dir
     from pyro_vae.seeding import child_seed, seed_everything
 
     state, out = None, None
     if args.resume is not None:
+        if int(os.environ.get("RANK", "0")) == 0:  # refused at once if a live process writes there
+            resumed = Path(args.resume)
+            RunDir(resumed if resumed.is_dir() else resumed.parent).check(flag="--resume")
         state, config = resume_state(args.resume)
         args = merge_resumed_args(parser, args, config)
         out = args.out
@@ -398,14 +471,15 @@ def begin_run(
             f"{ranks.world_size} processes"
         )
     if out is None:
-        chosen: Path | UsageError | None = None
+        # checked here, before any work; TrainingRun.start claims it (acquire, new=True)
+        chosen: Path | Exception | None = None
         if ranks.is_main:
             try:
-                chosen = check_output_dir(args.out or default_run_dir(name))
-            except UsageError as e:
+                chosen = RunDir(args.out or default_run_dir(name)).check(new=True).path
+            except RunDirError as e:
                 chosen = e
         chosen = all_gather_objects(chosen, ranks)[0]
-        if isinstance(chosen, UsageError):
+        if isinstance(chosen, Exception):
             raise chosen
         out = chosen
     seed_everything(args.seed if ranks.is_main else child_seed(args.seed, f"rank-{ranks.rank}"))
@@ -414,29 +488,13 @@ def begin_run(
 
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` (an error if there is no GPU) or ``auto``."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     return torch.device(name)
-
-
-def check_output_dir(path: Path, *, must_be_new: bool = True) -> Path:
-    """Check that ``path`` can be created and written, without creating anything yet."""
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"--out {path}: exists and is not a directory")
-        if must_be_new and any(path.iterdir()):
-            raise UsageError(f"--out {path}: already holds a run; choose another directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {path}: not writable")
-        return path
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: cannot create a directory under {parent}")
-    return path
 
 
 class _Terminated(Exception):
@@ -450,6 +508,7 @@ def _raise_terminated(signum, frame):
 
 # What a collective raises when a peer process is gone (gloo, NCCL): torch raises these as
 # plain RuntimeErrors, so they are recognised by their text.
+_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo")
 
 
@@ -459,7 +518,11 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     Under ``torchrun`` every rank meets the same errors; rank 0 alone reports them, except a
     lost process group, which each surviving rank reports with its rank.
     """
+    # the errors main may raise, from modules main has loaded anyway
+    from pyro_vae.checkpoints import CheckpointError
+    from pyro_vae.data import DataError
     from pyro_vae.distributed import DistributedError, RendezvousError, teardown
+    from pyro_vae.train import NonFiniteError, TrainingInterrupted
 
     distributed = "RANK" in os.environ
     rank = int(os.environ.get("RANK", "0"))
@@ -472,12 +535,18 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(args)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, RunDirError) as e:
         say(f"error: {e}")
         return 2
     except NonFiniteError as e:
         say(f"error: {e}; the last checkpoint was kept")
         return 1
+    except ResultError as e:
+        say(f"error: {e}")
+        return 1
+    except MemoryError:
+        say("error: not enough memory for these settings; lower the sizes or particles")
+        return 2
     except TrainingInterrupted as e:
         out = getattr(e, "run_dir", None)
         where = f" --resume {out}" if out else " --resume <run directory>"
@@ -498,6 +567,12 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         return 2
     except (DistributedError, RuntimeError) as e:
         text = " ".join(str(e).split())
+        if _CPU_OUT_OF_MEMORY in text or type(e).__name__ == "OutOfMemoryError":
+            # torch reports a failed CPU allocation as a plain RuntimeError
+            wanted = text.partition("you tried to allocate ")[2].split(" bytes")[0]
+            size = f" ({int(wanted) / 1e9:.3g} GB at once)" if wanted.isdigit() else ""
+            say(f"error: not enough memory for these settings{size}; lower the sizes or particles")
+            return 2
         if not distributed or not (
             isinstance(e, DistributedError) or any(s in text for s in _LOST_PEER)
         ):
@@ -511,5 +586,6 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         )
         return 1
     finally:
+        release_all()
         teardown()
     return 0

@@ -211,7 +211,7 @@ def sharded_log_px(
 
     max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
     n = data[0].shape[0]
-    start, stop = shard_bounds(n, ranks, align=eval_batch_size(num_particles, max_rows))
+    start, stop = shard_bounds(n, ranks, align=eval_batch_size(num_particles))
     part = None
     if stop > start:
         part = estimate_log_px(
@@ -227,11 +227,4 @@ def sharded_log_px(
     parts = [p for p in all_gather_objects(part, ranks) if p is not None]
     if not parts:
         raise ValueError("the data set is empty")
-    return MarginalLikelihood(
-        log_px=torch.cat([p.log_px for p in parts]),
-        elbo=torch.cat([p.elbo for p in parts]),
-        ess=torch.cat([p.ess for p in parts]),
-        khat=None if parts[0].khat is None else torch.cat([p.khat for p in parts]),
-        num_particles=num_particles,
-        bound_vs_k={k: torch.cat([p.bound_vs_k[k] for p in parts]) for k in parts[0].bound_vs_k},
-    )
+    return MarginalLikelihood.join(parts)

@@ -29,9 +29,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from pyro_vae.checks import as_tensor, positive_int
+from pyro_vae.choices import DEFAULT_KS, DEFAULT_MAX_ROWS
 from pyro_vae.faults import pause_point
 from pyro_vae.seeding import child_seed
-from pyro_vae.weights import trace_particles
+from pyro_vae.weights import ImportanceTraces, replay_model, trace_guide, trace_particles
 
 __all__ = [
     "LabelMarginalLikelihood",
@@ -45,9 +47,7 @@ __all__ = [
     "psis_khat",
 ]
 
-DEFAULT_KS = (1, 5, 50, 500, 5000)
 # log weights held at once: particles x datapoints per forward pass
-DEFAULT_MAX_ROWS = 1 << 15
 # chunks between two hand-backs of freed heap pages: the pages a chunk frees are reused by
 # the next ones; handing them back after every chunk cost page faults for 15% of the time
 _TRIM_EVERY = 16
@@ -127,6 +127,29 @@ class MarginalLikelihood:
     khat: Tensor | None
     num_particles: int
     bound_vs_k: dict[int, Tensor] = field(default_factory=dict)
+    # the Monte Carlo standard error of each ELBO estimate, std(log w) / sqrt(K)
+    elbo_sem: Tensor | None = None
+
+    @classmethod
+    def join(cls, parts: Sequence[MarginalLikelihood]) -> MarginalLikelihood:
+        """The estimates of consecutive shards of one data set, as one result."""
+        if not parts:
+            raise ValueError("no results to join")
+        first = parts[0]
+
+        def cat(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        return cls(
+            log_px=cat("log_px"),
+            elbo=cat("elbo"),
+            ess=cat("ess"),
+            khat=cat("khat"),
+            num_particles=first.num_particles,
+            bound_vs_k={k: torch.cat([p.bound_vs_k[k] for p in parts]) for k in first.bound_vs_k},
+            elbo_sem=cat("elbo_sem"),
+        )
 
     @property
     def gap(self) -> Tensor:
@@ -198,8 +221,10 @@ def estimate_log_px(
 
     ``data`` are tensors with one row per datapoint (e.g. ``x`` or ``x, y``), cut into chunks
     along dim 0 and passed to ``model``/``guide`` as positional arguments; ``kwargs`` go as
-    they are.  At most ``max_rows`` = particles x datapoints are evaluated per pass, so peak
-    memory stays bounded whatever K is.  ``bound_vs_k[k]`` is the mean of log p̂_k(x) over the
+    they are.  The guide draws all K particles of a chunk of ``batch_size`` datapoints at
+    once (default ``eval_batch_size(K)``); the model, which holds the large per-particle
+    tensors, is replayed on at most ``max_rows`` = particles x datapoints per pass, so peak
+    memory stays bounded whatever K is, and ``max_rows`` changes no number.  ``bound_vs_k[k]`` is the mean of log p̂_k(x) over the
     K // k disjoint groups of k particles, for each k in ``ks`` up to K: one run gives the
     whole curve.  k̂ needs at least 20 particles (``None`` otherwise, or when ``psis=False``).
     ``validate=False`` switches Pyro's distribution checks off for data checked beforehand;
@@ -211,6 +236,9 @@ def estimate_log_px(
     before it, so shards of a data set cut at multiples of ``batch_size`` (see
     ``eval_batch_size``) give exactly the values of the whole.
     """
+    data, num_particles, ks = _checked_arguments(
+        model, data, num_particles, ks, batch_size, max_rows, first_index
+    )
     checks = contextlib.nullcontext() if validate is None else pyro.validation_enabled(validate)
     with checks:
         return _estimate(
@@ -231,12 +259,40 @@ def estimate_log_px(
         )
 
 
-def eval_batch_size(
-    num_particles: int, max_rows: int = DEFAULT_MAX_ROWS, n: int | None = None
-) -> int:
-    """Datapoints per chunk of ``estimate_log_px`` at K = ``num_particles``."""
-    size = max(1, max_rows // num_particles)
-    return size if n is None else max(1, min(n, size))
+def _checked_arguments(model, data, num_particles, ks, batch_size, max_rows, first_index):
+    """One-line errors naming the argument, before any work: tensors (numpy arrays are
+    converted) with one row per datapoint, sizes that are positive integers, and, for the
+    project's models (``model.__self__.check_data``), data of the shape and support the model
+    is defined on (one image given as a 1-D tensor would otherwise pass as 784 datapoints)."""
+    num_particles = positive_int("num_particles", num_particles)
+    ks = tuple(positive_int("ks", k) for k in ks)
+    max_rows = positive_int("max_rows", max_rows)
+    if batch_size is not None:
+        positive_int("batch_size", batch_size)
+    positive_int("first_index", first_index, allow_zero=True)
+    if not data:
+        raise ValueError("no data given")
+    data = tuple(as_tensor(f"data[{i}]", t) for i, t in enumerate(data))
+    if any(t.dim() == 0 for t in data):
+        raise ValueError("data must have one row per datapoint (not a scalar)")
+    n = data[0].shape[0]
+    if n == 0:
+        raise ValueError("the data set is empty")
+    if any(t.shape[0] != n for t in data):
+        raise ValueError(
+            f"data tensors disagree on the number of rows: {[t.shape[0] for t in data]}"
+        )
+    check = getattr(getattr(model, "__self__", None), "check_data", None)
+    if callable(check):
+        check(*data)
+    return data, num_particles, ks
+
+
+def eval_batch_size(num_particles: int) -> int:
+    """Datapoints per chunk of ``estimate_log_px`` at K = ``num_particles`` (the unit of its
+    seeded draws): ``DEFAULT_MAX_ROWS // K``, at least one; it does not depend on
+    ``max_rows``."""
+    return max(1, DEFAULT_MAX_ROWS // num_particles)
 
 
 def _estimate(
@@ -263,12 +319,21 @@ def _estimate(
     n_total = data[0].shape[0]
     if n_total == 0:
         raise ValueError("the data set is empty")
+    # The draws are made per chunk of images with all K particles at once: a geometry that
+    # depends on K only, so max_rows (memory) changes no number.  It bounds the model's
+    # passes, which take the particles of a chunk in slices.
     if batch_size is None:
-        batch_size = eval_batch_size(num_particles, max_rows, n_total if seed is None else None)
-    particle_chunk = max(1, min(num_particles, max_rows // batch_size))
+        batch_size = eval_batch_size(num_particles)
+    model_particles = max(1, min(num_particles, max_rows // min(batch_size, n_total)))
     psis = psis and num_particles >= 20
     ks = [k for k in ks if k <= num_particles]
-    results: dict[str, list[Tensor]] = {"log_px": [], "elbo": [], "ess": [], "khat": []}
+    results: dict[str, list[Tensor]] = {
+        "log_px": [],
+        "elbo": [],
+        "elbo_sem": [],
+        "ess": [],
+        "khat": [],
+    }
     curves: dict[int, list[Tensor]] = {k: [] for k in ks}
     starts = range(0, n_total, batch_size)
     chunk_index = 0
@@ -277,23 +342,21 @@ def _estimate(
     ):
         chunk = _split(data, start, start + batch_size)
         with _chunk_rng(seed, first_index + start):
-            lw = torch.cat(
-                [
-                    log_weights(
-                        model,
-                        guide,
-                        *chunk,
-                        num_particles=min(particle_chunk, num_particles - k0),
-                        max_plate_nesting=max_plate_nesting,
-                        plate_name=plate_name,
-                        **kwargs,
-                    ).double()
-                    for k0 in range(0, num_particles, particle_chunk)
-                ]
-            ).cpu()
+            lw = _chunk_log_weights(
+                model,
+                guide,
+                chunk,
+                kwargs,
+                num_particles=num_particles,
+                model_particles=model_particles,
+                max_plate_nesting=max_plate_nesting,
+                plate_name=plate_name,
+            )
         lse = torch.logsumexp(lw, dim=0)
         results["log_px"].append(lse - math.log(num_particles))
         results["elbo"].append(lw.mean(dim=0))
+        sd = lw.std(dim=0) if num_particles > 1 else torch.full_like(lse, math.nan)
+        results["elbo_sem"].append(sd / math.sqrt(num_particles))
         results["ess"].append(torch.exp(2 * lse - torch.logsumexp(2 * lw, dim=0)))
         if psis:
             results["khat"].append(torch.from_numpy(psis_khat(lw.T.numpy())))
@@ -312,7 +375,48 @@ def _estimate(
         khat=torch.cat(results["khat"]) if psis else None,
         num_particles=num_particles,
         bound_vs_k={k: torch.cat(v) for k, v in curves.items()},
+        elbo_sem=torch.cat(results["elbo_sem"]),
     )
+
+
+@torch.no_grad()
+def _chunk_log_weights(
+    model: Callable,
+    guide: Callable,
+    chunk: Sequence[Tensor],
+    kwargs: dict,
+    *,
+    num_particles: int,
+    model_particles: int,
+    max_plate_nesting: int,
+    plate_name: str,
+) -> Tensor:
+    """Log weights (K, n) of one chunk, float64 on the CPU: the guide draws all K particles
+    at once, the model is replayed on slices of ``model_particles`` of them."""
+    guide_trace = trace_guide(
+        guide, *chunk, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
+    )
+    log_q: Tensor | float | None = None
+    pieces = []
+    for k0 in range(0, num_particles, model_particles):
+        k1 = min(num_particles, k0 + model_particles)
+        model_trace = replay_model(
+            model,
+            guide_trace,
+            *chunk,
+            max_plate_nesting=max_plate_nesting,
+            particles=slice(k0, k1),
+            **kwargs,
+        )
+        traces = ImportanceTraces(
+            model_trace, guide_trace, num_particles, -(max_plate_nesting + 1), plate_name
+        )
+        if log_q is None:
+            log_q = traces.log_q()
+        lq = log_q if isinstance(log_q, float) or log_q.shape[0] == 1 else log_q[k0:k1]
+        lw = traces.log_p() - lq
+        pieces.append(lw.expand(k1 - k0, -1).double())
+    return torch.cat(pieces).cpu()
 
 
 def _mean_sem(t: Tensor) -> tuple[float, float]:

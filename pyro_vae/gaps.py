@@ -39,11 +39,17 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 
+from pyro_vae.choices import FAMILIES
 from pyro_vae.evaluate import estimate_log_px
 
-__all__ = ["FAMILIES", "GapReport", "LocalGuide", "fit_local_guide", "inference_gaps"]
-
-FAMILIES = ("own", "diagonal", "full")
+__all__ = [
+    "FAMILIES",
+    "GapFitError",
+    "GapReport",
+    "LocalGuide",
+    "fit_local_guide",
+    "inference_gaps",
+]
 
 
 class LocalGuide:
@@ -237,15 +243,76 @@ def _model_parameters(model: Callable, x: Tensor) -> list[Tensor]:
     return params + [site["value"].unconstrained() for site in capture.trace.nodes.values()]
 
 
+class GapFitError(ValueError):
+    """A per-image fit whose figures the decomposition cannot produce (one line)."""
+
+
 @dataclass
 class GapReport:
-    """Per-image figures (float64 tensors of shape (N,)), in nats per image."""
+    """Per-image figures (float64 tensors of shape (N,)), in nats per image; the ``*_sem``
+    are the Monte Carlo standard errors of the two ELBO estimates."""
 
     log_px: Tensor
     elbo_local: Tensor
     elbo_amortised: Tensor
     num_particles: int
     fit: dict = field(default_factory=dict)
+    elbo_local_sem: Tensor | None = None
+    elbo_amortised_sem: Tensor | None = None
+
+    def failures(self, z: float = 4.0, slack: float = 0.05) -> dict[int, str]:
+        """Images whose decomposition cannot be true, by index, with the reason: a non-finite
+        figure; q*'s ELBO below the amortised guide's, where the fit started (the amortised
+        guide is a member of q*'s family); or log p̂(x) below either ELBO (log p̂ from q* is
+        at least the mean log weight of its own draws, an ELBO[q*] estimate).  "Below" means
+        by more than ``z`` Monte Carlo standard errors plus ``slack`` nats, the precision of
+        a converged fit (an exact amortised guide leaves q* nothing to gain, and the fit ends
+        a few hundredths of a nat short of it)."""
+
+        def sem(t: Tensor | None) -> Tensor:
+            return torch.zeros_like(self.log_px) if t is None else t.nan_to_num(0.0)
+
+        se_local, se_amortised = sem(self.elbo_local_sem), sem(self.elbo_amortised_sem)
+        margin_local, margin_amortised = z * se_local + slack, z * se_amortised + slack
+        margin_both = z * (se_local.square() + se_amortised.square()).sqrt() + slack
+        finite = (
+            torch.isfinite(self.log_px)
+            & torch.isfinite(self.elbo_local)
+            & torch.isfinite(self.elbo_amortised)
+        )
+        checks = [
+            (~finite, "non-finite figures"),
+            (
+                self.elbo_local < self.elbo_amortised - margin_both,
+                "q*'s ELBO ends below the amortised guide's, where the fit started",
+            ),
+            (
+                self.log_px < self.elbo_local - margin_local,
+                "log p(x) below ELBO[q*]",
+            ),
+            (
+                self.log_px < self.elbo_amortised - margin_amortised,
+                "log p(x) below the amortised ELBO",
+            ),
+        ]
+        out: dict[int, str] = {}
+        for mask, reason in checks:
+            for i in mask.nonzero().flatten().tolist():
+                out.setdefault(i, reason)
+        return out
+
+    def check(self) -> GapReport:
+        """Raise ``GapFitError`` naming the failed images, if any."""
+        failed = self.failures()
+        if failed:
+            shown = ", ".join(str(i) for i in sorted(failed)[:8])
+            more = ", ..." if len(failed) > 8 else ""
+            first = failed[min(failed)]
+            raise GapFitError(
+                f"the per-image fit failed for {len(failed)} of {self.log_px.numel()} images "
+                f"(indices {shown}{more}; first: {first}); try a smaller fit learning rate"
+            )
+        return self
 
     @property
     def approximation_gap(self) -> Tensor:
@@ -265,7 +332,19 @@ class GapReport:
             sem = float(t.std() / math.sqrt(n)) if n > 1 else float("nan")
             return {"mean": float(t.mean()), "sem": sem}
 
+        failed = self.failures()
+        if failed:  # the means would mix figures that cannot be true into the others
+            return {
+                "status": "failed fit",
+                "num_datapoints": int(self.log_px.numel()),
+                "num_particles": self.num_particles,
+                "failed_images": sorted(failed),
+                "failure_reasons": {str(i): r for i, r in sorted(failed.items())},
+                "fit": {k: v for k, v in self.fit.items() if k != "elbo_trace"},
+                "units": "nats per image",
+            }
         return {
+            "status": "ok",
             "num_datapoints": int(self.log_px.numel()),
             "num_particles": self.num_particles,
             "log_px": mean_sem(self.log_px),
@@ -304,4 +383,12 @@ def inference_gaps(
         evidence = estimate_log_px(
             indexed, local.guide, x, index, num_particles=num_particles, **common
         )
-    return GapReport(evidence.log_px, optimised.elbo, amortised.elbo, num_particles, fit)
+    return GapReport(
+        evidence.log_px,
+        optimised.elbo,
+        amortised.elbo,
+        num_particles,
+        fit,
+        elbo_local_sem=optimised.elbo_sem,
+        elbo_amortised_sem=amortised.elbo_sem,
+    )

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pyro_vae.choices import MADE
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.seeding import child_seed
 
@@ -128,7 +129,6 @@ def choose_compressor(
 
 
 # OOD sets made from the in-distribution images themselves, so that no other data set is needed
-MADE = ("noise", "flipped")
 
 
 def made_images(kind: str, inside: Tensor, seed: int) -> Tensor:

@@ -283,9 +283,12 @@ def save_vae_figures(
     return figures
 
 
-def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list[Figure]:
+def save_marginal_likelihood_figures(
+    result: Any, directory: Path | str, prefix: str = ""
+) -> list[Figure]:
     """Bound vs K, the histogram of per-datapoint gaps and k̂ per datapoint (when computed)
-    for a ``MarginalLikelihood`` result."""
+    for a ``MarginalLikelihood`` result: ``<prefix>bound_vs_k.png``, ``<prefix>gap_histogram.png``
+    and ``<prefix>khat.png`` in ``directory``."""
     directory = Path(directory)
     summary = result.summary()
     ks = sorted(result.bound_vs_k)
@@ -295,17 +298,17 @@ def save_marginal_likelihood_figures(result: Any, directory: Path | str) -> list
             [summary["bound_vs_k"][str(k)] for k in ks],
             [summary["bound_vs_k_sem"][str(k)] for k in ks],
             summary["elbo"],
-            directory / "bound_vs_k.png",
+            directory / f"{prefix}bound_vs_k.png",
         ),
         plot_histogram(
             result.gap,
-            directory / "gap_histogram.png",
+            directory / f"{prefix}gap_histogram.png",
             xlabel="log p̂(x) − ELBO (nats)",
             title=f"gap per datapoint, K={result.num_particles}: mean {summary['gap']:.2f} nats",
         ),
     ]
     if result.khat is not None:
-        figures.append(plot_khat(result.khat, directory / "khat.png"))
+        figures.append(plot_khat(result.khat, directory / f"{prefix}khat.png"))
     return figures
 
 

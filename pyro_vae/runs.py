@@ -63,15 +63,22 @@ class TrainingRun:
     def is_main(self) -> bool:
         return self.trainer.ranks.is_main
 
-    def start(self) -> TrainingRun:
-        """Create the run directory and write ``config.json`` (a run killed before its first
-        checkpoint starts here again: temporary files of killed writes are removed)."""
+    def start(self, *, new: bool = True) -> TrainingRun:
+        """Claim the run directory (this process becomes its only writer; with ``new`` it
+        must hold nothing yet) and write ``config.json``.  ``new=False``: a run killed before
+        its first checkpoint starts here again (temporary files of killed writes are
+        removed)."""
         if self.is_main:
+            self.dir.acquire(new=new)
             self.dir.create()
             remove_stale_temporaries(self.dir.path)
             self.dir.write_json("config.json", self.config)
         pause_point("run-started")
         return self
+
+    def close(self) -> None:
+        """Give the run directory up (a script's exit does this for it)."""
+        self.dir.release()
 
     def state(self) -> dict[str, Any]:
         """The checkpoint's contents (on several processes, every rank must call it: the
@@ -97,7 +104,10 @@ class TrainingRun:
         return self.dir.checkpoint_path
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Load a checkpoint's weights, trainer, loader and RNG states into this run."""
+        """Claim the run directory, then load a checkpoint's weights, trainer, loader and RNG
+        states into this run; ``config.json`` is rewritten with this run's config."""
+        if self.is_main:
+            self.dir.acquire(flag="--resume")
         if state.get("model_class") != self.model_class:
             raise CheckpointError(
                 f"checkpoint holds a {state.get('model_class')}, not a {self.model_class}"
@@ -120,6 +130,8 @@ class TrainingRun:
             raise CheckpointError(f"checkpoint does not fit this run: {detail}") from None
         if self.is_main:
             remove_stale_temporaries(self.dir.path)
+            # the resumed run's flags (a longer --epochs, say): the checkpoint will hold them too
+            self.dir.write_json("config.json", self.config)
 
     def _on_epoch(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if self.is_main:

@@ -26,6 +26,12 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from pyro_vae.choices import (
+    ELBO_NAMES,
+    IMPORTANCE_WEIGHTED,
+    LR_SCHEDULES,
+    PRESETS,
+)
 from pyro_vae.distributed import Ranks, all_sum, shard_bounds
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.objectives import IWAE, DReG
@@ -49,48 +55,15 @@ __all__ = [
     "stop_on_sigint",
 ]
 
-ELBOS: dict[str, type[ELBO]] = {
-    "trace": Trace_ELBO,
-    "meanfield": TraceMeanField_ELBO,
-    "jit": JitTrace_ELBO,
-    "enum": TraceEnum_ELBO,
-    "iwae": IWAE,
-    "dreg": DReG,
-}
-# the objectives whose num_particles is the K of an importance-weighted bound
-IMPORTANCE_WEIGHTED = ("iwae", "dreg")
+ELBOS: dict[str, type[ELBO]] = dict(
+    zip(
+        ELBO_NAMES,
+        (Trace_ELBO, TraceMeanField_ELBO, JitTrace_ELBO, TraceEnum_ELBO, IWAE, DReG),
+        strict=True,
+    )
+)
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
-
-LR_SCHEDULES = ("constant", "cosine")
-
-# Named training recipes for the VAE on binarised MNIST (train_svi.py --preset); see the
-# README's benchmarks for what each reaches in how much time.
-PRESETS: dict[str, dict[str, Any]] = {
-    # the single-sample ELBO of Pyro's example, one hidden layer
-    "classic": {
-        "elbo": "trace",
-        "num_particles": 1,
-        "hidden": (400,),
-        "activation": "relu",
-        "batch_size": 256,
-        "lr": 1e-3,
-        "lr_schedule": "constant",
-        "epochs": 60,
-    },
-    # DReG with K = 5 on Burda et al.'s two tanh layers of 200, a higher rate annealed to 0
-    "iw-fast": {
-        "elbo": "dreg",
-        "num_particles": 5,
-        "hidden": (200, 200),
-        "activation": "tanh",
-        "batch_size": 100,
-        "lr": 3e-3,
-        "lr_schedule": "cosine",
-        "epochs": 70,
-    },
-}
-DEFAULT_PRESET = "iw-fast"
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:

@@ -30,7 +30,10 @@ __all__ = [
     "PARTICLE_PLATE",
     "ImportanceTraces",
     "data_frame",
+    "replay_guide",
+    "replay_model",
     "site_log_prob",
+    "trace_guide",
     "trace_particles",
 ]
 
@@ -139,16 +142,71 @@ def trace_particles(
     instead of the guide's own (a view with a gradient hook, for DReG); the guide trace keeps
     the values the guide drew.
     """
+    guide_trace = trace_guide(
+        guide, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
+    )
+    model_trace = replay_model(
+        model,
+        guide_trace,
+        *args,
+        max_plate_nesting=max_plate_nesting,
+        model_values=model_values,
+        **kwargs,
+    )
+    return ImportanceTraces(
+        model_trace, guide_trace, num_particles, -(max_plate_nesting + 1), plate_name
+    )
+
+
+def trace_guide(
+    guide: Callable, *args, num_particles: int = 1, max_plate_nesting: int = 1, **kwargs
+) -> poutine.Trace:
+    """The guide traced inside the particle plate of ``num_particles``."""
+    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1)):
+        return poutine.trace(guide).get_trace(*args, **kwargs)
+
+
+def replay_model(
+    model: Callable,
+    guide_trace: poutine.Trace,
+    *args,
+    max_plate_nesting: int = 1,
+    particles: slice | None = None,
+    model_values: Callable[[str, dict], Tensor] | None = None,
+    **kwargs,
+) -> poutine.Trace:
+    """The model traced against the guide's latents, inside the particle plate: all the
+    guide's particles, or the slice ``particles`` of them (so that the model, which holds
+    the large per-particle tensors, can be run in pieces on one set of draws)."""
     particle_dim = -(max_plate_nesting + 1)
+    num_particles = _particle_count(guide_trace, particle_dim)
+    replayed = guide_trace
+    if particles is not None:
+        start, stop, _ = particles.indices(num_particles)
+        num_particles = stop - start
+        cut = _particle_slicer(particle_dim, start, num_particles)
+        replayed = _with_values(replayed, cut)
+    if model_values is not None:
+        replayed = _with_values(replayed, model_values)
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        replayed = guide_trace
-        if model_values is not None:
-            replayed = _with_values(guide_trace, model_values)
-        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(
-            *args, **kwargs
-        )
-    return ImportanceTraces(model_trace, guide_trace, num_particles, particle_dim, plate_name)
+        return poutine.trace(poutine.replay(model, trace=replayed)).get_trace(*args, **kwargs)
+
+
+def _particle_count(guide_trace: poutine.Trace, particle_dim: int) -> int:
+    for site in guide_trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.name == PARTICLE_PLATE:
+                return frame.size
+    raise ValueError("the guide trace was not drawn inside a particle plate")
+
+
+def _particle_slicer(particle_dim: int, start: int, length: int):
+    def cut(name: str, site: dict) -> Tensor:
+        value = site["value"]
+        event_dims = value.dim() - len(site["fn"].batch_shape)
+        return value.narrow(particle_dim - event_dims, start, length)
+
+    return cut
 
 
 def replay_guide(

@@ -8,7 +8,8 @@ method, the per-pixel binary cross-entropy and squared error of the test reconst
 and the quality of 1,000 samples judged by a digit classifier trained here (its mean
 confidence and the balance of the classes it sees). Writes comparison.json and, per size,
 figures/reconstructions_d<d>.png and samples_d<d>.png, and figures/latent_maps_d2.png, into
---out.
+--out (default: a new directory runs/baselines-<timestamp>-<suffix>); the set is written aside
+and moved into place at the end, and an existing one is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from pyro_vae.baselines import METHODS, compare_latent_models, fit_classifier
+from pyro_vae.choices import METHODS
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
+    add_force_arg,
     add_runtime_args,
     apply_threads,
     hidden_sizes,
     output_dir,
+    outputs_for,
     positive_int,
     run,
 )
-from pyro_vae.data import binarize_static, load_dataset
-from pyro_vae.plots import plot_image_rows, plot_latent_maps
-from pyro_vae.train import seed_everything
+from pyro_vae.rundir import default_run_dir
 
 
 def build_parser() -> ArgumentParser:
@@ -72,22 +73,33 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("runs/baselines"),
-        help="where to write (default: runs/baselines)",
+        default=None,
+        help="where to write (default: a new runs/baselines-<timestamp>-<suffix>)",
     )
+    add_force_arg(p)
     add_runtime_args(p)
     return p
 
 
 def main(args) -> dict:
+    # torch loads here, after the arguments are parsed
+    from pyro_vae.baselines import compare_latent_models, fit_classifier
+    from pyro_vae.data import binarize_static, first_rows, load_dataset
+    from pyro_vae.plots import plot_image_rows, plot_latent_maps
+    from pyro_vae.seeding import seed_everything
+
     apply_threads(args)
     if args.device != "cpu":
         raise UsageError("compare_baselines.py runs on the CPU: drop --device")
-    out = output_dir(args.out)
+    outputs = outputs_for(
+        output_dir(args.out or default_run_dir("baselines")), args, "comparison.json"
+    )
     seed_everything(args.seed)
     splits = load_dataset("mnist", args.data_dir)
-    train = binarize_static(splits["train"].subset(slice(0, args.train_size)), args.seed, "train")
-    test = binarize_static(splits["test"].subset(slice(0, args.test_size)), args.seed, "test")
+    train = first_rows(splits["train"], args.train_size, "--train-size", "training")
+    test = first_rows(splits["test"], args.test_size, "--test-size", "test")
+    train = binarize_static(train, args.seed, "train")
+    test = binarize_static(test, args.seed, "test")
     start = time.perf_counter()
     classifier = fit_classifier(train.images, train.labels, seed=args.seed)
     accuracy = float((classifier(test.images).argmax(-1) == test.labels).float().mean())
@@ -100,49 +112,53 @@ def main(args) -> dict:
         "units": "per pixel, nats (cross-entropy) and squared probability error",
         "results": {},
     }
-    for d in args.z_dims:
-        result = compare_latent_models(
-            train.images,
-            test.images,
-            classifier,
-            d,
-            hidden=args.hidden,
-            epochs=args.epochs,
-            num_samples=args.samples,
-            seed=args.seed,
-        )
-        report["results"][str(d)] = result.metrics
-        originals = {"test images": test.images}
-        plot_image_rows(
-            originals | result.reconstructions,
-            train.image_shape,
-            out.figures / f"reconstructions_d{d}.png",
-            title=f"reconstructions, d = {d}",
-        )
-        plot_image_rows(
-            result.samples,
-            train.image_shape,
-            out.figures / f"samples_d{d}.png",
-            n=12,
-            title=f"samples, d = {d}",
-        )
-        if d == 2:
-            plot_latent_maps(result.codes, test.labels, out.figures / "latent_maps_d2.png")
-        if not args.quiet:
-            print(f"d = {d}:")
-            for name in METHODS:
-                m = result.metrics[name]
-                q = m["samples"]
-                print(
-                    f"  {name:<19} BCE {m['bce_per_pixel']:.4f}  squared error "
-                    f"{m['squared_error_per_pixel']:.4f}  samples: confidence "
-                    f"{q['confidence']:.3f}, class balance {q['class_balance']:.3f}"
+    with outputs:  # a failure on the way leaves the previous set as it was
+        for d in args.z_dims:
+            result = compare_latent_models(
+                train.images,
+                test.images,
+                classifier,
+                d,
+                hidden=args.hidden,
+                epochs=args.epochs,
+                num_samples=args.samples,
+                seed=args.seed,
+            )
+            report["results"][str(d)] = result.metrics
+            originals = {"test images": test.images}
+            plot_image_rows(
+                originals | result.reconstructions,
+                train.image_shape,
+                outputs.path(f"figures/reconstructions_d{d}.png"),
+                title=f"reconstructions, d = {d}",
+            )
+            plot_image_rows(
+                result.samples,
+                train.image_shape,
+                outputs.path(f"figures/samples_d{d}.png"),
+                n=12,
+                title=f"samples, d = {d}",
+            )
+            if d == 2:
+                plot_latent_maps(
+                    result.codes, test.labels, outputs.path("figures/latent_maps_d2.png")
                 )
-    report["seconds"] = time.perf_counter() - start
-    out.write_json("comparison.json", report)
+            if not args.quiet:
+                print(f"d = {d}:")
+                for name in METHODS:
+                    m = result.metrics[name]
+                    q = m["samples"]
+                    print(
+                        f"  {name:<19} BCE {m['bce_per_pixel']:.4f}  squared error "
+                        f"{m['squared_error_per_pixel']:.4f}  samples: confidence "
+                        f"{q['confidence']:.3f}, class balance {q['class_balance']:.3f}"
+                    )
+        report["seconds"] = time.perf_counter() - start
+        outputs.write_json("comparison.json", report)
+        outputs.commit()
     if not args.quiet:
         print(f"digit classifier: test accuracy {accuracy:.3f}")
-        print(f"report: {out.path / 'comparison.json'}")
+        print(f"report: {outputs.directory / 'comparison.json'}")
     return report
 
 

@@ -9,7 +9,8 @@ the run's held-out split binarised as in training; ``decode`` writes them back a
 ``.npy`` file of shape (N, H, W).  The file holds a header (format version, a hash of the
 model's weights, image count and shape) and the message; a file made with other weights, or
 a truncated or altered one, is refused with one line.  Outputs are written to a temporary
-file and renamed: never half-written.
+file and renamed: never half-written; an existing --output is replaced only with --force, and
+never when it is the command's --input or checkpoint.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
 from pyro_vae.cli import ArgumentParser, UsageError, apply_threads, positive_int, run
-from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
-from pyro_vae.data import heldout_split, load_dataset
-from pyro_vae.models import model_from_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 
 def build_parser() -> ArgumentParser:
@@ -58,6 +56,11 @@ def build_parser() -> ArgumentParser:
     dec.add_argument("--output", type=Path, required=True, help=".npy file to write")
     for sp in (enc, dec):
         sp.error = p.error  # one line, exit 2, as for the main parser
+        sp.add_argument(
+            "--force",
+            action="store_true",
+            help="replace an existing --output (never an input of the command)",
+        )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="where data sets live (default: as in training)"
     )
@@ -71,24 +74,63 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+def write_atomically(path: Path, data: bytes, *, force: bool) -> None:
+    """Write ``data`` to ``path`` (checked by ``check_output``) through a temporary file in
+    the same directory; without ``force`` a file that appeared meanwhile is not replaced.
+    The file gets the permissions a newly created file would (the umask's)."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise UsageError(f"--output {path}: {e.strerror}") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:  # link, not rename: fails instead of replacing a file made meanwhile
+                os.link(tmp, path)
+            except FileExistsError:
+                raise UsageError(
+                    f"--output {path}: already exists; pass --force to replace it"
+                ) from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == Path(b).resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(args, checkpoint: Path) -> None:
+    """Refuse a bad --output before any work: a missing directory, a directory, one of the
+    command's inputs (even with --force), an existing file without --force."""
+    output = args.output
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: no directory {output.parent}")
+    for source in (checkpoint, args.input):
+        if source is not None and _same_file(output, source):
+            raise UsageError(f"--output {output}: is an input of this command; choose another file")
+    if output.is_dir():
+        raise UsageError(f"--output {output}: is a directory")
+    if output.exists() and not args.force:
+        raise UsageError(f"--output {output}: already exists; pass --force to replace it")
 
 
 def load_images(args, state, coder) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    from pyro_vae.data import first_rows, heldout_split, load_dataset
+
     if (args.input is None) == (args.split is None):
         raise UsageError("encode needs exactly one of --input and --split")
     if args.split is not None:
@@ -104,7 +146,7 @@ def load_images(args, state, coder) -> torch.Tensor:
             images = torch.from_numpy(np.load(args.input, allow_pickle=False))
         except (OSError, ValueError) as e:
             raise UsageError(f"--input {args.input}: not a readable .npy file ({e})") from None
-    images = images[: args.count]
+    images = first_rows(images, args.count, "--count", "input")
     x_dim = coder.vae.x_dim
     if images.dim() < 2 or images[0].numel() != x_dim:
         raise UsageError(
@@ -117,23 +159,31 @@ def load_images(args, state, coder) -> torch.Tensor:
 
 
 def main(args) -> dict:
+    # torch and Pyro load here, after the arguments are parsed
+    import numpy as np
+    import torch
+
+    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
+    from pyro_vae.models import model_from_checkpoint
+
     device = torch.device("cpu")  # the coder runs on the CPU in float64
     apply_threads(args)
-    state = load_checkpoint(resolve_checkpoint(args.checkpoint), map_location=device)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    check_output(args, checkpoint)
+    state = load_checkpoint(checkpoint, map_location=device)
     model = model_from_checkpoint(state).eval()
     try:
         coder = BitsBackCoder(model, latent_bits=args.latent_bits)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.command == "encode":
-        if not args.output.parent.is_dir():
-            raise UsageError(f"--output {args.output}: no directory {args.output.parent}")
         images = load_images(args, state, coder)
         start = time.perf_counter()
         message = coder.encode(images)
         seconds = time.perf_counter() - start
         data = message.to_bytes()
-        write_atomically(args.output, data)
+        write_atomically(args.output, data, force=args.force)
         pixels = max(1, images.numel())
         report = {
             "images": len(images),
@@ -151,8 +201,6 @@ def main(args) -> dict:
         raw = args.input.read_bytes()
     except OSError as e:
         raise UsageError(f"--input {args.input}: {e.strerror}") from None
-    if not args.output.parent.is_dir():
-        raise UsageError(f"--output {args.output}: no directory {args.output.parent}")
     try:
         message = CompressedImages.from_bytes(raw)
         start = time.perf_counter()
@@ -164,12 +212,15 @@ def main(args) -> dict:
     array = images.reshape(-1, h, w).to(torch.uint8).numpy()
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    write_atomically(args.output, buffer.getvalue())
+    write_atomically(args.output, buffer.getvalue(), force=args.force)
     if not args.quiet:
         print(f"{len(array)} images decoded in {seconds:.1f} s: {args.output}")
     return {"images": len(array)}
 
 
 if __name__ == "__main__":
+    arguments = build_parser().parse_args()
+    import torch
+
     torch.set_grad_enabled(False)
-    sys.exit(run(main, build_parser().parse_args()))
+    sys.exit(run(main, arguments))

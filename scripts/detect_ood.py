@@ -1,7 +1,7 @@
 """Out-of-distribution detection with a trained VAE: does the model tell its own kind of
 images from others?
 
-    python scripts/detect_ood.py --checkpoint runs/vae-... --in mnist --out fashion-mnist
+    python scripts/detect_ood.py --checkpoint runs/vae-... --in mnist --ood fashion-mnist
 
 Scores every test image of the in-distribution set (``--in``, default: the data the model was
 trained on) and of the OOD set (``--out``: another data set, or ``noise`` / ``flipped``, made
@@ -12,44 +12,30 @@ AUPRC and FPR at 95% TPR per score; with ``--background RUN`` (a VAE trained by
 ``train_svi.py --perturb``) also the likelihood ratio against that background model (Ren et
 al. 2019). The compressor of the complexity ratio is chosen on the
 in-distribution validation images (``--compressor auto``, see ``pyro_vae.ood``), never on
-OOD data. Writes ood_<in>_vs_<out>.json, the per-image scores
-ood_<in>_vs_<out>.npz, and figures/ood_<in>_vs_<out>_roc.png and _scores.png into the run
-directory (or --output-dir).
+OOD data. Writes ood_<in>_vs_<ood>.json, the per-image scores
+ood_<in>_vs_<ood>.npz, and figures/ood_<in>_vs_<ood>_roc.png and _scores.png into the run
+directory (or --out, as in every script); an existing set is replaced only with --force.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+from pyro_vae.choices import COMPRESSORS, DATASETS, MADE
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
+    add_force_arg,
     add_runtime_args,
     apply_threads,
     output_dir,
+    outputs_for,
     positive_int,
     resolve_device,
     run,
 )
-from pyro_vae.data import DATASETS, as_dataset, heldout_images
-from pyro_vae.models import model_from_checkpoint
-from pyro_vae.ood import (
-    COMPRESSORS,
-    MADE,
-    choose_compressor,
-    detection_metrics,
-    log_px_per_image,
-    made_images,
-    ood_scores,
-    roc,
-)
-from pyro_vae.plots import plot_ood_histograms, plot_roc
-from pyro_vae.train import seed_everything
 
 
 def build_parser() -> ArgumentParser:
@@ -65,7 +51,7 @@ def build_parser() -> ArgumentParser:
         help="in-distribution test images (default: the checkpoint's training data)",
     )
     p.add_argument(
-        "--out",
+        "--ood",
         dest="outside",
         required=True,
         choices=(*DATASETS, *MADE),
@@ -109,16 +95,32 @@ def build_parser() -> ArgumentParser:
         "--data-dir", type=Path, default=None, help="where data sets live (default: as in training)"
     )
     p.add_argument(
-        "--output-dir",
+        "--out",
         type=Path,
         default=None,
         help="where to write the report (default: the run directory)",
     )
+    add_force_arg(p)
     add_runtime_args(p)
     return p
 
 
 def main(args) -> dict:
+    # torch and Pyro load here, after the arguments are parsed
+    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.data import as_dataset, heldout_images
+    from pyro_vae.models import model_from_checkpoint
+    from pyro_vae.ood import (
+        choose_compressor,
+        detection_metrics,
+        log_px_per_image,
+        made_images,
+        ood_scores,
+        roc,
+    )
+    from pyro_vae.plots import plot_ood_histograms, plot_roc
+    from pyro_vae.seeding import seed_everything
+
     device = resolve_device(args.device)
     apply_threads(args)
     path = resolve_checkpoint(args.checkpoint)
@@ -131,6 +133,8 @@ def main(args) -> dict:
     if binarize == "none":
         raise UsageError("the checkpoint was trained on grey images; OOD scores need binary ones")
     inside_name = args.inside or config.get("dataset", "mnist")
+    if inside_name == args.outside:
+        raise UsageError(f"--in and --ood are both {args.outside}: nothing to tell apart")
     background, background_info = None, None
     if args.background is not None:
         bg_path = resolve_checkpoint(args.background)
@@ -147,7 +151,10 @@ def main(args) -> dict:
                 f"{config.get('dataset', 'mnist')}: a likelihood ratio needs the same data"
             )
         background_info = {"checkpoint": str(bg_path), "perturb": bg_config.get("perturb", 0.0)}
-    out = output_dir(args.output_dir or path.parent, "--output-dir")
+    tag = f"ood_{inside_name}_vs_{args.outside}"
+    outputs = outputs_for(
+        output_dir(args.out or path.parent), args, f"{tag}.json", f"{tag}.npz", protect=(path,)
+    )
     seed_everything(args.seed)
     data_dir = args.data_dir or config.get("data_dir")
     seed = config.get("seed", 0)
@@ -163,7 +170,16 @@ def main(args) -> dict:
     progress = not args.quiet
     compressor, selection = args.compressor, None
     if compressor == "auto":
-        valid = heldout_images(inside_name, data_dir, "valid", binarize, seed, args.select_images)
+        valid = heldout_images(
+            inside_name, data_dir, "valid", binarize, seed, args.select_images, "--select-images"
+        )
+        if progress:
+            print(
+                f"choosing the compressor: log p(x) of {len(valid)} {inside_name} validation "
+                f"images at K={args.num_particles} (--compressor NAME skips this; "
+                "--select-images sets how many)"
+            )
+        chose_from = time.perf_counter()
         log_px = log_px_per_image(
             model,
             valid.to(device),
@@ -172,7 +188,12 @@ def main(args) -> dict:
             progress=progress,
         )
         compressor, correlations = choose_compressor(log_px, valid, model.image_shape)
-        selection = {"split": "valid", "images": len(valid), "correlations": correlations}
+        selection = {
+            "split": "valid",
+            "images": len(valid),
+            "correlations": correlations,
+            "seconds": time.perf_counter() - chose_from,
+        }
     options = {
         "num_particles": args.num_particles,
         "compressor": compressor,
@@ -184,7 +205,6 @@ def main(args) -> dict:
     )
     names = list(scores_in)  # SCORES, and the background ratio when a background is given
     metrics = {s: detection_metrics(scores_in[s], scores_out[s]) for s in names}
-    tag = f"ood_{inside_name}_vs_{args.outside}"
     report = {
         "in": inside_name,
         "out": args.outside,
@@ -202,23 +222,29 @@ def main(args) -> dict:
         "positive_class": "out-of-distribution images; detector = -score",
         "units": "scores in nats per image, higher = more like the training data",
     }
-    out.write_json(f"{tag}.json", report)
-    arrays = {f"{s}_in": scores_in[s].numpy() for s in names}
-    arrays |= {f"{s}_out": scores_out[s].numpy() for s in names}
-    out.write_bytes(f"{tag}.npz", _npz(arrays))
     curves = {s: (*roc(scores_in[s], scores_out[s]), metrics[s]["auroc"]) for s in names}
     title = f"model trained on {config.get('dataset', 'mnist')}: {inside_name} vs {args.outside}"
-    plot_roc(curves, out.figures / f"{tag}_roc.png", title=title)
-    plot_ood_histograms(
-        scores_in, scores_out, out.figures / f"{tag}_scores.png", labels=(inside_name, args.outside)
-    )
+    arrays = {f"{s}_in": scores_in[s].numpy() for s in names}
+    arrays |= {f"{s}_out": scores_out[s].numpy() for s in names}
+    with outputs:
+        outputs.write_json(f"{tag}.json", report)
+        outputs.write_bytes(f"{tag}.npz", _npz(arrays))
+        plot_roc(curves, outputs.path(f"figures/{tag}_roc.png"), title=title)
+        plot_ood_histograms(
+            scores_in,
+            scores_out,
+            outputs.path(f"figures/{tag}_scores.png"),
+            labels=(inside_name, args.outside),
+        )
+        outputs.commit()
     if not args.quiet:
         print(f"{title}, {len(inside)} + {len(outside)} test images, K={args.num_particles}")
         if selection is not None:
             table = ", ".join(f"{c} {r:.3f}" for c, r in selection["correlations"].items())
             print(
                 f"  compressor {compressor}: corr(L(x), -log p(x)) on {len(valid)} "
-                f"{inside_name} validation images: {table}"
+                f"{inside_name} validation images: {table} (chosen in "
+                f"{selection['seconds']:.0f} s)"
             )
         print(f"  {'score':<17} {'AUROC':>6} {'AUPRC':>6} {'FPR@95':>7}   mean in / out (nats)")
         for s in names:
@@ -227,12 +253,14 @@ def main(args) -> dict:
                 f"  {s:<17} {m['auroc']:6.3f} {m['auprc']:6.3f} {m['fpr_at_95_tpr']:7.3f}"
                 f"   {mean['in']:9.2f} / {mean['out']:9.2f}"
             )
-        print(f"report: {out.path / (tag + '.json')}")
+        print(f"report: {outputs.directory / (tag + '.json')}")
     return report
 
 
-def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+def _npz(arrays: dict) -> bytes:
     import io
+
+    import numpy as np
 
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -240,5 +268,8 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 if __name__ == "__main__":
+    arguments = build_parser().parse_args()
+    import torch
+
     torch.set_grad_enabled(False)
-    sys.exit(run(main, build_parser().parse_args()))
+    sys.exit(run(main, arguments))

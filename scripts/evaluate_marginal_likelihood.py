@@ -4,8 +4,10 @@
     torchrun --nproc-per-node 2 scripts/evaluate_marginal_likelihood.py --checkpoint runs/vae-...
 
 Rebuilds the model from the checkpoint (a file or a run directory), scores the held-out split
-binarised as in training, and writes marginal_likelihood_k<K>.json and figures (bound vs K,
-per-datapoint gaps, PSIS k̂) into the run directory (or --out). Figures in nats per image.
+binarised as in training, and writes marginal_likelihood_k<K>.json and its figures
+(figures/marginal_likelihood_k<K>_*.png: bound vs K, per-datapoint gaps, PSIS k̂) into the run
+directory (or --out); an existing report of the same K is replaced only with --force.
+Figures in nats per image; the same --seed gives the same numbers whatever --max-rows.
 """
 
 from __future__ import annotations
@@ -13,24 +15,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-from pyro_vae.checkpoints import RunDir, load_checkpoint, resolve_checkpoint
+from pyro_vae.choices import DEFAULT_KS, DEFAULT_MAX_ROWS
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
+    add_force_arg,
     add_runtime_args,
     apply_threads,
+    output_dir,
+    outputs_for,
     positive_int,
     resolve_device,
     run,
 )
-from pyro_vae.data import heldout_split, load_dataset
-from pyro_vae.distributed import all_gather_objects, setup, sharded_log_px
-from pyro_vae.evaluate import DEFAULT_KS, DEFAULT_MAX_ROWS
-from pyro_vae.models import model_from_checkpoint
-from pyro_vae.plots import save_marginal_likelihood_figures
-from pyro_vae.train import seed_everything
+from pyro_vae.rundir import RunDirError
 
 
 def build_parser() -> ArgumentParser:
@@ -57,7 +55,8 @@ def build_parser() -> ArgumentParser:
         "--max-rows",
         type=positive_int,
         default=DEFAULT_MAX_ROWS,
-        help=f"particles x images per forward pass; bounds memory (default: {DEFAULT_MAX_ROWS})",
+        help="particles x images per forward pass of the model; bounds memory, changes no "
+        f"number (default: {DEFAULT_MAX_ROWS})",
     )
     p.add_argument("--no-psis", action="store_true", help="skip the PSIS k̂ diagnostic")
     p.add_argument(
@@ -69,11 +68,20 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="where to write the report (default: the run directory)",
     )
+    add_force_arg(p)
     add_runtime_args(p)
     return p
 
 
 def main(args) -> dict:
+    # torch and Pyro load here, after the arguments are parsed
+    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.data import first_rows, heldout_split, load_dataset
+    from pyro_vae.distributed import all_gather_objects, setup, sharded_log_px
+    from pyro_vae.models import model_from_checkpoint
+    from pyro_vae.plots import save_marginal_likelihood_figures
+    from pyro_vae.train import seed_everything
+
     device = resolve_device(args.device)
     ranks, device = setup(device)
     apply_threads(args)
@@ -81,13 +89,14 @@ def main(args) -> dict:
     state = load_checkpoint(path, map_location=device)
     model = model_from_checkpoint(state).to(device).eval()
     config = state.get("config", {})
-    out = RunDir(args.out or path.parent)
-    problem = None
-    if ranks.is_main:
+    name = f"marginal_likelihood_k{args.num_particles}"
+    outputs, problem = None, None
+    if ranks.is_main:  # refused before the work, not after it
         try:
-            out.figures.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            problem = f"--out {out.path}: {e.strerror}"
+            out = output_dir(args.out or path.parent)
+            outputs = outputs_for(out, args, f"{name}.json", protect=(path,))
+        except RunDirError as e:
+            problem = str(e)
     problem = all_gather_objects(problem, ranks)[0]
     if problem:
         raise UsageError(problem)
@@ -97,7 +106,7 @@ def main(args) -> dict:
     data = heldout_split(
         splits, "valid" if args.split == "valid" else "test", binarize, config.get("seed", 0)
     )
-    data = data.subset(slice(0, args.eval_size))
+    data = first_rows(data, args.eval_size, "--eval-size", args.split)
     if data.images.shape[1] != getattr(model, "x_dim", data.images.shape[1]):
         raise UsageError(
             f"the checkpoint's model expects {model.x_dim} pixels, the data have {data.images.shape[1]}"
@@ -129,9 +138,10 @@ def main(args) -> dict:
         "epoch": state.get("trainer", {}).get("epoch"),
         "units": "nats per image",
     }
-    name = f"marginal_likelihood_k{args.num_particles}.json"
-    out.write_json(name, report)
-    save_marginal_likelihood_figures(result, out.figures)
+    with outputs:
+        outputs.write_json(f"{name}.json", report)
+        save_marginal_likelihood_figures(result, outputs.directory_path("figures"), f"{name}_")
+        outputs.commit()
 
     print(
         f"{args.split} set, {report['num_datapoints']} images, K={args.num_particles}, {binarize} binarisation"
@@ -145,10 +155,13 @@ def main(args) -> dict:
     print(f"  ESS median {report['ess_median']:.1f} of {args.num_particles}")
     if "khat_share_over_0.7" in report:
         print(f"  PSIS k̂ > 0.7 (unreliable) for {report['khat_share_over_0.7']:.1%} of images")
-    print(f"report: {out.path / name}")
+    print(f"report: {outputs.directory / (name + '.json')}")
     return report
 
 
 if __name__ == "__main__":
+    arguments = build_parser().parse_args()
+    import torch
+
     torch.set_grad_enabled(False)
-    sys.exit(run(main, build_parser().parse_args()))
+    sys.exit(run(main, arguments))

@@ -8,7 +8,10 @@ diagonal or full-covariance Gaussian, or the flow conditioned on per-image param
 --family diagonal|full) is fitted by SVI from the encoder's output; then ELBO[q] of the amortised
 guide, ELBO[q*], and log p̂(x) with K = --num-particles draws from q*.  Writes
 inference_gaps_<family>.json (means with standard errors, nats per image) and
-figures/inference_gaps_<family>.png into the run directory (or --out).
+figures/inference_gaps_<family>.png into the run directory (or --out); an existing report is
+replaced only with --force.  A fit that ends where no gap can be (q*'s ELBO below the amortised
+guide's, or log p̂(x) below an ELBO, beyond Monte Carlo error) is reported as failed: the JSON
+names the images, nothing is printed as a gap, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -16,22 +19,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+from pyro_vae.choices import FAMILIES
 from pyro_vae.cli import (
     ArgumentParser,
+    ResultError,
     UsageError,
+    add_force_arg,
     apply_threads,
-    nonnegative_int,
     output_dir,
+    outputs_for,
     positive_float,
     positive_int,
     run,
+    seed_value,
 )
-from pyro_vae.data import heldout_split, load_dataset
-from pyro_vae.gaps import FAMILIES, inference_gaps
-from pyro_vae.models import model_from_checkpoint
-from pyro_vae.plots import plot_gaps
-from pyro_vae.seeding import seed_everything
 
 
 def build_parser() -> ArgumentParser:
@@ -73,13 +74,22 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the run directory)"
     )
-    p.add_argument("--seed", type=nonnegative_int, default=1, help="random seed (default: 1)")
+    add_force_arg(p)
+    p.add_argument("--seed", type=seed_value, default=1, help="random seed (default: 1)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no summary")
     return p
 
 
 def main(args) -> dict:
+    # torch and Pyro load here, after the arguments are parsed
+    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.data import first_rows, heldout_split, load_dataset
+    from pyro_vae.gaps import GapFitError, inference_gaps
+    from pyro_vae.models import model_from_checkpoint
+    from pyro_vae.plots import plot_gaps
+    from pyro_vae.seeding import seed_everything
+
     apply_threads(args)
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
@@ -87,11 +97,15 @@ def main(args) -> dict:
     if not hasattr(model, "posterior_from"):
         raise UsageError("the gap decomposition needs a VAE checkpoint (one latent site z)")
     config = state.get("config", {})
-    out = output_dir(args.out or path.parent)
+    name = f"inference_gaps_{args.family}"
+    outputs = outputs_for(
+        output_dir(args.out or path.parent), args, f"{name}.json", protect=(path,)
+    )
     seed_everything(args.seed)
     splits = load_dataset(config.get("dataset", "mnist"), args.data_dir or config.get("data_dir"))
     binarize = config.get("binarize", "dynamic")
-    x = heldout_split(splits, args.split, binarize, config.get("seed", 0)).images[: args.images]
+    x = heldout_split(splits, args.split, binarize, config.get("seed", 0)).images
+    x = first_rows(x, args.images, "--images", args.split)
     report = inference_gaps(
         model.model,
         model.guide,
@@ -107,12 +121,18 @@ def main(args) -> dict:
         "split": args.split,
         "binarize": binarize,
         "checkpoint": str(path),
+        "fit_lr": args.fit_lr,
     }
-    name = f"inference_gaps_{args.family}"
-    out.write_json(f"{name}.json", summary)
-    plot_gaps(
-        report, out.figures / f"{name}.png", title=f"q* {args.family}, {len(x)} {args.split} images"
-    )
+    with outputs:
+        outputs.write_json(f"{name}.json", summary)
+        if summary["status"] == "ok":
+            title = f"q* {args.family}, {len(x)} {args.split} images"
+            plot_gaps(report, outputs.path(f"figures/{name}.png"), title=title)
+        outputs.commit()
+    try:
+        report.check()
+    except GapFitError as e:
+        raise ResultError(f"{e} (marked in {outputs.directory / (name + '.json')})") from None
     if not args.quiet:
         s = summary
         print(
@@ -127,7 +147,7 @@ def main(args) -> dict:
             "inference_gap",
         ):
             print(f"  {key:<18} {s[key]['mean']:9.2f} ± {s[key]['sem']:.2f}")
-        print(f"report: {out.path / (name + '.json')}")
+        print(f"report: {outputs.directory / (name + '.json')}")
     return summary
 
 

@@ -20,11 +20,9 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
-
-from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from pyro_vae.choices import CLASSIFIERS
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
@@ -38,14 +36,11 @@ from pyro_vae.cli import (
     run,
     run_config,
 )
-from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
-from pyro_vae.distributed import ShardedLoader
-from pyro_vae.evaluate import predict_labels, semi_supervised_report
-from pyro_vae.models import SSVAE, VAE, StackedSSVAE, model_from_checkpoint
-from pyro_vae.models.ssvae import CLASSIFIERS
-from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
-from pyro_vae.runs import TrainingRun
-from pyro_vae.train import EarlyStopping, Trainer
+
+if TYPE_CHECKING:
+    import torch
+
+    from pyro_vae.models import SSVAE, VAE, StackedSSVAE
 
 NUM_CLASSES = 10
 
@@ -154,6 +149,9 @@ def build_parser() -> ArgumentParser:
 
 def load_m1(path: Path, dataset: str) -> VAE:
     """The trained VAE at ``path``, checked to be one M2 can stand on."""
+    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.models import VAE, model_from_checkpoint
+
     state = load_checkpoint(resolve_checkpoint(path))
     vae = model_from_checkpoint(state)
     if not isinstance(vae, VAE):
@@ -167,10 +165,24 @@ def load_m1(path: Path, dataset: str) -> VAE:
 
 
 def accuracy(model: SSVAE | StackedSSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
+    from pyro_vae.evaluate import predict_labels
+
     return float((predict_labels(model.classify, x) == y).double().mean())
 
 
 def main(args) -> dict:
+    # torch and Pyro load here, after the arguments are parsed
+    from tqdm import tqdm
+
+    from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
+    from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
+    from pyro_vae.distributed import ShardedLoader
+    from pyro_vae.evaluate import semi_supervised_report
+    from pyro_vae.models import SSVAE, StackedSSVAE
+    from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
+    from pyro_vae.runs import TrainingRun
+    from pyro_vae.train import EarlyStopping, Trainer
+
     args, state, out, device, ranks = begin_run(args, build_parser(), "ssvae")
     if args.m1 is not None and args.balance > 0:
         raise UsageError("--balance is for M2 on pixels; the stack does not take it")
@@ -295,7 +307,7 @@ def main(args) -> dict:
 
     quiet = args.quiet or not ranks.is_main
     if state is None:
-        run_.start()
+        run_.start(new=args.resume is None)
     else:
         run_.restore(state)
         if not quiet:

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
-
+from pyro_vae.choices import (
+    COVARIANCES,
+    DEFAULT_PRESET,
+    ELBO_NAMES,
+    FLOWS,
+    IMPORTANCE_WEIGHTED,
+    LIKELIHOODS,
+    PRESETS,
+)
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
@@ -26,13 +33,6 @@ from pyro_vae.cli import (
     run,
     run_config,
 )
-from pyro_vae.data import BatchLoader, training_splits
-from pyro_vae.distributed import ShardedLoader, sharded_log_px
-from pyro_vae.models import VAE
-from pyro_vae.models.vae import COVARIANCES, FLOWS, LIKELIHOODS
-from pyro_vae.plots import save_vae_figures
-from pyro_vae.runs import TrainingRun
-from pyro_vae.train import DEFAULT_PRESET, ELBOS, IMPORTANCE_WEIGHTED, PRESETS, Trainer
 
 
 def build_parser() -> ArgumentParser:
@@ -93,7 +93,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--elbo",
         default=None,
-        choices=sorted(ELBOS),
+        choices=sorted(ELBO_NAMES),
         help="trace: Trace_ELBO; meanfield: analytic KL; jit: JitTrace_ELBO; iwae: the "
         "K-sample importance-weighted bound; dreg: the same bound with doubly "
         "reparameterised guide gradients (default: set by --preset)",
@@ -109,6 +109,16 @@ def build_parser() -> ArgumentParser:
 
 
 def main(args) -> dict:
+    # torch and Pyro load here, after the arguments are parsed
+    from tqdm import tqdm
+
+    from pyro_vae.data import BatchLoader, training_splits
+    from pyro_vae.distributed import ShardedLoader, sharded_log_px
+    from pyro_vae.models import VAE
+    from pyro_vae.plots import save_vae_figures
+    from pyro_vae.runs import TrainingRun
+    from pyro_vae.train import Trainer
+
     args, state, out, device, ranks = begin_run(args, build_parser(), "vae", PRESETS)
     if args.likelihood == "bernoulli" and args.x_scale is not None:
         raise UsageError("--x-scale applies to --likelihood gaussian only")
@@ -183,7 +193,7 @@ def main(args) -> dict:
     )
     quiet = args.quiet or not ranks.is_main
     if state is None:
-        run.start()  # also when a resumed run had not finished its first epoch
+        run.start(new=args.resume is None)  # a resumed run may not have finished an epoch
     else:
         run.restore(state)
         if not quiet:

@@ -8,13 +8,21 @@ import pytest
 import torch
 from helpers import SCRIPTS_DIR, load_script, run_in_process
 
-from pyro_vae import VAE, DataError, as_dataset, check_images, cli, load_checkpoint
+from pyro_vae import (
+    VAE,
+    BatchLoader,
+    DataError,
+    as_dataset,
+    check_images,
+    cli,
+    load_checkpoint,
+)
 
 REQUIRED = {
     "evaluate_marginal_likelihood.py": ["--checkpoint", "{run}"],
     "compress.py": ["--checkpoint", "{run}"],
     "inference_gaps.py": ["--checkpoint", "{run}"],
-    "detect_ood.py": ["--checkpoint", "{run}", "--out", "noise"],
+    "detect_ood.py": ["--checkpoint", "{run}", "--ood", "noise"],
 }
 BAD_BY_TYPE = {
     cli.positive_int: ["0", "-1", "1.5", "x"],
@@ -22,6 +30,7 @@ BAD_BY_TYPE = {
     cli.positive_float: ["0", "-2", "nan", "inf", "x"],
     cli.nonnegative_float: ["-1", "x"],
     cli.hidden_sizes: ["0", "-5", "a,b", ""],
+    cli.seed_value: ["-1", "x", "1.5", str(2**32), str(2**64)],  # numpy takes 32 bits
 }
 
 
@@ -47,8 +56,7 @@ def flag_cases():
 def test_invalid_flag_values(script, flag, value, tmp_path, capsys, trained_run):
     out = tmp_path / "run"
     required = [a.replace("{run}", str(trained_run)) for a in REQUIRED.get(script, [])]
-    where = "--output-dir" if script == "detect_ood.py" else "--out"
-    status, err = run_in_process(script, [*required, flag, value, where, str(out)], capsys)
+    status, err = run_in_process(script, [*required, flag, value, "--out", str(out)], capsys)
     assert status == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], err
@@ -71,16 +79,16 @@ PATH_CASES = [
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{tmp}/missing"], "no checkpoint"),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{file}"], "truncated or corrupt"),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{run}", "--out", "{file}/x"], "--out"),
-    ("detect_ood.py", ["--checkpoint", "{tmp}/missing", "--out", "noise"], "no checkpoint"),
+    ("detect_ood.py", ["--checkpoint", "{tmp}/missing", "--ood", "noise"], "no checkpoint"),
     (
         "detect_ood.py",
-        ["--checkpoint", "{run}", "--out", "noise", "--background", "{tmp}/missing"],
+        ["--checkpoint", "{run}", "--ood", "noise", "--background", "{tmp}/missing"],
         "no checkpoint",
     ),
     (
         "detect_ood.py",
-        ["--checkpoint", "{run}", "--out", "noise", "--output-dir", "{file}/x"],
-        "--output-dir",
+        ["--checkpoint", "{run}", "--ood", "noise", "--out", "{file}/x"],
+        "--out",
     ),
     ("train_ssvae.py", ["--m1", "{tmp}/missing"], "no checkpoint"),
     ("train_ssvae.py", ["--m1", "{file}"], "truncated or corrupt"),
@@ -90,6 +98,51 @@ PATH_CASES = [
     ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier conv"),
     ("train_ssvae.py", ["--m1", "{run}", "--balance", "5"], "--balance"),
     ("train_ssvae.py", ["--label-rotate", "200", "--out", "{tmp}/r"], "in degrees in [0, 180]"),
+    # sizes larger than the split, or than the machine can hold
+    ("train_svi.py", ["--train-size", "50001", "--out", "{tmp}/r"], "has only 50000 images"),
+    ("train_svi.py", ["--eval-size", "10001", "--out", "{tmp}/r"], "has only 10000 images"),
+    ("train_svi.py", ["--z-dim", str(10**12), "--out", "{tmp}/r"], "not enough memory"),
+    ("train_svi.py", ["--hidden", f"{10**12}", "--out", "{tmp}/r"], "not enough memory"),
+    ("train_ssvae.py", ["--train-size", "60000", "--out", "{tmp}/r"], "has only 50000 images"),
+    (
+        "evaluate_marginal_likelihood.py",
+        ["--checkpoint", "{run}", "--eval-size", "10001", "--out", "{tmp}/e"],
+        "has only 10000 images",
+    ),
+    (
+        "evaluate_marginal_likelihood.py",
+        ["--checkpoint", "{run}", "--num-particles", str(10**13), "--out", "{tmp}/e"],
+        "not enough memory",
+    ),
+    (
+        "inference_gaps.py",
+        ["--checkpoint", "{run}", "--images", "10001", "--out", "{tmp}/g"],
+        "has only 10000 images",
+    ),
+    (
+        "detect_ood.py",
+        ["--checkpoint", "{run}", "--ood", "noise", "--images", "10001", "--out", "{tmp}/o"],
+        "has only 10000 images",
+    ),
+    (
+        "compare_baselines.py",
+        ["--train-size", "50001", "--out", "{tmp}/b"],
+        "has only 50000 images",
+    ),
+    # the same data set in and out of distribution; outputs that are directories or inputs
+    ("detect_ood.py", ["--checkpoint", "{run}", "--ood", "mnist"], "nothing to tell apart"),
+    (
+        "compress.py",
+        ["--checkpoint", "{run}", "encode", "--split", "test", "--output", "{tmp}"],
+        "is a directory",
+    ),
+    (
+        "compress.py",
+        ["--checkpoint", "{run}", "encode", "--split", "test", "--count", "10001"]
+        + ["--output", "{tmp}/x.pvbb"],
+        "has only 10000 images",
+    ),
+    ("evaluate_marginal_likelihood.py", ["--checkpoint", "{run}", "--out", "{file}"], "--out"),
 ]
 
 
@@ -110,6 +163,11 @@ DATA_CASES = [
     (lambda: as_dataset(np.zeros((3, 4), np.float32), labels=[0.5, 1, 2]), "integer"),
     (lambda: as_dataset(np.zeros((3, 4), np.float32), labels=[0, 1]), "3 images but 2 labels"),
     (lambda: as_dataset(np.zeros((3, 12), np.float32), image_shape=(5, 5)), "image_shape"),
+    (lambda: as_dataset(np.full((3, 4), np.nan, np.float32)), "NaN or inf"),
+    (lambda: as_dataset(np.full((3, 4), 2.0, np.float32)), "in [0, 1]"),
+    (lambda: as_dataset(np.zeros((3, 4), np.float32), labels=[0, -1, 2]), "class indices"),
+    (lambda: BatchLoader(np.zeros((3, 4), np.float32), 2), "must be a Dataset"),
+    (lambda: BatchLoader(as_dataset(np.zeros((3, 4), np.float32)), 2.5), "positive integer"),
     (lambda: check_images(torch.tensor([[np.nan, 0.0]]), "gaussian", "none"), "NaN or inf"),
     (lambda: check_images(torch.tensor([[np.inf, 0.0]]), "bernoulli", "dynamic"), "NaN or inf"),
     (lambda: check_images(torch.tensor([[1.5, 0.0]]), "bernoulli", "dynamic"), "[0, 1]"),
@@ -159,3 +217,74 @@ def test_nonfinite_loss_stops_with_the_site_and_keeps_the_checkpoint(
     assert load_checkpoint(out)["trainer"]["epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     json.loads((out / "config.json").read_text())
+
+
+def test_help_answers_before_torch_and_pyro_are_imported():
+    """Every script parses its arguments (--help, a bad flag) with nothing heavy loaded."""
+    import subprocess
+    import sys
+
+    for path in sorted(SCRIPTS_DIR.glob("*.py")):
+        probe = (
+            "import runpy, sys\n"
+            f"sys.argv = [{str(path)!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(path)!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('loaded:', sorted(m for m in ('torch', 'pyro') if m in sys.modules))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+        )
+        assert "usage:" in result.stdout and "loaded: []" in result.stdout, (path.name, result)
+
+
+def test_the_names_users_choose_from_match_what_implements_them():
+    from pyro_vae import choices, nets, ood, train
+
+    assert tuple(train.ELBOS) == choices.ELBO_NAMES
+    assert set(nets.ACTIVATIONS) == set(choices.ACTIVATIONS)
+    assert set(ood.COMPRESSORS) == set(choices.COMPRESSORS)
+
+
+API_CASES = [
+    (lambda: VAE(z_dim=2.5), TypeError, "z_dim must be an integer"),
+    (lambda: VAE(hidden=400), TypeError, "hidden must be a sequence"),
+    (lambda: VAE(hidden=(400, 0)), ValueError, r"hidden\[1\] must be positive"),
+    (lambda: VAE(beta=float("nan")), ValueError, "beta must be a finite positive"),
+    (lambda: estimate(np.full((2, 784), 0.5, np.float32), 5), ValueError, "binary"),
+    (lambda: estimate(torch.zeros(2, 784, dtype=torch.long), 5), TypeError, "floating"),
+    (lambda: estimate(torch.full((2, 784), float("nan")), 5), ValueError, "NaN or inf"),
+    (lambda: estimate(torch.zeros(2, 100), 5), ValueError, r"shape \(N, 784\)"),
+    (lambda: estimate(torch.zeros(2, 784), 0), ValueError, "num_particles must be positive"),
+    (lambda: estimate(torch.zeros(2, 784), 2.0), TypeError, "num_particles must be an integer"),
+    (lambda: estimate(torch.zeros(2, 784), 5, ks=(0,)), ValueError, "ks must be positive"),
+    (lambda: estimate([[0.0] * 784], 5), TypeError, "torch.Tensor or numpy array"),
+]
+
+
+def estimate(x, k, **kwargs):
+    from pyro_vae import estimate_log_px
+
+    vae = VAE(z_dim=2, hidden=(8,))
+    return estimate_log_px(vae.model, vae.guide, x, num_particles=k, **kwargs)
+
+
+@pytest.mark.parametrize("make,kind,message", API_CASES)
+def test_public_functions_check_their_arguments_in_one_line(make, kind, message):
+    with pytest.raises(kind, match=message) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_a_numpy_array_is_evaluated_as_its_tensor():
+    from pyro_vae import estimate_log_px
+
+    vae = VAE(z_dim=2, hidden=(8,))
+    x = (np.random.default_rng(0).random((3, 784)) < 0.3).astype(np.float32)
+    torch.manual_seed(0)
+    a = estimate_log_px(vae.model, vae.guide, x, num_particles=4, psis=False)
+    torch.manual_seed(0)
+    b = estimate_log_px(vae.model, vae.guide, torch.from_numpy(x), num_particles=4, psis=False)
+    assert torch.equal(a.log_px, b.log_px)

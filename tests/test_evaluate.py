@@ -187,11 +187,10 @@ def test_seeded_chunks_give_the_same_values_whatever_the_shards():
 
     lg = LinearGaussian()
     x = lg.sample_x(23)
-    k, max_rows = 40, 200
-    size = eval_batch_size(k, max_rows)
-    assert size == 5
+    k, size = 40, 5
+    assert eval_batch_size(k) == 32768 // 40  # the default chunk depends on K only
     state = torch.get_rng_state()
-    whole = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=k, max_rows=max_rows, seed=3)
+    whole = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=k, batch_size=size, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     parts = [
         estimate_log_px(
@@ -199,7 +198,7 @@ def test_seeded_chunks_give_the_same_values_whatever_the_shards():
             lg.wrong_guide,
             x[a:b],
             num_particles=k,
-            max_rows=max_rows,
+            batch_size=size,
             seed=3,
             first_index=a,
         )
@@ -207,5 +206,25 @@ def test_seeded_chunks_give_the_same_values_whatever_the_shards():
     ]
     for field in ("log_px", "elbo", "ess", "khat"):
         assert torch.equal(getattr(whole, field), torch.cat([getattr(p, field) for p in parts]))
-    other = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=k, max_rows=max_rows, seed=4)
+    other = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=k, batch_size=size, seed=4)
     assert not torch.equal(whole.log_px, other.log_px)
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_max_rows_bounds_memory_and_changes_no_number(seed):
+    """The model is replayed on slices of the particles a chunk drew at once: 7, 50 or 1000
+    rows per pass give the values of one pass, bit for bit (with a seed, or from one global
+    RNG state)."""
+    lg = LinearGaussian()
+    x = lg.sample_x(9)
+    results = []
+    for max_rows in (7, 50, 1000, 1 << 15):
+        torch.manual_seed(0)
+        r = estimate_log_px(
+            lg.model, lg.wrong_guide, x, num_particles=60, max_rows=max_rows, seed=seed
+        )
+        results.append(r)
+    for r in results[1:]:
+        for field in ("log_px", "elbo", "ess", "khat"):
+            assert torch.equal(getattr(r, field), getattr(results[0], field))
+        assert all(torch.equal(r.bound_vs_k[k], results[0].bound_vs_k[k]) for k in r.bound_vs_k)

@@ -181,8 +181,8 @@ def test_script_on_fashion_mnist(data_dir, trained_run, tmp_path):
             "apt-get install dataset-fashion-mnist"
         )
     out = tmp_path / "ood"
-    args = ["--checkpoint", str(trained_run), "--in", "mnist", "--out", "fashion-mnist"]
-    args += ["--images", "40", "--num-particles", "10", "--output-dir", str(out), "--quiet"]
+    args = ["--checkpoint", str(trained_run), "--in", "mnist", "--ood", "fashion-mnist"]
+    args += ["--images", "40", "--num-particles", "10", "--out", str(out), "--quiet"]
     result = run_script("detect_ood.py", args, data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "ood_mnist_vs_fashion-mnist.json").read_text())

@@ -35,11 +35,11 @@ SMOKE_RUNS = {
     ],
     "detect_ood.py": [
         [
-            *("--checkpoint", "{run}", "--out", "noise", "--images", "30", "--num-particles"),
+            *("--checkpoint", "{run}", "--ood", "noise", "--images", "30", "--num-particles"),
             *("10", "--background", "{run}"),
         ],
         [
-            *("--checkpoint", "{run}/checkpoint.pt", "--out", "flipped", "--images", "20"),
+            *("--checkpoint", "{run}/checkpoint.pt", "--ood", "flipped", "--images", "20"),
             *("--num-particles", "5", "--compressor", "bz2", "--quiet"),
         ],
     ],
@@ -175,9 +175,7 @@ def test_every_script_has_a_smoke_run():
 def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
     out = tmp_path / "run"
     args = [a.replace("{run}", str(trained_run)).replace("{out}", str(out)) for a in args]
-    extra = {"compress.py": [], "detect_ood.py": ["--output-dir", str(out)]}.get(
-        script, ["--out", str(out)]
-    )
+    extra = [] if script == "compress.py" else ["--out", str(out)]
     result = run_script(script, [*args, *extra], data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -224,7 +222,7 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         assert math.isclose(gap, parts, abs_tol=1e-6)
         assert (out / "figures" / "inference_gaps_full.png").is_file()
     if script == "detect_ood.py":
-        kind = args[args.index("--out") + 1]
+        kind = args[args.index("--ood") + 1]
         report = json.loads((out / f"ood_mnist_vs_{kind}.json").read_text())
         n = int(args[args.index("--images") + 1])
         assert report["images"] == {"in": n, "out": n}
@@ -257,8 +255,9 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         assert report["num_datapoints"] == int(args[args.index("--eval-size") + 1])
         assert "log p(x)" in result.stdout
         figures = {p.name for p in (out / "figures").glob("*.png")}
-        assert {"bound_vs_k.png", "gap_histogram.png"} <= figures
-        assert ("khat.png" in figures) == ("--no-psis" not in args)
+        tag = f"marginal_likelihood_k{k}_"
+        assert {f"{tag}bound_vs_k.png", f"{tag}gap_histogram.png"} <= figures
+        assert (f"{tag}khat.png" in figures) == ("--no-psis" not in args)
 
 
 def test_evaluation_script_bad_inputs(trained_run, tmp_path, capsys, monkeypatch, data_dir):

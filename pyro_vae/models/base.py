@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pyro
-from torch import nn
+from torch import Tensor, nn
+
+from pyro_vae.checks import check_data_matrix
 
 __all__ = ["PyroModel"]
 
@@ -34,3 +36,15 @@ class PyroModel(nn.Module):
     def register(self) -> None:
         """``pyro.module(self.pyro_name, self)``: call at the top of ``model`` and ``guide``."""
         pyro.module(self.pyro_name, self)
+
+    def check_data(self, x: Tensor, *rest) -> None:
+        """Refuse data this model is not defined on, in one line naming the argument: x of
+        shape (N, x_dim), floating, finite, binary for a Bernoulli likelihood."""
+        binary = getattr(self, "likelihood_name", "bernoulli") == "bernoulli"
+        check_data_matrix("x", x, self.x_dim, binary=binary)
+        if rest and rest[0] is not None and hasattr(self, "num_classes"):
+            y = rest[0]
+            if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise ValueError(f"y must be a tensor of {x.shape[0]} labels")
+            if y.dtype.is_floating_point or not (0 <= y.min() and y.max() < self.num_classes):
+                raise ValueError(f"y must hold integer labels in [0, {self.num_classes})")

@@ -21,6 +21,8 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from pyro_vae.checks import positive_int, sizes
+from pyro_vae.choices import CLASSIFIERS
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import ConvNet, Decoder, Encoder, mlp
@@ -29,7 +31,6 @@ __all__ = ["CLASSIFIERS", "SSVAE"]
 
 # the classifier q(y|x): an MLP on the pixels, or 5x5 convolutions (16 and 32 filters,
 # stride 2) before the same hidden layers
-CLASSIFIERS = ("mlp", "conv")
 
 
 class ClassConditional:
@@ -150,10 +151,12 @@ class SSVAE(ClassConditional, PyroModel):
             raise ValueError(
                 f"a conv classifier needs x_dim = H * W, got {x_dim} for {image_shape}"
             )
-        if min(x_dim, z_dim, num_classes) <= 0 or any(
-            h <= 0 for h in (*hidden, *classifier_hidden)
-        ):
-            raise ValueError("dimensions and hidden sizes must be positive")
+        x_dim, z_dim = positive_int("x_dim", x_dim), positive_int("z_dim", z_dim)
+        num_classes = positive_int("num_classes", num_classes)
+        hidden, classifier_hidden = (
+            sizes("hidden", hidden),
+            sizes("classifier_hidden", classifier_hidden),
+        )
         if aux_weight < 0:
             raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
         if not beta > 0:  # poutine.scale needs a positive scale

@@ -28,6 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from pyro_vae.checks import positive_int, sizes
 from pyro_vae.models.base import PyroModel
 from pyro_vae.models.ssvae import ClassConditional
 from pyro_vae.models.vae import VAE
@@ -62,8 +63,11 @@ class StackedSSVAE(ClassConditional, PyroModel):
         image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if min(z_dim, num_classes) <= 0 or any(h <= 0 for h in (*hidden, *classifier_hidden)):
-            raise ValueError("dimensions and hidden sizes must be positive")
+        z_dim, num_classes = positive_int("z_dim", z_dim), positive_int("num_classes", num_classes)
+        hidden, classifier_hidden = (
+            sizes("hidden", hidden),
+            sizes("classifier_hidden", classifier_hidden),
+        )
         if aux_weight < 0:
             raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
         if not beta > 0:

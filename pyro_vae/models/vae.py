@@ -12,21 +12,13 @@ from pyro import poutine
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyro_vae.checks import positive_int, positive_number, sizes
+from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder
 
 __all__ = ["COVARIANCES", "FLOWS", "LIKELIHOODS", "VAE"]
-
-LIKELIHOODS = ("bernoulli", "gaussian")
-# Normalizing flows on top of the encoder's Gaussian, from Pyro's own transforms, each
-# conditioned on the encoder's output for this x: "iaf" (inverse autoregressive flow, Kingma
-# et al. 2016: affine autoregressive, invertible, so every objective can use it) and "planar"
-# (Rezende & Mohamed 2015: no inverse, so not with DReG).
-FLOWS = ("iaf", "planar")
-# The guide's Gaussian: a diagonal covariance, or a full one (a lower-triangular scale whose
-# strict lower triangle comes from one more linear head on the encoder's last hidden layer).
-COVARIANCES = ("diagonal", "full")
 
 
 class VAE(PyroModel):
@@ -76,16 +68,14 @@ class VAE(PyroModel):
             )
         if flow is not None and flow not in FLOWS:
             raise ValueError(f"unknown flow {flow!r}; choose from {FLOWS}")
-        if flow is not None and flow_depth < 1:
-            raise ValueError(f"flow_depth must be positive, got {flow_depth}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
-        if z_dim <= 0 or x_dim <= 0 or any(h <= 0 for h in hidden):
-            raise ValueError("x_dim, z_dim and hidden sizes must be positive")
-        if not beta > 0:  # poutine.scale needs a positive scale
-            raise ValueError(f"beta must be positive, got {beta}")
-        if x_scale is not None and x_scale <= 0:
-            raise ValueError(f"x_scale must be positive, got {x_scale}")
+        x_dim, z_dim = positive_int("x_dim", x_dim), positive_int("z_dim", z_dim)
+        hidden = sizes("hidden", hidden)
+        flow_depth = positive_int("flow_depth", flow_depth)
+        beta = positive_number("beta", beta)  # poutine.scale needs a positive scale
+        if x_scale is not None:
+            x_scale = positive_number("x_scale", x_scale)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.hidden, self.activation = tuple(hidden), activation
         self.likelihood_name, self.x_scale, self.beta = likelihood, x_scale, beta

@@ -1,0 +1,83 @@
+"""The names users choose from (data sets, objectives, flows, recipes, ...), in a module that
+imports nothing heavy: the scripts build their parsers from it, so ``--help`` and a bad flag
+answer before torch and Pyro are imported.  The modules that implement each choice import
+their names from here (and a test checks that both agree)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ACTIVATIONS",
+    "BINARIZATIONS",
+    "CLASSIFIERS",
+    "COMPRESSORS",
+    "COVARIANCES",
+    "DATASETS",
+    "DEFAULT_KS",
+    "DEFAULT_MAX_ROWS",
+    "DEFAULT_PRESET",
+    "ELBO_NAMES",
+    "FAMILIES",
+    "FLOWS",
+    "IMPORTANCE_WEIGHTED",
+    "LIKELIHOODS",
+    "LR_SCHEDULES",
+    "MADE",
+    "METHODS",
+    "PRESETS",
+]
+
+DATASETS = ("mnist", "fashion-mnist")
+BINARIZATIONS = ("dynamic", "static", "none")
+ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu")
+LIKELIHOODS = ("bernoulli", "gaussian")
+# Normalizing flows on top of the encoder's Gaussian: "iaf" (inverse autoregressive,
+# invertible, so every objective can use it) and "planar" (no inverse, so not with DReG).
+FLOWS = ("iaf", "planar")
+COVARIANCES = ("diagonal", "full")
+CLASSIFIERS = ("mlp", "conv")
+# trace: Trace_ELBO, meanfield: TraceMeanField_ELBO, jit: JitTrace_ELBO, enum:
+# TraceEnum_ELBO, iwae / dreg: the importance-weighted bound and its DReG gradient
+ELBO_NAMES = ("trace", "meanfield", "jit", "enum", "iwae", "dreg")
+# the objectives whose num_particles is the K of an importance-weighted bound
+IMPORTANCE_WEIGHTED = ("iwae", "dreg")
+LR_SCHEDULES = ("constant", "cosine")
+# Named training recipes for the VAE on binarised MNIST (train_svi.py --preset); the results
+# pages say what each reaches in how much time.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the single-sample ELBO of Pyro's example, one hidden layer
+    "classic": {
+        "elbo": "trace",
+        "num_particles": 1,
+        "hidden": (400,),
+        "activation": "relu",
+        "batch_size": 256,
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+        "epochs": 60,
+    },
+    # DReG with K = 5 on Burda et al.'s two tanh layers of 200, a higher rate annealed to 0
+    "iw-fast": {
+        "elbo": "dreg",
+        "num_particles": 5,
+        "hidden": (200, 200),
+        "activation": "tanh",
+        "batch_size": 100,
+        "lr": 3e-3,
+        "lr_schedule": "cosine",
+        "epochs": 70,
+    },
+}
+DEFAULT_PRESET = "iw-fast"
+# The gap decomposition's families of q*
+FAMILIES = ("own", "diagonal", "full")
+# generic compressors of the input-complexity OOD score
+COMPRESSORS = ("png", "zlib", "bz2", "lzma")
+# OOD sets made from the in-distribution images
+MADE = ("noise", "flipped")
+# the latent-variable models compared by compare_baselines.py
+METHODS = ("PCA", "linear autoencoder", "autoencoder", "VAE")
+# the evaluator's bound-vs-K points, and log weights held at once (particles x datapoints)
+DEFAULT_KS = (1, 5, 50, 500, 5000)
+DEFAULT_MAX_ROWS = 1 << 15
