@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from pyro_vae.choices import METHODS
 from pyro_vae.nets import Decoder, mlp
+from pyro_vae.stepper import Stepper
 
 __all__ = [
     "METHODS",
@@ -107,18 +108,13 @@ def fit_autoencoder(
     """Train ``ae`` (anything with ``loss(x)``) with Adam on the rows of ``x``; returns the
     mean loss per image of every epoch."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(ae.parameters(), lr=lr)
+    stepper = Stepper(ae.loss, ae.parameters(), lr=lr)
     history = []
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for start in range(0, len(x), batch_size):
-            batch = x[order[start : start + batch_size]]
-            loss = ae.loss(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
+            total += stepper.step(x[order[start : start + batch_size]]).loss
         history.append(total / len(x))
     return history
 
@@ -187,15 +183,12 @@ def fit_classifier(
     torch.manual_seed(seed)
     net = mlp([x.shape[1], hidden, 10], "relu")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    stepper = Stepper(lambda xb, yb: F.cross_entropy(net(xb), yb), net.parameters(), lr=lr)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), 128):
             index = order[start : start + 128]
-            loss = F.cross_entropy(net(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            stepper.step(x[index], y[index])
     return net.eval()
 
 

@@ -15,7 +15,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_tensor", "check_data_matrix", "positive_int", "positive_number", "sizes"]
+__all__ = [
+    "ConfigError",
+    "as_tensor",
+    "check_data_matrix",
+    "positive_int",
+    "positive_number",
+    "sizes",
+]
+
+
+class ConfigError(ValueError):
+    """Settings of a model that do not go together, naming the setting (``field``) that a
+    command-line flag of the same name (``--flow`` for ``flow``) sets: the scripts report it
+    in one line, so the check lives in the model alone."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def positive_int(name: str, value, *, allow_zero: bool = False) -> int:

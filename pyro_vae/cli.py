@@ -506,10 +506,8 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-# What a collective raises when a peer process is gone (gloo, NCCL): torch raises these as
-# plain RuntimeErrors, so they are recognised by their text.
+# torch reports a failed CPU allocation as a plain RuntimeError with this text
 _CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo")
 
 
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
@@ -520,8 +518,9 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     """
     # the errors main may raise, from modules main has loaded anyway
     from pyro_vae.checkpoints import CheckpointError
+    from pyro_vae.checks import ConfigError
     from pyro_vae.data import DataError
-    from pyro_vae.distributed import DistributedError, RendezvousError, teardown
+    from pyro_vae.distributed import DistributedError, RendezvousError, is_lost_peer, teardown
     from pyro_vae.train import NonFiniteError, TrainingInterrupted
 
     distributed = "RANK" in os.environ
@@ -535,6 +534,9 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(args)
+    except ConfigError as e:  # a model's settings that do not go together: name the flag
+        say(f"error: --{e.field.replace('_', '-')}: {e.message}")
+        return 2
     except (UsageError, DataError, CheckpointError, RunDirError) as e:
         say(f"error: {e}")
         return 2
@@ -568,17 +570,13 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     except (DistributedError, RuntimeError) as e:
         text = " ".join(str(e).split())
         if _CPU_OUT_OF_MEMORY in text or type(e).__name__ == "OutOfMemoryError":
-            # torch reports a failed CPU allocation as a plain RuntimeError
             wanted = text.partition("you tried to allocate ")[2].split(" bytes")[0]
             size = f" ({int(wanted) / 1e9:.3g} GB at once)" if wanted.isdigit() else ""
             say(f"error: not enough memory for these settings{size}; lower the sizes or particles")
             return 2
-        if not distributed or not (
-            isinstance(e, DistributedError) or any(s in text for s in _LOST_PEER)
-        ):
+        if not distributed or not is_lost_peer(e):
             raise
-        if distributed:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(
             f"error: rank {rank}: the process group was lost (another process of the run "
             f"stopped): {text[:160]}; the last checkpoint was kept",

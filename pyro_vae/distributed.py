@@ -3,9 +3,13 @@
 ``torchrun --nproc-per-node N scripts/train_svi.py ...`` starts N processes with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set.  ``setup`` joins them
 into one process group (gloo on the CPU, NCCL on CUDA); everything else here is what the
-trainer, the loaders and the evaluator need from it: the shard of a batch or a data set that
-belongs to this rank, sums and gathers across ranks.  Nothing else in the package knows
-about ranks, and without ``torchrun`` (``WORLD_SIZE`` unset or 1) all of it is a no-op.
+stepper, the trainer, the loaders and the evaluator need from it: the shard of a batch or a
+data set that belongs to this rank, sums and gathers across ranks, and recognising a lost
+peer.  The others use ranks through these helpers and a ``Ranks`` value: the stepper wraps
+the objective in DistributedDataParallel, the trainer sums its metrics, a training run
+writes files on rank 0 only and keeps every rank's RNG states, and the command-line layer
+chooses the run directory on rank 0.  Without ``torchrun`` (``WORLD_SIZE`` unset or 1) all of
+it is a no-op.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "DistributedError",
     "Ranks",
+    "is_lost_peer",
     "RendezvousError",
     "ShardedLoader",
     "all_gather_objects",
@@ -43,6 +48,20 @@ class DistributedError(RuntimeError):
 
 class RendezvousError(DistributedError):
     """A process group that could not be formed (one line)."""
+
+
+# gloo reports a peer that went away as a plain RuntimeError from its TCP transport (seen
+# with torch 2.14: "[.../gloo/transport/tcp/pair.cc:545] Read error ...: Connection reset by
+# peer"), so for it the text is all there is to go by; other backends raise DistError.
+_GLOO_TRANSPORT = ("gloo/transport", "Connection closed by peer", "Connection reset by peer")
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of the group is
+    gone."""
+    if isinstance(error, (DistributedError, dist.DistError)):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _GLOO_TRANSPORT)
 
 
 @dataclass(frozen=True)

@@ -405,7 +405,7 @@ def _chunk_log_weights(
             guide_trace,
             *chunk,
             max_plate_nesting=max_plate_nesting,
-            particles=slice(k0, k1),
+            particles=None if k1 - k0 == num_particles else slice(k0, k1),
             **kwargs,
         )
         traces = ImportanceTraces(

@@ -27,6 +27,7 @@ Gaussian families for any guide; ``None`` picks ``"own"`` where it exists, else 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from pyro_vae.choices import FAMILIES
 from pyro_vae.evaluate import estimate_log_px
+from pyro_vae.stepper import Stepper
 
 __all__ = [
     "FAMILIES",
@@ -194,7 +196,14 @@ def fit_local_guide(
     for p in frozen:
         p.requires_grad_(False)
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
-    optimizer = torch.optim.Adam(local.parameters(), lr=lr)
+    # a step that meets a non-finite loss or gradient is skipped, not applied: a diverging
+    # fit then ends where it was, and inference_gaps' checks judge the figures it reaches
+    stepper = Stepper(
+        functools.partial(elbo.differentiable_loss, indexed, local.guide),
+        local.parameters(),
+        lr=lr,
+        skip_nonfinite=True,
+    )
     n = x.shape[0]
     history: list[float] = []
     running, previous = 0.0, None
@@ -205,11 +214,9 @@ def fit_local_guide(
             # pyro.module notes each frozen parameter it leaves out of the store: by design here
             warnings.filterwarnings("ignore", message=".*not registered in the param store")
             for step in range(1, max_steps + 1):
-                loss = elbo.differentiable_loss(indexed, local.guide, x, index)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                running += float(loss.detach())
+                info = stepper.step(x, index)
+                if not info.skipped:
+                    running += info.loss
                 if step % window == 0:
                     mean = -running / (window * n)
                     history.append(mean)
@@ -219,8 +226,7 @@ def fit_local_guide(
                             converged = True
                             break
                         halved += 1
-                        for group in optimizer.param_groups:
-                            group["lr"] *= 0.5
+                        stepper.set_lr(0.5 * stepper.lr)
                     previous = mean
     finally:
         for p in frozen:
@@ -229,6 +235,7 @@ def fit_local_guide(
         "family": family,
         "steps": step,
         "converged": converged,
+        "skipped_steps": stepper.skipped_steps,
         "elbo_trace": history,
     }
 

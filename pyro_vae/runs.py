@@ -1,8 +1,10 @@
 """A training run tied to a run directory: a checkpoint after every epoch, metrics, exact
 resume, and Ctrl-C that saves before it stops.
 
-Scripts and notebooks build the model, trainer and loader, hand them to ``TrainingRun`` and
-call ``fit``; resuming is ``restore(load_checkpoint(run_dir))`` on freshly built pieces.
+Scripts and notebooks build the model, trainer and loader and hand them to
+``TrainingRun.open``, which starts the run, or restores it from a checkpoint on the freshly
+built pieces; then ``fit``.  ``keep_best(metric)`` keeps ``best.pt``, the weights of the epoch
+with the best validation metric so far.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pyro_vae.data import BatchLoader, SemiSupervisedLoader
 from pyro_vae.distributed import all_gather_objects
 from pyro_vae.faults import pause_point
 from pyro_vae.seeding import child_seed, seed_everything
-from pyro_vae.train import Trainer, TrainingInterrupted, stop_on_sigint
+from pyro_vae.train import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
 
 __all__ = ["TrainingRun"]
 
@@ -59,9 +61,58 @@ class TrainingRun:
         self.model, self.trainer, self.loader = model, trainer, loader
         self.config, self.model_class, self.log = config, model_class, log
 
+    @classmethod
+    def open(
+        cls,
+        directory: Path | str,
+        *,
+        state: dict[str, Any] | None = None,
+        new: bool = True,
+        **parts: Any,
+    ) -> TrainingRun:
+        """The run in ``directory`` built from ``parts`` (the constructor's keywords):
+        restored from the checkpoint ``state``, or started (in a new directory with ``new``;
+        else in one whose run had no checkpoint yet)."""
+        run = cls(directory, **parts)
+        trainer, log = run.trainer, run.log
+        if state is None:
+            run.start(new=new)
+        else:
+            run.restore(state)
+            if log is not None and run.is_main:
+                log(
+                    f"resuming {run.dir.path} after epoch {trainer.epoch}, step {trainer.step_count}"
+                )
+        return run
+
     @property
     def is_main(self) -> bool:
         return self.trainer.ranks.is_main
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir.path / "best.pt"
+
+    def keep_best(self, metric: str) -> Callable[[Trainer, dict[str, Any]], None]:
+        """A ``fit`` callback that writes ``best.pt`` (the model, its config, the epoch)
+        whenever ``metric`` (higher is better) is at its best so far; put it after the
+        callbacks that compute the metric."""
+
+        def callback(trainer: Trainer, metrics: dict[str, Any]) -> None:
+            best = max(m[metric] for m in trainer.history)
+            if metrics[metric] >= best and self.is_main:
+                save_checkpoint(
+                    self.best_path,
+                    {
+                        "model_class": self.model_class,
+                        "model_config": self.model.config(),
+                        "model": self.model.state_dict(),
+                        "config": self.config,
+                        "epoch": metrics["epoch"],
+                    },
+                )
+
+        return callback
 
     def start(self, *, new: bool = True) -> TrainingRun:
         """Claim the run directory (this process becomes its only writer; with ``new`` it
@@ -156,6 +207,7 @@ class TrainingRun:
         *,
         val_data: Sequence[Tensor] | None = None,
         callbacks: Sequence[Callable] = (),
+        stop_rules: Sequence[StopRule] = (),
         progress: bool = True,
     ) -> list[dict[str, Any]]:
         """Train up to ``epochs``; on Ctrl-C, save a checkpoint at the step boundary and
@@ -167,6 +219,7 @@ class TrainingRun:
                     epochs,
                     val_data=val_data,
                     callbacks=[*callbacks, self._on_epoch],  # theirs first: they may add metrics
+                    stop_rules=stop_rules,
                     progress=progress,
                 )
             except TrainingInterrupted as e:

@@ -1,28 +1,26 @@
-"""The SVI training loop: objective choice, optimiser, seeding, progress bar, metrics, guards.
+"""The SVI training loop: objective choice, the epochs, learning-rate schedule, progress bar,
+metrics, validation, callbacks and stop rules.
 
-``Trainer.step`` computes the same loss that ``pyro.infer.SVI.step`` would
-(``elbo.differentiable_loss(model, guide, *batch)``), then runs ``backward``, checks the loss
-and gradients for non-finite values, optionally clips, and steps one ``torch.optim.Adam``
-over all parameters.  ``SVI.step`` cannot check gradients between backward and the update,
-and ``pyro.optim.Adam`` keeps one optimiser per parameter tensor, which costs about 2 ms a
-step on a small MLP; the objective itself is Pyro's, unchanged.
+Each step is an ``SVIStepper`` (``pyro_vae.stepper``): the same loss that
+``pyro.infer.SVI.step`` computes (``elbo.differentiable_loss(model, guide, *batch)``), then
+``backward``, checks of the loss and gradients for non-finite values, optional clipping, and
+one ``torch.optim.Adam`` step over all parameters.  ``SVI.step`` cannot check gradients
+between backward and the update, and ``pyro.optim.Adam`` keeps one optimiser per parameter
+tensor, which costs about 2 ms a step on a small MLP; the objective itself is Pyro's,
+unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import pyro
 import torch
-from pyro import poutine
 from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -36,6 +34,15 @@ from pyro_vae.distributed import Ranks, all_sum, shard_bounds
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.objectives import IWAE, DReG
 from pyro_vae.seeding import seed_everything
+from pyro_vae.stepper import (
+    NonFiniteError,
+    ParamClashError,
+    StepInfo,
+    Stepper,
+    SVIStepper,
+    nonfinite_sites,
+    owner_modules,
+)
 
 __all__ = [
     "ELBOS",
@@ -45,6 +52,10 @@ __all__ = [
     "PRESETS",
     "NonFiniteError",
     "ParamClashError",
+    "SVIStepper",
+    "StepInfo",
+    "StopRule",
+    "Stepper",
     "Trainer",
     "TrainingInterrupted",
     "lr_factor",
@@ -64,6 +75,12 @@ ELBOS: dict[str, type[ELBO]] = dict(
 )
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
+
+
+class StopRule(Protocol):
+    """Asked after every epoch: why training should stop now, or None (it does not act)."""
+
+    def reason(self, history: Sequence[dict[str, Any]]) -> str | None: ...
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -110,6 +127,8 @@ class EarlyStopping:
         return None
 
     def __call__(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """As a callback (the older way to pass it): the same decision, set on the trainer.
+        Prefer ``fit(stop_rules=[...])``."""
         trainer.stop_reason = self.reason(trainer.history)
 
 
@@ -146,15 +165,6 @@ def make_elbo(
     )
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN or infinite; names the epoch, step and culprit sites."""
-
-    def __init__(self, what: str, epoch: int, step: int, sites: Sequence[str]) -> None:
-        where = f"; non-finite log-probs at sites: {', '.join(sites)}" if sites else ""
-        super().__init__(f"non-finite {what} at epoch {epoch}, step {step}{where}")
-        self.what, self.epoch, self.step, self.sites = what, epoch, step, list(sites)
-
-
 class TrainingInterrupted(Exception):
     """Training stopped at a step boundary on request (e.g. Ctrl-C); the state is consistent."""
 
@@ -186,77 +196,12 @@ def stop_on_sigint(trainer: Trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-@torch.no_grad()
-def nonfinite_sites(model: Callable, guide: Callable, *args, **kwargs) -> list[str]:
-    """Names of the sample sites whose log-prob is not finite in one guide/model trace."""
-    with pyro.validation_enabled(False):  # distributions with NaN parameters must still build
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    bad = []
-    for prefix, trace in (("model", model_trace), ("guide", guide_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                if not torch.isfinite(site["fn"].log_prob(site["value"])).all():
-                    bad.append(f"{prefix}:{name}")
-    return bad
-
-
-def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
-    """``torch.optim.Adam``, fused where torch has a fused kernel for these parameters (one
-    kernel for all tensors: 0.6 ms instead of 2.0 ms a step for 784-400-50 on one thread);
-    the arithmetic is Adam's either way."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.Adam(params, lr=lr)
-
-
-class _Objective(nn.Module):
-    """The trainer's objective as a module holding the owners' parameters: what
-    DistributedDataParallel wraps (it needs a module whose forward returns the loss)."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        super().__init__()
-        self.owners = nn.ModuleList(trainer.modules)
-        self._trainer = [trainer]  # a list: not a submodule
-
-    def forward(self, *batch: Tensor) -> Tensor:
-        trainer = self._trainer[0]
-        return trainer.elbo.differentiable_loss(trainer.model, trainer.guide, *batch)
-
-
-def _distributed_objective(trainer: Trainer, find_unused_parameters: bool) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    # find_unused_parameters: for models whose steps may leave some parameters out (the
-    # semi-supervised model's classifier on a labelled batch without the auxiliary term)
-    return DistributedDataParallel(
-        _Objective(trainer), find_unused_parameters=find_unused_parameters
-    )
-
-
-def owner_modules(*fns: Callable) -> list[nn.Module]:
-    """The ``nn.Module``s that ``fns`` belong to: modules themselves, or bound methods of
-    one (also inside ``functools.partial``), each listed once."""
-    owners: list[nn.Module] = []
-    for fn in fns:
-        while isinstance(fn, functools.partial):
-            fn = fn.func
-        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-        if isinstance(owner, nn.Module) and all(owner is not o for o in owners):
-            owners.append(owner)
-    return owners
-
-
-class ParamClashError(ValueError):
-    """Two modules registered under one ``pyro.module`` name (one line)."""
-
-
 class Trainer:
-    """Trains a model/guide pair by SVI, one minibatch per ``step``, one pass per epoch.
+    """Trains a model/guide pair by SVI, one minibatch per step, one pass per epoch.
 
+    The step is an ``SVIStepper`` (``self.stepper``: objective, parameters, Adam, guards,
+    optional DDP); the trainer runs the epochs around it: the learning-rate schedule, the
+    progress bar, the history of per-epoch metrics, validation, callbacks and stop rules.
     Parameters come from their owner: when ``model``/``guide`` are methods of an
     ``nn.Module`` (the project's models, a user's subclass), the optimiser holds that
     module's parameters from the start, whatever else lives in Pyro's global param store.
@@ -283,7 +228,7 @@ class Trainer:
         find_unused_parameters: bool = False,
         eval_model: Callable | None = None,
     ) -> None:
-        if lr <= 0:
+        if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(
@@ -296,138 +241,69 @@ class Trainer:
         self.elbo = (
             make_elbo(elbo, num_particles, max_plate_nesting) if isinstance(elbo, str) else elbo
         )
-        self.lr, self.clip_norm, self.skip_nonfinite = lr, clip_norm, skip_nonfinite
         # The rate of each epoch is a function of the epoch and the planned number of epochs
         # only, so a resumed run replays it without saving any scheduler state.
-        self.lr_schedule = lr_schedule
-        self._lr_now = lr
-        # Pyro's distribution argument checks cost about 10% of a step on a small MLP.
-        # "first": on for this trainer's first step (a model, guide or batch that breaks a
-        # distribution's constraints fails there, with Pyro's message), off afterwards;
-        # True/False: always on/off; None: Pyro's global setting.
-        if validate not in (True, False, None, "first"):
-            raise ValueError(f"validate must be True, False, None or 'first', got {validate!r}")
-        self.validate = validate
+        self.lr, self.lr_schedule = lr, lr_schedule
         self.max_plate_nesting = max_plate_nesting
-        self.modules = owner_modules(model, guide)
-        self.params: list[Tensor] = []
-        self._param_ids: set[int] = set()
-        for module in self.modules:
-            for p in module.parameters():
-                if p.requires_grad and id(p) not in self._param_ids:
-                    self._param_ids.add(id(p))
-                    self.params.append(p)
-        self.optimizer: torch.optim.Optimizer | None = (
-            _adam(self.params, lr) if self.params else None
+        self.stepper = SVIStepper(
+            model,
+            guide,
+            self.elbo,
+            lr=lr,
+            clip_norm=clip_norm,
+            skip_nonfinite=skip_nonfinite,
+            validate=validate,
+            ranks=ranks,
+            find_unused_parameters=find_unused_parameters,
+            max_plate_nesting=max_plate_nesting,
         )
-        # a saved optimiser state for parameters the pair has not declared yet (plain
-        # functions with pyro.param): loaded once the first step has found them
-        self._pending_optimizer_state: dict | None = None
-        # Several processes (torchrun): the objective runs inside DistributedDataParallel,
-        # which averages the gradients over the ranks during backward.
-        self.ranks = ranks or Ranks()
-        self._ddp: nn.Module | None = None
-        if self.ranks.active:
-            if not self.modules:
-                raise ValueError(
-                    "training on several processes needs a model/guide that belong to an "
-                    "nn.Module (DistributedDataParallel wraps its parameters)"
-                )
-            self._ddp = _distributed_objective(self, find_unused_parameters)
+        self.ranks = self.stepper.ranks
         self.epoch = 0
-        self.step_count = 0
-        self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
         self.stop_requested = False
-        # why a callback ended training before ``epochs`` (None: it did not)
+        # why training ended before ``epochs`` (None: it did not): a stop rule's reason
         self.stop_reason: str | None = None
         # running totals of an epoch stopped midway: {"total", "count", "seconds"}
         self._partial: dict[str, float] | None = None
+
+    # the stepper's state, read through the trainer as before
+    @property
+    def params(self) -> list[Tensor]:
+        return self.stepper.params
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.stepper.optimizer
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return self.stepper.modules
+
+    @property
+    def validate(self) -> bool | str | None:
+        return self.stepper.validate
+
+    @property
+    def step_count(self) -> int:
+        return self.stepper.step_count
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.stepper.skipped_steps
 
     def request_stop(self) -> None:
         """Ask ``fit`` to stop after the current step, raising ``TrainingInterrupted``."""
         self.stop_requested = True
 
-    def _validation(self):
-        if self.validate is None:
-            return contextlib.nullcontext()
-        if self.validate == "first":
-            return pyro.validation_enabled(self.step_count == 0)
-        return pyro.validation_enabled(self.validate)
-
-    def _collect_params(self, trace: poutine.Trace) -> None:
-        new = []
-        for name, site in trace.nodes.items():
-            p = site["value"].unconstrained()
-            if id(p) in self._param_ids:
-                continue
-            init = site["args"][1] if len(site["args"]) > 1 else None
-            if isinstance(init, nn.Parameter):  # registered by pyro.module
-                if id(init) in self._param_ids or not init.requires_grad:
-                    # an owner module's own parameter (trained as such) or a frozen one
-                    continue
-                if init is not p:
-                    raise ParamClashError(
-                        f"pyro.module: the param store's {name!r} belongs to another module "
-                        "registered under the same name; give each module its own name, or "
-                        "call pyro.clear_param_store() before building the second"
-                    )
-            self._param_ids.add(id(p))
-            new.append(p)
-        if new:
-            self.params.extend(new)
-            if self.optimizer is None:
-                self.optimizer = _adam(new, self.lr)
-            else:
-                self.optimizer.add_param_group({"params": new})
-            self._apply_lr()
-        if self._pending_optimizer_state is not None:
-            self._load_optimizer(self._pending_optimizer_state)
-
-    def _apply_lr(self) -> None:
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr_now
-
     def step(self, *batch: Tensor) -> float:
-        """One SVI step on a minibatch; returns the loss (negative objective) in nats.
+        """One SVI step on a minibatch; returns the loss (negative objective) in nats (NaN
+        for a skipped step).
 
         On several processes ``batch`` is this rank's shard and the value returned is this
         shard's; the update is the one a single process would make on the whole batch.
         """
-        with poutine.trace(param_only=True) as capture, self._validation():
-            if self._ddp is not None:
-                loss = self._ddp(*batch)
-            else:
-                loss = self.elbo.differentiable_loss(self.model, self.guide, *batch)
-        self._collect_params(capture.trace)
-        self.step_count += 1
-        value = float(loss.detach())
-        if self.optimizer is None:
-            raise ValueError("the model and guide declare no parameters to train")
-        if not math.isfinite(value) and self._ddp is None:
-            return self._nonfinite("loss", batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        # DDP averages the ranks' gradients; scaled by the world size, the average is the
-        # gradient of the sum over the whole batch, as on one process.  A rank whose loss
-        # is not finite still joins the all-reduce; the non-finite gradient then stops (or
-        # skips) every rank alike.
-        (loss * self.ranks.world_size if self._ddp is not None else loss).backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if not torch.isfinite(norm):
-            return self._nonfinite("gradient", batch)
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, norm)
-        self.optimizer.step()
-        return value
-
-    def _nonfinite(self, what: str, batch: Sequence[Tensor]) -> float:
-        if self.skip_nonfinite:
-            self.skipped_steps += 1
-            return float("nan")
-        sites = nonfinite_sites(self.model, self.guide, *batch)
-        raise NonFiniteError(what, self.epoch + 1, self.step_count, sites)
+        self.stepper.epoch = self.epoch
+        return self.stepper.step(*batch).loss
 
     def evaluate_elbo(self, *data: Tensor, num_particles: int = 1) -> float:
         """Mean ELBO of the model as written (no KL weight), in nats per image (on several
@@ -456,6 +332,7 @@ class Trainer:
         *,
         val_data: Sequence[Tensor] | None = None,
         callbacks: Sequence[Callback] = (),
+        stop_rules: Sequence[StopRule] = (),
         progress: bool = True,
     ) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done (counting those already done).
@@ -468,8 +345,8 @@ class Trainer:
             raise ValueError(f"epochs must be positive, got {epochs}")
         self.stop_requested = False
         for epoch in range(self.epoch + 1, epochs + 1):
-            self._lr_now = self.lr * lr_factor(self.lr_schedule, epoch, epochs)
-            self._apply_lr()
+            lr_now = self.lr * lr_factor(self.lr_schedule, epoch, epochs)
+            self.stepper.set_lr(lr_now)
             partial = self._partial or {"total": 0.0, "count": 0, "seconds": 0.0}
             self._partial = None
             start = time.perf_counter() - partial["seconds"]
@@ -509,7 +386,7 @@ class Trainer:
                 "epoch": epoch,
                 "step": self.step_count,
                 "train_loss": total / count if count else float("nan"),
-                "lr": self._lr_now,
+                "lr": lr_now,
             }
             if val_data is not None:
                 metrics["val_elbo"] = self.evaluate_elbo(*val_data)
@@ -519,17 +396,17 @@ class Trainer:
             self.history.append(metrics)
             for callback in callbacks:
                 callback(self, metrics)
-            if self.stop_reason is not None:  # set by a callback, e.g. EarlyStopping
+            for rule in stop_rules:  # asked, after the callbacks have added their metrics
+                self.stop_reason = self.stop_reason or rule.reason(self.history)
+            if self.stop_reason is not None:
                 break
         return self.history
 
     def state_dict(self) -> dict[str, Any]:
         """Optimiser state, counters and history, as tensors and plain values."""
         return {
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            **self.stepper.state_dict(),
             "epoch": self.epoch,
-            "step": self.step_count,
-            "skipped_steps": self.skipped_steps,
             "history": list(self.history),
             "partial_epoch": self._partial,
         }
@@ -537,41 +414,6 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters now and the optimiser state once the parameters are known."""
         self.epoch = int(state["epoch"])
-        self.step_count = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.history = list(state["history"])
         self._partial = state.get("partial_epoch")
-        saved = state["optimizer"]
-        if saved is None:
-            return
-        groups = 0 if self.optimizer is None else len(self.optimizer.param_groups)
-        if len(saved["param_groups"]) > groups:
-            # parameters of plain functions appear at the first step: load it then
-            self._pending_optimizer_state = saved
-        else:
-            self._load_optimizer(saved)
-
-    def _load_optimizer(self, saved: dict) -> None:
-        """Load a saved optimiser state, or raise if it does not fit these parameters."""
-        self._pending_optimizer_state = None
-        if self.optimizer is None:
-            raise ValueError("the saved optimiser state has parameters this model does not declare")
-        try:
-            # torch checks the parameter counts only; a moment estimate of another shape
-            # would fail at the next step, far from its cause
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            for index, entry in saved["state"].items():
-                for value in entry.values():
-                    if (
-                        isinstance(value, Tensor)
-                        and value.dim()
-                        and value.shape != params[index].shape
-                    ):
-                        raise ValueError(
-                            f"parameter {index} has shape {tuple(params[index].shape)}, the "
-                            f"saved state {tuple(value.shape)}"
-                        )
-            self.optimizer.load_state_dict(saved)
-        except (ValueError, IndexError) as e:
-            raise ValueError(f"the saved optimiser state does not fit this model: {e}") from None
-        self._apply_lr()
+        self.stepper.load_state_dict(state)

@@ -32,6 +32,7 @@ __all__ = [
     "data_frame",
     "replay_guide",
     "replay_model",
+    "sample_sites",
     "site_log_prob",
     "trace_guide",
     "trace_particles",
@@ -70,7 +71,8 @@ def site_log_prob(
     return lp.reshape(lp.shape[particle_dim], lp.shape[data_dim])
 
 
-def _sample_sites(trace: poutine.Trace) -> Iterator[tuple[str, dict]]:
+def sample_sites(trace: poutine.Trace) -> Iterator[tuple[str, dict]]:
+    """The trace's sample sites (observed or not), without plates' subsample sites."""
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             yield name, site
@@ -88,7 +90,7 @@ class ImportanceTraces:
 
     def latent_sites(self) -> Iterator[tuple[str, dict]]:
         """The guide's sampled (unobserved) sites, in the order the guide drew them."""
-        for name, site in _sample_sites(self.guide_trace):
+        for name, site in sample_sites(self.guide_trace):
             if not site["is_observed"]:
                 yield name, site
 
@@ -96,7 +98,7 @@ class ImportanceTraces:
         """The model's sites that enter log p(x, z): the observed ones and the latents the
         guide proposed.  A model latent that the guide does not sample is drawn from its
         prior in the replay, where prior and proposal cancel, so it adds nothing."""
-        for name, site in _sample_sites(self.model_trace):
+        for name, site in sample_sites(self.model_trace):
             if site["is_observed"] or name in self.guide_trace.nodes:
                 yield name, site
 

@@ -174,7 +174,7 @@ def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     from tqdm import tqdm
 
-    from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
+    from pyro_vae.checkpoints import load_checkpoint
     from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
     from pyro_vae.distributed import ShardedLoader
     from pyro_vae.evaluate import semi_supervised_report
@@ -278,40 +278,23 @@ def main(args) -> dict:
         device=device,
         labelled_indices=labelled_idx.tolist(),
     )
-    run_ = TrainingRun(
+    run_ = TrainingRun.open(
         out,
         model=model,
         trainer=trainer,
         loader=ShardedLoader(loader, ranks) if ranks.active else loader,
         config=config,
         model_class=model_class,
+        state=state,
+        new=args.resume is None,  # a resumed run may not have finished its first epoch
         log=None if args.quiet else tqdm.write,
     )
-    best_path = Path(out) / "best.pt"
     valid_x, valid_y = valid.images.to(device), valid.labels.to(device)
 
-    def on_epoch(trainer: Trainer, metrics: dict) -> None:
+    def val_accuracy(trainer: Trainer, metrics: dict) -> None:
         metrics["val_accuracy"] = accuracy(model, valid_x, valid_y)
-        best = max(m["val_accuracy"] for m in trainer.history)
-        if metrics["val_accuracy"] >= best and ranks.is_main:
-            save_checkpoint(
-                best_path,
-                {
-                    "model_class": model_class,
-                    "model_config": model.config(),
-                    "model": model.state_dict(),
-                    "config": config,
-                    "epoch": metrics["epoch"],
-                },
-            )
 
     quiet = args.quiet or not ranks.is_main
-    if state is None:
-        run_.start(new=args.resume is None)
-    else:
-        run_.restore(state)
-        if not quiet:
-            print(f"resuming {out} after epoch {trainer.epoch}, step {trainer.step_count}")
     stopper = EarlyStopping(
         "val_accuracy",
         patience=args.patience,
@@ -321,7 +304,11 @@ def main(args) -> dict:
     if stopped is None and trainer.epoch < args.epochs:
         # val_elbo: the pure model on unlabelled images, y drawn from q(y|x).
         run_.fit(
-            args.epochs, val_data=(valid_x,), callbacks=[on_epoch, stopper], progress=not quiet
+            args.epochs,
+            val_data=(valid_x,),
+            callbacks=[val_accuracy, run_.keep_best("val_accuracy")],
+            stop_rules=[stopper],
+            progress=not quiet,
         )
         stopped = trainer.stop_reason
     if stopped is not None and not quiet:
@@ -330,7 +317,7 @@ def main(args) -> dict:
         return {}
 
     # Model selection by validation accuracy, then the test split, once.
-    best = load_checkpoint(best_path)
+    best = load_checkpoint(run_.best_path)
     model.load_state_dict(best["model"])
     test_x, test_y = test.images.to(device), test.labels.to(device)
     report, confusion = semi_supervised_report(

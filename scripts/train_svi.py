@@ -120,12 +120,8 @@ def main(args) -> dict:
     from pyro_vae.train import Trainer
 
     args, state, out, device, ranks = begin_run(args, build_parser(), "vae", PRESETS)
-    if args.likelihood == "bernoulli" and args.x_scale is not None:
-        raise UsageError("--x-scale applies to --likelihood gaussian only")
     if args.flow == "planar" and args.elbo == "dreg":
         raise UsageError("--flow planar has no inverse, which --elbo dreg needs; use iaf or iwae")
-    if args.flow is not None and args.covariance != "diagonal":
-        raise UsageError("--flow starts from a diagonal Gaussian: drop --covariance full")
     if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:
         raise UsageError(
             f"--elbo {args.elbo} is defined for --beta 1 only (no KL weight); use --elbo trace"
@@ -182,22 +178,18 @@ def main(args) -> dict:
         perturb=args.perturb,
     )
     config = run_config(args, out=out, model_class="VAE", model_config=vae.config(), device=device)
-    run = TrainingRun(
+    run = TrainingRun.open(
         out,
         model=vae,
         trainer=trainer,
         loader=ShardedLoader(loader, ranks) if ranks.active else loader,
         config=config,
         model_class="VAE",
+        state=state,
+        new=args.resume is None,  # a resumed run may not have finished its first epoch
         log=None if args.quiet else tqdm.write,
     )
     quiet = args.quiet or not ranks.is_main
-    if state is None:
-        run.start(new=args.resume is None)  # a resumed run may not have finished an epoch
-    else:
-        run.restore(state)
-        if not quiet:
-            print(f"resuming {out} after epoch {trainer.epoch}, step {trainer.step_count}")
     run.fit(args.epochs, val_data=(valid.images.to(device),), progress=not quiet)
 
     test_x = test.images.to(device)

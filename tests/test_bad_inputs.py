@@ -93,7 +93,8 @@ PATH_CASES = [
     ("train_ssvae.py", ["--m1", "{tmp}/missing"], "no checkpoint"),
     ("train_ssvae.py", ["--m1", "{file}"], "truncated or corrupt"),
     # flags that do not go together
-    ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "drop --covariance full"),
+    ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "--covariance: a flow starts"),
+    ("train_svi.py", ["--x-scale", "0.5"], "--x-scale: applies to the gaussian likelihood"),
     ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),
     ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier conv"),
     ("train_ssvae.py", ["--m1", "{run}", "--balance", "5"], "--balance"),

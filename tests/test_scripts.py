@@ -308,7 +308,7 @@ BAD_INPUTS = [
     (["--binarize", "sometimes"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
     (["--binarize", "none"], "Bernoulli likelihood needs binary data"),
-    (["--x-scale", "0.1"], "gaussian only"),
+    (["--x-scale", "0.1"], "gaussian likelihood only"),
     (["--elbo", "jit", "--train-size", "100", "--batch-size", "128"], "full batch"),
     (["--elbo", "iwae", "--beta", "2"], "--beta 1 only"),
     (["--beta", "2"], "--beta 1 only"),  # the default preset trains with DReG

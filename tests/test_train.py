@@ -150,3 +150,38 @@ def test_cosine_schedule_sets_each_epochs_rate_and_constant_leaves_it():
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(history[-1]["lr"])
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         Trainer(vae.model, vae.guide, lr_schedule="step")
+
+
+def test_the_stepper_steps_any_loss_and_says_what_it_did():
+    from pyro_vae.stepper import Stepper
+
+    w = torch.zeros(3, requires_grad=True)
+    stepper = Stepper(lambda x: ((w - x) ** 2).sum(), [w], lr=0.1)
+    info = stepper.step(torch.ones(3))
+    assert info.loss == 3.0 and not info.skipped
+    assert info.grad_norm == pytest.approx(2 * math.sqrt(3))
+    for _ in range(300):
+        stepper.step(torch.ones(3))
+    assert torch.allclose(w, torch.ones(3), atol=1e-2) and stepper.step_count == 301
+    stepper.set_lr(0.0123)
+    assert stepper.optimizer.param_groups[0]["lr"] == 0.0123
+    before = w.detach().clone()
+    skipping = Stepper(lambda: w.sum() * float("nan"), [w], skip_nonfinite=True)
+    assert skipping.step().skipped and skipping.skipped_steps == 1
+    assert torch.equal(w.detach(), before)  # a skipped step changes nothing
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        Stepper(lambda: w.sum() * float("nan"), [w]).step()
+
+
+def test_stop_rules_are_asked_after_each_epoch_and_decide_nothing_else(small):
+    class AfterTwo:
+        def reason(self, history):
+            return "two epochs are enough" if len(history) >= 2 else None
+
+    train, _ = small
+    vae = VAE(z_dim=4, hidden=(16,))
+    trainer = Trainer(vae.model, vae.guide, lr=1e-3)
+    loader = BatchLoader(train.subset(slice(0, 256)), 128, binarize="dynamic")
+    history = trainer.fit(loader, 5, stop_rules=[AfterTwo()], progress=False)
+    assert len(history) == 2 and trainer.epoch == 2
+    assert trainer.stop_reason == "two epochs are enough"

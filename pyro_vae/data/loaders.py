@@ -11,7 +11,124 @@ from torch import Tensor
 from pyro_vae.data.dataset import BINARIZATIONS, DataError, Dataset
 from pyro_vae.seeding import generator
 
-__all__ = ["BatchLoader", "SemiSupervisedLoader"]
+__all__ = [
+    "Affine",
+    "BatchLoader",
+    "Binarize",
+    "Perturb",
+    "SemiSupervisedLoader",
+    "Shift",
+    "Transform",
+]
+
+
+class Transform:
+    """A random change applied to every batch as it is handed out, drawing from a
+    ``torch.Generator`` of its own (so it changes no other draw) whose state is saved under
+    ``key`` in the loader's state; ``what`` names it in messages."""
+
+    key = ""
+    what = ""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+
+class Binarize(Transform):
+    """Dynamic binarisation: a fresh Bernoulli draw of every pixel each time it is used."""
+
+    key, what = "binarize", "binarisation"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.bernoulli(x, generator=self.generator)
+
+
+class Perturb(Transform):
+    """Each pixel, with probability ``rate``, replaced by a random value: a fair coin for
+    binary images, uniform on [0, 1] otherwise."""
+
+    key, what = "perturb", "perturbation"
+
+    def __init__(self, generator: torch.Generator, rate: float, binary: bool) -> None:
+        super().__init__(generator)
+        self.rate, self.binary = rate, binary
+
+    def __call__(self, x: Tensor) -> Tensor:
+        hit = torch.rand(x.shape, generator=self.generator) < self.rate
+        value = torch.rand(x.shape, generator=self.generator)
+        if self.binary:
+            value = (value < 0.5).to(x.dtype)
+        return torch.where(hit, value.to(x.dtype), x)
+
+
+class Shift(Transform):
+    """Whole-pixel translations uniform in [-shift, shift] along each axis, zero fill."""
+
+    key, what = "shift", "shift"
+
+    def __init__(self, generator: torch.Generator, image_shape, shift: int) -> None:
+        super().__init__(generator)
+        self.image_shape, self.shift = tuple(image_shape), shift
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, (h, w), s = x.shape[0], self.image_shape, self.shift
+        padded = torch.nn.functional.pad(x.view(n, h, w), (s, s, s, s))
+        offsets = torch.randint(0, 2 * s + 1, (2, n), generator=self.generator)
+        rows = (offsets[0, :, None] + torch.arange(h))[:, :, None]
+        cols = (offsets[1, :, None] + torch.arange(w))[:, None, :]
+        return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, h * w)
+
+
+class Affine(Transform):
+    """A random affine map per image: a horizontal shear (slant) by an angle uniform in
+    [-shear, shear] degrees, a rotation uniform in [-rotate, rotate] and a translation
+    uniform in [-shift, shift] pixels, resampled with ``mode`` (bilinear, or nearest so
+    that binary images stay binary)."""
+
+    key, what = "affine", "affine"
+
+    def __init__(
+        self,
+        generator: torch.Generator,
+        image_shape,
+        *,
+        rotate: float,
+        shear: float,
+        shift: int,
+        mode: str,
+    ) -> None:
+        super().__init__(generator)
+        self.image_shape = tuple(image_shape)
+        self.rotate, self.shear, self.shift, self.mode = rotate, shear, shift, mode
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, (h, w) = x.shape[0], self.image_shape
+        u = 2 * torch.rand(4, n, generator=self.generator, dtype=torch.float64) - 1
+        angle, slant = torch.deg2rad(self.rotate * u[0]), torch.deg2rad(self.shear * u[1])
+        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(slant)
+        # M maps output pixel coordinates (x right, y down, about the centre) to input
+        # ones: rotation times shear; theta is M in affine_grid's coordinates of [-1, 1].
+        m = torch.stack(
+            [torch.stack([cos, cos * tan - sin], -1), torch.stack([sin, sin * tan + cos], -1)], -2
+        )
+        half = torch.tensor([w / 2, h / 2], dtype=torch.float64)
+        theta = torch.empty(n, 2, 3, dtype=torch.float64)
+        theta[:, :, :2] = m * half[None, None, :] / half[None, :, None]
+        theta[:, :, 2] = self.shift * u[2:].T / half
+        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
+        out = torch.nn.functional.grid_sample(
+            x.view(n, 1, h, w), grid, mode=self.mode, padding_mode="zeros", align_corners=False
+        )
+        return out.reshape(n, h * w)
 
 
 class BatchLoader:
@@ -37,6 +154,9 @@ class BatchLoader:
     bilinearly before dynamic binarisation and to the nearest pixel otherwise (so binary
     images stay binary).  The semi-supervised model uses them on its few labelled images;
     each has a generator of its own.
+
+    Each of these is a ``Transform`` (``Shift``/``Affine``, ``Binarize``, ``Perturb``),
+    applied in that order (``self.transforms``) and saved in ``state_dict`` under its key.
     """
 
     def __init__(
@@ -84,20 +204,36 @@ class BatchLoader:
         self.labels = labels
         self.drop_last = drop_last
         self.device = torch.device(device)
+        self.perturb, self.shift = float(perturb), int(shift)
+        self.rotate, self.shear = float(rotate), float(shear)
         # streams of their own, named after the loader's ``stream``
         self.shuffle_generator = generator(seed, f"{stream}-shuffle")
-        self.binarize_generator = generator(seed, f"{stream}-binarize")
-        self.perturb = float(perturb)
-        self.perturb_generator = generator(seed, f"{stream}-perturb") if perturb else None
-        self.shift = int(shift)
-        self.rotate, self.shear = float(rotate), float(shear)
-        affine = bool(rotate or shear)
-        self.shift_generator = generator(seed, f"{stream}-shift") if shift and not affine else None
-        self.affine_generator = generator(seed, f"{stream}-affine") if affine else None
-        # which replacement values fit the images; looked at only when perturbing
-        self._binary = bool(perturb) and (
-            binarize == "dynamic" or bool(((data.images == 0) | (data.images == 1)).all())
-        )
+        # The binarisation stream is kept (and saved) also when it is not used, as it
+        # always has been: saved loader states keep their keys.
+        self.binarizer = Binarize(generator(seed, f"{stream}-binarize"))
+        # applied in this order: geometry (before any binarisation), binarisation, noise
+        self.transforms: list[Transform] = []
+        if rotate or shear:
+            self.transforms.append(
+                Affine(
+                    generator(seed, f"{stream}-affine"),
+                    data.image_shape,
+                    rotate=self.rotate,
+                    shear=self.shear,
+                    shift=self.shift,
+                    mode="bilinear" if binarize == "dynamic" else "nearest",
+                )
+            )
+        elif shift:
+            self.transforms.append(
+                Shift(generator(seed, f"{stream}-shift"), data.image_shape, shift)
+            )
+        if binarize == "dynamic":
+            self.transforms.append(self.binarizer)
+        if perturb:
+            # which replacement values fit the images
+            binary = binarize == "dynamic" or bool(((data.images == 0) | (data.images == 1)).all())
+            self.transforms.append(Perturb(generator(seed, f"{stream}-perturb"), perturb, binary))
         # Where the current pass stands: the shuffle state it started from and how many
         # batches it has handed out, so that a pass stopped midway can be replayed exactly.
         self._epoch_shuffle_state = self.shuffle_generator.get_state()
@@ -122,14 +258,8 @@ class BatchLoader:
             if order is not None:
                 idx = order[idx]
             x = self.data.images[idx]
-            if self.shift_generator is not None:
-                x = self._shifted(x)
-            elif self.affine_generator is not None:
-                x = self._affine(x)
-            if self.binarize == "dynamic":
-                x = torch.bernoulli(x, generator=self.binarize_generator)
-            if self.perturb_generator is not None:
-                x = self._perturbed(x)
+            for transform in self.transforms:
+                x = transform(x)
             x = x.to(self.device, non_blocking=True)
             self._handed_out = b + 1
             if self.labels:
@@ -138,73 +268,27 @@ class BatchLoader:
                 yield (x,)
         self._handed_out = 0
 
-    def _perturbed(self, x: Tensor) -> Tensor:
-        gen = self.perturb_generator
-        hit = torch.rand(x.shape, generator=gen) < self.perturb
-        value = torch.rand(x.shape, generator=gen)
-        if self._binary:
-            value = (value < 0.5).to(x.dtype)
-        return torch.where(hit, value.to(x.dtype), x)
-
-    def _shifted(self, x: Tensor) -> Tensor:
-        n, (h, w), s = x.shape[0], self.data.image_shape, self.shift
-        padded = torch.nn.functional.pad(x.view(n, h, w), (s, s, s, s))
-        offsets = torch.randint(0, 2 * s + 1, (2, n), generator=self.shift_generator)
-        rows = (offsets[0, :, None] + torch.arange(h))[:, :, None]
-        cols = (offsets[1, :, None] + torch.arange(w))[:, None, :]
-        return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, h * w)
-
-    def _affine(self, x: Tensor) -> Tensor:
-        n, (h, w) = x.shape[0], self.data.image_shape
-        u = 2 * torch.rand(4, n, generator=self.affine_generator, dtype=torch.float64) - 1
-        angle, slant = torch.deg2rad(self.rotate * u[0]), torch.deg2rad(self.shear * u[1])
-        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(slant)
-        # M maps output pixel coordinates (x right, y down, about the centre) to input
-        # ones: rotation times shear; theta is M in affine_grid's coordinates of [-1, 1].
-        m = torch.stack(
-            [torch.stack([cos, cos * tan - sin], -1), torch.stack([sin, sin * tan + cos], -1)], -2
-        )
-        half = torch.tensor([w / 2, h / 2], dtype=torch.float64)
-        theta = torch.empty(n, 2, 3, dtype=torch.float64)
-        theta[:, :, :2] = m * half[None, None, :] / half[None, :, None]
-        theta[:, :, 2] = self.shift * u[2:].T / half
-        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), [n, 1, h, w], align_corners=False)
-        mode = "bilinear" if self.binarize == "dynamic" else "nearest"
-        out = torch.nn.functional.grid_sample(
-            x.view(n, 1, h, w), grid, mode=mode, padding_mode="zeros", align_corners=False
-        )
-        return out.reshape(n, h * w)
-
-    def _optional_streams(self) -> dict[str, tuple[str, torch.Generator | None]]:
-        # the streams that exist only when their option is on: state key -> (name, generator)
-        return {
-            "perturb": ("perturbation", self.perturb_generator),
-            "shift": ("shift", self.shift_generator),
-            "affine": ("affine", self.affine_generator),
-        }
+    def _streams(self) -> list[Transform]:
+        return [self.binarizer, *(t for t in self.transforms if t is not self.binarizer)]
 
     def state_dict(self) -> dict[str, Any]:
         """Generator states and the position within the current pass (0 between passes)."""
         state = {
             "shuffle": self.shuffle_generator.get_state(),
-            "binarize": self.binarize_generator.get_state(),
             "epoch_shuffle": self._epoch_shuffle_state,
             "position": self._handed_out,
         }
-        for key, (_, gen) in self._optional_streams().items():
-            if gen is not None:
-                state[key] = gen.get_state()
+        for transform in self._streams():
+            state[transform.key] = transform.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state; the next pass continues after the batches already handed out."""
         self.shuffle_generator.set_state(state["shuffle"])
-        self.binarize_generator.set_state(state["binarize"])
-        for key, (what, gen) in self._optional_streams().items():
-            if gen is not None:
-                if key not in state:
-                    raise DataError(f"the saved loader state has no {what} stream")
-                gen.set_state(state[key])
+        for transform in self._streams():
+            if transform.key not in state:
+                raise DataError(f"the saved loader state has no {transform.what} stream")
+            transform.load_state_dict(state[transform.key])
         self._epoch_shuffle_state = state["epoch_shuffle"]
         self._resume_at = int(state["position"])
         self._handed_out = self._resume_at

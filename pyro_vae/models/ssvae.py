@@ -40,6 +40,29 @@ class ClassConditional:
     ``encode(x)``, ``decode(z, y)`` and ``classify(x)``, reconstructions, samples and
     style-and-content grids.  Call the site methods inside the data plate."""
 
+    def _set_m2(
+        self,
+        z_dim: int,
+        num_classes: int,
+        hidden: Sequence[int],
+        classifier_hidden: Sequence[int],
+        activation: str,
+        aux_weight: float,
+        beta: float,
+    ) -> None:
+        """Check M2's constructor arguments (one line naming each) and keep them."""
+        self.z_dim, self.num_classes = (
+            positive_int("z_dim", z_dim),
+            positive_int("num_classes", num_classes),
+        )
+        self.hidden = sizes("hidden", hidden)
+        self.classifier_hidden = sizes("classifier_hidden", classifier_hidden)
+        if not aux_weight >= 0:
+            raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
+        if not beta > 0:  # poutine.scale needs a positive scale
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.activation, self.aux_weight, self.beta = activation, aux_weight, beta
+
     def _m2_config(self) -> dict[str, Any]:
         """M2's constructor arguments (every model's config holds them)."""
         return {
@@ -151,22 +174,11 @@ class SSVAE(ClassConditional, PyroModel):
             raise ValueError(
                 f"a conv classifier needs x_dim = H * W, got {x_dim} for {image_shape}"
             )
-        x_dim, z_dim = positive_int("x_dim", x_dim), positive_int("z_dim", z_dim)
-        num_classes = positive_int("num_classes", num_classes)
-        hidden, classifier_hidden = (
-            sizes("hidden", hidden),
-            sizes("classifier_hidden", classifier_hidden),
-        )
-        if aux_weight < 0:
-            raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
-        if not beta > 0:  # poutine.scale needs a positive scale
-            raise ValueError(f"beta must be positive, got {beta}")
+        self._set_m2(z_dim, num_classes, hidden, classifier_hidden, activation, aux_weight, beta)
+        x_dim = self.x_dim = positive_int("x_dim", x_dim)
         if not balance >= 0:
             raise ValueError(f"balance must be non-negative, got {balance}")
         self.balance = balance
-        self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
-        self.hidden, self.classifier_hidden = tuple(hidden), tuple(classifier_hidden)
-        self.activation, self.aux_weight, self.beta = activation, aux_weight, beta
         self.image_shape = tuple(image_shape)
         self.classifier_kind = classifier
         if classifier == "conv":

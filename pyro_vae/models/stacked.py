@@ -28,7 +28,6 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from pyro_vae.checks import positive_int, sizes
 from pyro_vae.models.base import PyroModel
 from pyro_vae.models.ssvae import ClassConditional
 from pyro_vae.models.vae import VAE
@@ -63,21 +62,10 @@ class StackedSSVAE(ClassConditional, PyroModel):
         image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        z_dim, num_classes = positive_int("z_dim", z_dim), positive_int("num_classes", num_classes)
-        hidden, classifier_hidden = (
-            sizes("hidden", hidden),
-            sizes("classifier_hidden", classifier_hidden),
-        )
-        if aux_weight < 0:
-            raise ValueError(f"aux_weight must be non-negative, got {aux_weight}")
-        if not beta > 0:
-            raise ValueError(f"beta must be positive, got {beta}")
+        self._set_m2(z_dim, num_classes, hidden, classifier_hidden, activation, aux_weight, beta)
         self.m1 = VAE(**m1)
         self.m1.requires_grad_(False)  # M1 is trained already; M2 learns on its codes
         self.x_dim, self.z1_dim = self.m1.x_dim, self.m1.z_dim
-        self.z_dim, self.num_classes = z_dim, num_classes
-        self.hidden, self.classifier_hidden = tuple(hidden), tuple(classifier_hidden)
-        self.activation, self.aux_weight, self.beta = activation, aux_weight, beta
         self.image_shape = self.m1.image_shape if image_shape is None else tuple(image_shape)
         self.classifier = mlp([self.z1_dim, *classifier_hidden, num_classes], activation)
         self.encoder = Encoder(self.z1_dim + num_classes, z_dim, hidden, activation)

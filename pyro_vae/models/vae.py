@@ -12,7 +12,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pyro_vae.checks import positive_int, positive_number, sizes
+from pyro_vae.checks import ConfigError, positive_int, positive_number, sizes
 from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
@@ -63,9 +63,11 @@ class VAE(PyroModel):
         if covariance not in COVARIANCES:
             raise ValueError(f"unknown covariance {covariance!r}; choose from {COVARIANCES}")
         if covariance == "full" and flow is not None:
-            raise ValueError(
-                "a flow guide starts from a diagonal Gaussian: use covariance='diagonal'"
+            raise ConfigError(
+                "covariance", "a flow starts from a diagonal Gaussian: no full covariance with it"
             )
+        if x_scale is not None and likelihood != "gaussian":
+            raise ConfigError("x_scale", "applies to the gaussian likelihood only")
         if flow is not None and flow not in FLOWS:
             raise ValueError(f"unknown flow {flow!r}; choose from {FLOWS}")
         if likelihood not in LIKELIHOODS:
