@@ -62,6 +62,7 @@ class LinearAutoencoder(nn.Module):
         self.decoder = nn.Linear(z_dim, x_dim)
 
     def encode(self, x: Tensor) -> Tensor:
+        """Codes of the rows of x, shape (N, d)."""
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -69,6 +70,7 @@ class LinearAutoencoder(nn.Module):
         return self.decoder(z).clamp(0.0, 1.0)
 
     def loss(self, x: Tensor) -> Tensor:
+        """The training loss on the batch x, summed over it."""
         return F.mse_loss(self.decoder(self.encoder(x)), x, reduction="sum")
 
 
@@ -86,12 +88,15 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(z_dim, x_dim, hidden, activation)
 
     def encode(self, x: Tensor) -> Tensor:
+        """Codes of the rows of x, shape (N, d)."""
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
+        """Pixel probabilities for the codes z, shape (N, D)."""
         return torch.sigmoid(self.decoder(z))
 
     def loss(self, x: Tensor) -> Tensor:
+        """The training loss on the batch x, summed over it."""
         logits = self.decoder(self.encoder(x))
         return F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
 
@@ -128,9 +133,11 @@ class PCAModel:
         self.pca = PCA(n_components=z_dim, random_state=seed).fit(x.double().numpy())
 
     def encode(self, x: Tensor) -> Tensor:
+        """Codes of the rows of x, shape (N, d)."""
         return torch.from_numpy(self.pca.transform(x.double().numpy())).float()
 
     def decode(self, z: Tensor) -> Tensor:
+        """Pixel probabilities for the codes z, shape (N, D)."""
         return torch.from_numpy(self.pca.inverse_transform(z.double().numpy())).float().clamp(0, 1)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
@@ -148,11 +155,13 @@ class GaussianCodes:
 
     @classmethod
     def fit(cls, codes: Tensor) -> GaussianCodes:
+        """The Gaussian (mean, covariance) of ``codes``, to sample new codes from."""
         codes = codes.double()
         cov = torch.atleast_2d(torch.cov(codes.T)) + 1e-6 * torch.eye(codes.shape[1])
         return cls(codes.mean(0), torch.linalg.cholesky(cov))
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` images decoded from draws of the codes' Gaussian, shape (n, D)."""
         eps = torch.randn(n, len(self.mean), generator=generator, dtype=torch.float64)
         return (self.mean + eps @ self.scale_tril.T).float()
 

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 
 from pyro_vae.faults import pause_point
-from pyro_vae.rundir import CHECKPOINT_NAME, RunDir, default_run_dir
+from pyro_vae.rundir import CHECKPOINT_NAME, RunDir, default_run_dir  # noqa: F401  (importable from here, as before)
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "CheckpointError",
-    "RunDir",
-    "default_run_dir",
     "get_rng_state",
     "load_checkpoint",
     "remove_stale_temporaries",

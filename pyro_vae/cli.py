@@ -75,6 +75,7 @@ def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
         return value
 
     parse.__name__ = what.removeprefix("a ").replace(" ", "_").replace("-", "")
+    parse.__doc__ = f"An argparse type: {what}, else a one-line error."
     return parse
 
 

@@ -96,6 +96,7 @@ class CompressedImages:
         return 32 * len(self.words)
 
     def to_bytes(self) -> bytes:
+        """The file's bytes: header (format version, weights hash, image count and shape), message, CRC."""
         header = _HEADER.pack(
             MAGIC,
             FORMAT_VERSION,
@@ -110,6 +111,7 @@ class CompressedImages:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CompressedImages:
+        """Read a file's bytes; ``CompressionError`` (one line) for a truncated, altered or foreign file."""
         start = _HEADER.size + _CRC.size
         if len(data) < start or not data.startswith(MAGIC):
             raise CompressionError("not a pyro-vae compressed file (no header)")
@@ -243,8 +245,8 @@ class BitsBackCoder:
     def information(
         self, images: Tensor, buckets: np.ndarray | None = None, seed: int = 0
     ) -> np.ndarray:
-        """-log2 p(x|ẑ) - log2 P(ẑ) + log2 Q(ẑ|x) per image, in bits: the bits-back code
-        length of the latent buckets ẑ (N, z_dim) (by default one draw from Q(·|x) per
+        """``-log2 p(x|ẑ) - log2 P(ẑ) + log2 Q(ẑ|x)`` per image, in bits: the bits-back code
+        length of the latent buckets ẑ (N, z_dim) (by default one draw from ``Q(·|x)`` per
         image).  Its mean over draws is the discretised model's -ELBO in bits."""
         x = _check_binary(images, self.vae.x_dim)
         out = np.empty(x.shape[0])

@@ -137,6 +137,7 @@ def _native_stderr_silenced():
 
 
 def teardown() -> None:
+    """Leave the process group, if one was set up (a no-op otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -201,9 +202,11 @@ class ShardedLoader:
             yield tuple(t.tensor_split(self.ranks.world_size)[self.ranks.rank] for t in batch)
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped loader's state (the same on every rank)."""
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the wrapped loader's state."""
         self.loader.load_state_dict(state)
 
 

@@ -1,7 +1,7 @@
 """Importance-weighted log p(x) and the ELBO, per datapoint, for any Pyro model/guide pair.
 
 For each datapoint x and K draws z_k ~ q(z|x), with log weights
-log w_k = log p(x, z_k) - log q(z_k|x):
+log w_k = log p(x, z_k) - log q(z_k|x)::
 
     log p̂_K(x) = logsumexp_k(log w_k) - log K     (a lower bound on log p(x) in expectation,
                                                    tightening as K grows; Burda et al. 2015)

@@ -91,9 +91,11 @@ class LocalGuide:
             self.raw = raw.requires_grad_()
 
     def parameters(self) -> list[Tensor]:
+        """The variational parameters (leaf tensors) the fit optimises."""
         return [self.loc] if self.raw is None else [self.loc, self.raw]
 
     def distribution(self, index: Tensor | slice = slice(None)) -> dist.TorchDistribution:
+        """q* for the rows ``index`` of the data the guide was made for."""
         loc = self.loc[index]
         if self.build is not None:
             return self.build(loc)
@@ -104,6 +106,7 @@ class LocalGuide:
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
     def guide(self, x: Tensor, index: Tensor) -> None:
+        """The Pyro guide: samples the latent site for the rows ``index``, in the data plate."""
         with pyro.plate(self.plate_name, x.shape[0]):
             pyro.sample(self.site, self.distribution(index))
 
@@ -334,6 +337,8 @@ class GapReport:
         return self.log_px - self.elbo_amortised
 
     def summary(self) -> dict:
+        """Means with standard errors per figure (nats per image), or, when a fit failed, the failed images and why (``status``)."""
+
         def mean_sem(t: Tensor) -> dict:
             n = t.numel()
             sem = float(t.std() / math.sqrt(n)) if n > 1 else float("nan")

@@ -216,6 +216,7 @@ class RunDir:
     # -- files of the run (written by its owner) -------------------------------------------
 
     def create(self) -> RunDir:
+        """Make the directory and its ``figures/``."""
         self.figures.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -232,6 +233,7 @@ class RunDir:
         return target
 
     def read_config(self) -> dict[str, Any]:
+        """The run's ``config.json``."""
         return json.loads(self.config_path.read_text())
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
@@ -329,11 +331,13 @@ class Outputs:
         return staged
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        """Stage ``name`` as pretty-printed JSON; returns where it will go."""
         path = self.path(name)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         return self.directory / name
 
     def write_bytes(self, name: str, data: bytes) -> Path:
+        """Stage ``name`` with these bytes; returns where it will go."""
         self.path(name).write_bytes(data)
         return self.directory / name
 
@@ -360,6 +364,7 @@ class Outputs:
         return targets
 
     def discard(self) -> None:
+        """Remove the staged files (nothing in the target directory changes)."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> Outputs:

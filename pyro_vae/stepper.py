@@ -126,9 +126,11 @@ class Stepper:
                 group["lr"] = lr
 
     def compute_loss(self, *batch: Tensor) -> Tensor:
+        """The loss on a batch (a scalar tensor, nats summed over the batch)."""
         return self.loss(*batch)
 
     def backward(self, loss: Tensor) -> None:
+        """The gradients of ``loss`` into the parameters' ``.grad``."""
         loss.backward()
 
     def step(self, *batch: Tensor) -> StepInfo:
@@ -167,6 +169,7 @@ class Stepper:
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimiser state and the step counters, as tensors and plain values."""
         return {
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "step": self.step_count,
@@ -313,6 +316,7 @@ class SVIStepper(Stepper):
         return pyro.validation_enabled(self.validate)
 
     def compute_loss(self, *batch: Tensor) -> Tensor:
+        """The objective on a batch, the pair's new ``pyro.param`` sites collected."""
         with poutine.trace(param_only=True) as capture, self._validation():
             if self._ddp is not None:
                 loss = self._ddp(*batch)
@@ -322,6 +326,7 @@ class SVIStepper(Stepper):
         return loss
 
     def backward(self, loss: Tensor) -> None:
+        """The gradients of ``loss``; under DDP, of the sum over the whole global batch."""
         # DDP averages the ranks' gradients; scaled by the world size, the average is the
         # gradient of the sum over the whole batch, as on one process.
         (loss * self.ranks.world_size if self._ddp is not None else loss).backward()

@@ -30,6 +30,7 @@ class Dataset:
         return self.images.shape[0]
 
     def subset(self, index: Tensor | slice) -> Dataset:
+        """The rows ``index`` (images and labels), with the same image shape."""
         labels = None if self.labels is None else self.labels[index]
         return Dataset(self.images[index], labels, self.image_shape)
 

@@ -37,9 +37,11 @@ class Transform:
         raise NotImplementedError
 
     def state_dict(self) -> Tensor:
+        """The generator's state."""
         return self.generator.get_state()
 
     def load_state_dict(self, state: Tensor) -> None:
+        """Restore the generator's state."""
         self.generator.set_state(state)
 
 
@@ -354,6 +356,7 @@ class SemiSupervisedLoader:
         self._handed_out = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """Both loaders' states and the position within the pass."""
         return {
             "unlabelled": self.unlabelled.state_dict(),
             "labelled": self.labelled.state_dict(),
@@ -361,6 +364,7 @@ class SemiSupervisedLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore both loaders; the next pass continues where the saved one stood."""
         self.unlabelled.load_state_dict(state["unlabelled"])
         self.labelled.load_state_dict(state["labelled"])
         self._resume_at = int(state["position"])

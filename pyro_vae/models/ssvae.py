@@ -192,6 +192,7 @@ class SSVAE(ClassConditional, PyroModel):
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
     def config(self) -> dict[str, Any]:
+        """The constructor arguments, as plain values (what a checkpoint stores)."""
         config = {"x_dim": self.x_dim, **self._m2_config()}
         return {**config, "classifier": self.classifier_kind, "balance": self.balance}
 

@@ -89,6 +89,7 @@ class StackedSSVAE(ClassConditional, PyroModel):
         return stacked.to(next(vae.parameters()).device)
 
     def config(self) -> dict[str, Any]:
+        """The constructor arguments, M1's config included, as plain values (what a checkpoint stores)."""
         return {"m1": self.m1.config(), **self._m2_config()}
 
     # -- model and guide -----------------------------------------------------------------
