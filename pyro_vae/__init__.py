@@ -40,6 +40,7 @@ _PUBLIC: dict[str, str] = {
     "psis_khat": "pyro_vae.evaluate",
     "semi_supervised_report": "pyro_vae.evaluate",
     "SSVAE": "pyro_vae.models",
+    "HierarchicalVAE": "pyro_vae.models",
     "VAE": "pyro_vae.models",
     "StackedSSVAE": "pyro_vae.models",
     "model_from_checkpoint": "pyro_vae.models",
@@ -109,7 +110,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         psis_khat,
         semi_supervised_report,
     )
-    from pyro_vae.models import SSVAE, VAE, StackedSSVAE, model_from_checkpoint  # noqa: F401
+    from pyro_vae.models import (  # noqa: F401
+        SSVAE,
+        VAE,
+        HierarchicalVAE,
+        StackedSSVAE,
+        model_from_checkpoint,
+    )
     from pyro_vae.nets import ConvNet, Decoder, Encoder, mlp  # noqa: F401
     from pyro_vae.objectives import IWAE, DReG, ObjectiveError  # noqa: F401
     from pyro_vae.rundir import Outputs, RunDir, RunDirError  # noqa: F401

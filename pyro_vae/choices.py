@@ -20,11 +20,13 @@ __all__ = [
     "ELBO_NAMES",
     "FAMILIES",
     "FLOWS",
+    "HVAE_GUIDES",
     "IMPORTANCE_WEIGHTED",
     "LIKELIHOODS",
     "LR_SCHEDULES",
     "MADE",
     "METHODS",
+    "MODEL_KINDS",
     "PRESETS",
 ]
 
@@ -37,6 +39,10 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 FLOWS = ("iaf", "planar")
 COVARIANCES = ("diagonal", "full")
 CLASSIFIERS = ("mlp", "conv")
+# the model train_svi.py trains: one stochastic layer, or several (HierarchicalVAE)
+MODEL_KINDS = ("vae", "hvae")
+# the hierarchical VAE's guides: Burda et al.'s bottom-up chain, or the ladder's top-down merge
+HVAE_GUIDES = ("bottom-up", "top-down")
 # trace: Trace_ELBO, meanfield: TraceMeanField_ELBO, jit: JitTrace_ELBO, enum:
 # TraceEnum_ELBO, iwae / dreg: the importance-weighted bound and its DReG gradient
 ELBO_NAMES = ("trace", "meanfield", "jit", "enum", "iwae", "dreg")

@@ -119,6 +119,16 @@ def hidden_sizes(s: str) -> tuple[int, ...]:
     return sizes
 
 
+def layer_sizes(s: str) -> tuple[tuple[int, ...], ...]:
+    """'200,200/100,100' -> ((200, 200), (100, 100)): hidden sizes per stochastic layer."""
+    try:
+        return tuple(hidden_sizes(part) for part in s.split("/"))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{s!r} is not a list of sizes per layer such as 200,200/100,100"
+        ) from None
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset --data-dir --binarize``, spelled the same in every script."""
     parser.add_argument(

@@ -145,6 +145,11 @@ class BitsBackCoder:
         if getattr(vae, "flow", None) or getattr(vae, "covariance", "diagonal") != "diagonal":
             # the coder draws each latent dimension from its own factor of q(z|x)
             raise ValueError("bits-back coding here needs the diagonal Gaussian guide")
+        if len(getattr(vae, "latent_sites", ("z",))) != 1:
+            raise ValueError(
+                "bits-back coding here takes a one-layer VAE; a hierarchical model's layers "
+                "are not chained by the coder"
+            )
         if not 4 <= latent_bits <= 16:
             raise ValueError(f"latent_bits must be between 4 and 16, got {latent_bits}")
         self.vae = vae

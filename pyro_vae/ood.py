@@ -39,6 +39,7 @@ in-distribution images flagged when 95% of the OOD images are), all from scikit-
 from __future__ import annotations
 
 import bz2
+import functools
 import io
 import lzma
 import math
@@ -56,6 +57,7 @@ from pyro_vae.seeding import child_seed
 __all__ = [
     "BACKGROUND_SCORE",
     "COMPRESSORS",
+    "LLR_SCORE",
     "MADE",
     "SCORES",
     "choose_compressor",
@@ -63,6 +65,7 @@ __all__ = [
     "detection_metrics",
     "log_px_per_image",
     "made_images",
+    "llr_above",
     "ood_scores",
     "roc",
 ]
@@ -70,6 +73,9 @@ __all__ = [
 SCORES = ("log_px", "elbo", "reconstruction", "complexity_ratio")
 # log p̂(x) − log p̂_background(x), scored when a background model is given
 BACKGROUND_SCORE = "background_ratio"
+# L^{>k}(x) − L(x), the negated LLR^{>k} of Havtorn et al. (2021), scored for hierarchical
+# models with the top-down guide (k = 1: the lowest layer drawn from its conditional prior)
+LLR_SCORE = "llr_above_1"
 
 
 def _png(image: np.ndarray) -> int:
@@ -168,6 +174,38 @@ def log_px_per_image(
 
 
 @torch.no_grad()
+def llr_above(
+    model: Callable,
+    guide: Callable,
+    guide_above: Callable,
+    x: Tensor,
+    *,
+    num_particles: int = 1000,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> Tensor:
+    """L^{>k}(x) - L(x) per row of ``x``, nats: the negated likelihood ratio LLR^{>k} of
+    Havtorn et al. (2021, "Hierarchical VAEs know what they don't know").
+
+    L(x) is the ELBO with ``guide``; L^{>k}(x) the bound whose proposal is ``guide_above``
+    (the guide's q(z_{>k} | x) for the upper layers, the lowest k layers drawn from their
+    conditional prior; ``HierarchicalVAE.guide_above``).  Both are expectations of a log
+    weight, estimated here by the mean over ``num_particles`` draws (the evaluator's ELBO
+    column), so their difference is an unbiased estimate of the ratio of bounds the paper
+    defines.  (Not of a ratio of importance-weighted log p̂: with many particles both
+    proposals' estimates converge to the same log p(x), and their difference to 0.)
+    In-distribution images are explained by their upper latents, so drawing the lowest layer
+    from the prior costs them little; an image the upper layers do not explain loses more,
+    so it scores lower (higher = more like the training data, as every score here)."""
+    common = {"num_particles": num_particles, "ks": (), "psis": False, "validate": False}
+    full = estimate_log_px(model, guide, x, seed=seed, progress=progress, **common)
+    above = estimate_log_px(
+        model, guide_above, x, seed=None if seed is None else seed + 1, progress=progress, **common
+    )
+    return above.elbo - full.elbo
+
+
+@torch.no_grad()
 def ood_scores(
     vae,
     x: Tensor,
@@ -179,7 +217,8 @@ def ood_scores(
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """The scores of ``SCORES`` for every row of ``x`` (binary images), float64 tensors of
-    shape (N,), nats per image, higher = more like the training data; with a
+    shape (N,), nats per image, higher = more like the training data; for a hierarchical
+    model with the top-down guide also ``llr_above_1`` (``LLR_SCORE``); with a
     ``background`` model also ``background_ratio`` (``BACKGROUND_SCORE``)."""
     for m in (vae, background):
         if m is not None and getattr(m, "likelihood_name", None) != "bernoulli":
@@ -187,9 +226,7 @@ def ood_scores(
                 "the scores here need VAEs with a Bernoulli likelihood (binary images)"
             )
     r = _estimate(vae, x, num_particles, seed, progress)
-    recon = torch.cat(
-        [vae.likelihood(vae.encode(chunk)[0]).log_prob(chunk).double() for chunk in x.split(4096)]
-    )
+    recon = torch.cat([vae.reconstruction_log_prob(chunk).double() for chunk in x.split(4096)])
     bits = complexity_bits(x, vae.image_shape, compressor)
     scores = {
         "log_px": r.log_px,
@@ -197,6 +234,16 @@ def ood_scores(
         "reconstruction": recon,
         "complexity_ratio": r.log_px + bits * math.log(2),
     }
+    if getattr(vae, "guide_kind", None) == "top-down":
+        scores[LLR_SCORE] = llr_above(
+            vae.model,
+            vae.guide,
+            functools.partial(vae.guide_above, k=1),
+            x,
+            num_particles=num_particles,
+            seed=seed,
+            progress=progress,
+        )
     if background is not None:
         # the model's seed: the two estimates share their standard-normal draws
         log_bg = log_px_per_image(

@@ -17,8 +17,10 @@ from pyro_vae.choices import (
     DEFAULT_PRESET,
     ELBO_NAMES,
     FLOWS,
+    HVAE_GUIDES,
     IMPORTANCE_WEIGHTED,
     LIKELIHOODS,
+    MODEL_KINDS,
     PRESETS,
 )
 from pyro_vae.cli import (
@@ -27,6 +29,8 @@ from pyro_vae.cli import (
     add_preset_arg,
     add_training_args,
     begin_run,
+    hidden_sizes,
+    layer_sizes,
     positive_float,
     positive_int,
     probability,
@@ -50,6 +54,33 @@ def build_parser() -> ArgumentParser:
         eval_particles_help="K for the test log p(x) (0: skip; default: 500)",
     )
     add_preset_arg(p, PRESETS, DEFAULT_PRESET)
+    p.add_argument(
+        "--model",
+        default="vae",
+        choices=MODEL_KINDS,
+        help="vae: one stochastic layer; hvae: several (HierarchicalVAE, Burda et al.'s two "
+        "layers by default) (default: vae)",
+    )
+    p.add_argument(
+        "--z-dims",
+        type=hidden_sizes,
+        default=(100, 50),
+        help="hvae: sizes of the stochastic layers, the one next to x first (default: 100,50)",
+    )
+    p.add_argument(
+        "--layer-hidden",
+        type=layer_sizes,
+        default=((200, 200), (100, 100)),
+        help="hvae: hidden sizes between the layers, one list per stochastic layer, from x "
+        "up (default: 200,200/100,100)",
+    )
+    p.add_argument(
+        "--guide",
+        default="bottom-up",
+        choices=HVAE_GUIDES,
+        help="hvae: q(z1|x) q(z2|z1)... (bottom-up), or the ladder VAE's precision-weighted "
+        "top-down merge (top-down) (default: bottom-up)",
+    )
     p.add_argument(
         "--likelihood",
         default="bernoulli",
@@ -108,13 +139,52 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def build_model(args, x_dim: int, image_shape):
+    """(model, model class name) for the flags: the one-layer VAE or the hierarchical one."""
+    from pyro_vae.models import VAE, HierarchicalVAE
+
+    if args.model == "vae":
+        vae = VAE(
+            x_dim=x_dim,
+            z_dim=args.z_dim,
+            hidden=args.hidden,
+            activation=args.activation,
+            likelihood=args.likelihood,
+            x_scale=args.x_scale,
+            beta=args.beta,
+            image_shape=image_shape,
+            flow=args.flow,
+            flow_depth=args.flow_depth,
+            covariance=args.covariance,
+        )
+        return vae, "VAE"
+    one_layer_only = {
+        "--flow": (args.flow, None),
+        "--covariance": (args.covariance, "diagonal"),
+        "--likelihood": (args.likelihood, "bernoulli"),
+        "--x-scale": (args.x_scale, None),
+        "--beta": (args.beta, 1.0),
+    }
+    for flag, (value, default) in one_layer_only.items():
+        if value != default:
+            raise UsageError(f"{flag} applies to --model vae, not to the hierarchical VAE")
+    model = HierarchicalVAE(
+        x_dim=x_dim,
+        z_dims=args.z_dims,
+        hidden=args.layer_hidden,
+        activation=args.activation,
+        guide=args.guide,
+        image_shape=image_shape,
+    )
+    return model, "HierarchicalVAE"
+
+
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     from tqdm import tqdm
 
     from pyro_vae.data import BatchLoader, training_splits
     from pyro_vae.distributed import ShardedLoader, sharded_log_px
-    from pyro_vae.models import VAE
     from pyro_vae.plots import save_vae_figures
     from pyro_vae.runs import TrainingRun
     from pyro_vae.train import Trainer
@@ -140,19 +210,8 @@ def main(args) -> dict:
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
         )
 
-    vae = VAE(
-        x_dim=train.images.shape[1],
-        z_dim=args.z_dim,
-        hidden=args.hidden,
-        activation=args.activation,
-        likelihood=args.likelihood,
-        x_scale=args.x_scale,
-        beta=args.beta,
-        image_shape=train.image_shape,
-        flow=args.flow,
-        flow_depth=args.flow_depth,
-        covariance=args.covariance,
-    ).to(device)
+    vae, model_class = build_model(args, train.images.shape[1], train.image_shape)
+    vae = vae.to(device)
     # The data were checked above, so Pyro's per-step argument checks are switched off.
     trainer = Trainer(
         vae.model,
@@ -177,14 +236,16 @@ def main(args) -> dict:
         device=device,
         perturb=args.perturb,
     )
-    config = run_config(args, out=out, model_class="VAE", model_config=vae.config(), device=device)
+    config = run_config(
+        args, out=out, model_class=model_class, model_config=vae.config(), device=device
+    )
     run = TrainingRun.open(
         out,
         model=vae,
         trainer=trainer,
         loader=ShardedLoader(loader, ranks) if ranks.active else loader,
         config=config,
-        model_class="VAE",
+        model_class=model_class,
         state=state,
         new=args.resume is None,  # a resumed run may not have finished its first epoch
         log=None if args.quiet else tqdm.write,

@@ -26,10 +26,11 @@ def test_every_notebook_is_executed_by_the_suite():
     assert sorted(p.name for p in NOTEBOOKS_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
 
 
-def test_readme_links_every_notebook():
-    readme = (ROOT / "README.md").read_text()
+def test_the_tutorials_page_links_and_renders_every_notebook():
+    page = (ROOT / "docs" / "tutorials" / "index.md").read_text()
     for name in NOTEBOOKS:
-        assert re.search(rf"\]\(notebooks/{re.escape(name)}\)", readme), name
+        assert re.search(rf"\]\({re.escape(name)}\)", page), name  # described and linked
+        assert f"\n{name.removesuffix('.ipynb')}\n" in page, name  # in the site's toctree
 
 
 def test_stored_notebooks_carry_outputs_and_stay_small():

@@ -7,13 +7,19 @@ from typing import Any
 from torch import nn
 
 from pyro_vae.checkpoints import CheckpointError
+from pyro_vae.models.hierarchical import HierarchicalVAE
 from pyro_vae.models.ssvae import SSVAE
 from pyro_vae.models.stacked import StackedSSVAE
 from pyro_vae.models.vae import VAE
 
-__all__ = ["MODELS", "SSVAE", "VAE", "StackedSSVAE", "model_from_checkpoint"]
+__all__ = ["MODELS", "SSVAE", "VAE", "HierarchicalVAE", "StackedSSVAE", "model_from_checkpoint"]
 
-MODELS: dict[str, type[nn.Module]] = {"VAE": VAE, "SSVAE": SSVAE, "StackedSSVAE": StackedSSVAE}
+MODELS: dict[str, type[nn.Module]] = {
+    "VAE": VAE,
+    "HierarchicalVAE": HierarchicalVAE,
+    "SSVAE": SSVAE,
+    "StackedSSVAE": StackedSSVAE,
+}
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:

@@ -198,6 +198,12 @@ class VAE(PyroModel):
         return torch.sigmoid(out) if self.likelihood_name == "bernoulli" else out
 
     @torch.no_grad()
+    def reconstruction_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x | z = the guide's mean of z) per row of x, nats: how well the mean code
+        reconstructs each image."""
+        return self.likelihood(self.encode(x)[0]).log_prob(x)
+
+    @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean image decoded from the posterior mean of z."""
         return self.decode(self.encode(x)[0])

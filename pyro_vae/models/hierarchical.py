@@ -1,0 +1,237 @@
+"""A VAE with several stochastic layers: p(z_L) p(z_{L-1} | z_L) ... p(z_1 | z_2) p(x | z_1).
+
+Sites are named ``z1`` (next to x) to ``zL`` (top), every one inside ``pyro.plate("data")``,
+so the objectives, the evaluator and the diagnostics treat them as any other sites.  Two
+guides share the same inference networks:
+
+- ``"bottom-up"`` (Burda et al. 2015): q(z_1 | x) q(z_2 | z_1) ... q(z_L | z_{L-1}), each
+  layer a diagonal Gaussian from the sample below it.
+- ``"top-down"`` (the ladder VAE's inference, Sønderby et al. 2016): a deterministic
+  bottom-up pass gives every layer an estimate N(mu_hat_l, sigma_hat_l) (layer l's network
+  takes layer l-1's estimated mean); then, from the top down, z_L ~ N(mu_hat_L, sigma_hat_L)
+  and each lower layer merges its estimate with the generative conditional p(z_l | z_{l+1})
+  by precision: sigma_l^-2 = sigma_hat_l^-2 + sigma_p^-2,
+  mu_l = sigma_l^2 (mu_hat_l sigma_hat_l^-2 + mu_p sigma_p^-2).  The guide thus shares the
+  generative networks, and every layer but the top is drawn given the one above it.
+
+The default sizes are Burda et al.'s two-layer architecture: 784-200-200-100 (stochastic)
+-100-100-50 (stochastic), tanh units; the generative path mirrors it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+
+from pyro_vae.checks import ConfigError, positive_int, sizes
+from pyro_vae.choices import HVAE_GUIDES
+from pyro_vae.distributions import BernoulliImage
+from pyro_vae.models.base import PyroModel
+from pyro_vae.nets import Decoder, Encoder
+
+__all__ = ["HierarchicalVAE"]
+
+
+class HierarchicalVAE(PyroModel):
+    """A Bernoulli VAE with ``len(z_dims)`` stochastic layers (see the module docstring).
+
+    ``z_dims[l]`` is the size of layer l + 1 (``z_dims[0]`` next to x); ``hidden[l]`` the
+    deterministic layers between layer l (x for l = 0) and layer l + 1 on the way up, mirrored
+    on the way down.  ``guide`` is ``"bottom-up"`` or ``"top-down"``.
+    """
+
+    name_prefix = "hvae"
+    plate_name = "data"
+    likelihood_name = "bernoulli"
+
+    def __init__(
+        self,
+        x_dim: int = 784,
+        z_dims: Sequence[int] = (100, 50),
+        hidden: Sequence[Sequence[int]] = ((200, 200), (100, 100)),
+        activation: str = "tanh",
+        guide: str = "bottom-up",
+        image_shape: Sequence[int] = (28, 28),
+    ) -> None:
+        super().__init__()
+        self.x_dim = positive_int("x_dim", x_dim)
+        self.z_dims = sizes("z_dims", z_dims, allow_empty=False)
+        if isinstance(hidden, (str, bytes)) or len(hidden) != len(self.z_dims):
+            raise ConfigError(
+                "hidden", f"needs one list of sizes per stochastic layer ({len(self.z_dims)})"
+            )
+        self.hidden = tuple(sizes(f"hidden[{i}]", h) for i, h in enumerate(hidden))
+        if guide not in HVAE_GUIDES:
+            raise ConfigError("guide", f"unknown guide {guide!r}; choose from {HVAE_GUIDES}")
+        self.activation, self.guide_kind = activation, guide
+        self.image_shape = tuple(image_shape)
+        below = (self.x_dim, *self.z_dims[:-1])
+        # inference: layer l's network reads layer l-1 (x for the first)
+        self.encoders = nn.ModuleList(
+            Encoder(below[i], z, h, activation)
+            for i, (z, h) in enumerate(zip(self.z_dims, self.hidden))
+        )
+        # generation: p(z_l | z_{l+1}) for every layer but the top, and p(x | z_1)
+        self.conditionals = nn.ModuleList(
+            Encoder(
+                self.z_dims[i + 1], self.z_dims[i], tuple(reversed(self.hidden[i + 1])), activation
+            )
+            for i in range(len(self.z_dims) - 1)
+        )
+        self.decoder = Decoder(self.z_dims[0], self.x_dim, self.hidden[0], activation)
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, as plain values (what a checkpoint stores)."""
+        return {
+            "x_dim": self.x_dim,
+            "z_dims": list(self.z_dims),
+            "hidden": [list(h) for h in self.hidden],
+            "activation": self.activation,
+            "guide": self.guide_kind,
+            "image_shape": list(self.image_shape),
+        }
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        """The latent sites from the layer next to x to the top: ``("z1", ..., "zL")``."""
+        return tuple(f"z{i + 1}" for i in range(len(self.z_dims)))
+
+    # -- the distributions -------------------------------------------------------------------
+
+    def top_prior(self) -> dist.TorchDistribution:
+        """p(z_L): a standard normal (one event)."""
+        return dist.Normal(self._zero, 1.0).expand([self.z_dims[-1]]).to_event(1)
+
+    def conditional(self, layer: int, z_above: Tensor) -> dist.TorchDistribution:
+        """p(z_layer | z_{layer+1}) (``layer`` 1-based, below the top), one event."""
+        loc, scale = self.conditionals[layer - 1](z_above)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def likelihood(self, z1: Tensor) -> dist.TorchDistribution:
+        """p(x | z_1): independent Bernoulli pixels from logits."""
+        return BernoulliImage(logits=self.decoder(z1))
+
+    # -- model and guides ----------------------------------------------------------------------
+
+    def model(self, x: Tensor) -> None:
+        """p(z_L) ... p(z_1 | z_2) p(x | z_1) for a batch x (N, x_dim), observed at ``"x"``."""
+        self.register()
+        names = self.latent_sites
+        with pyro.plate(self.plate_name, x.shape[0]):
+            z = pyro.sample(names[-1], self.top_prior())
+            for layer in range(len(names) - 1, 0, -1):
+                z = pyro.sample(names[layer - 1], self.conditional(layer, z))
+            pyro.sample("x", self.likelihood(z), obs=x)
+
+    def guide(self, x: Tensor) -> None:
+        """q(z_1, ..., z_L | x), bottom-up or top-down (``guide`` of the constructor)."""
+        self.register()
+        with pyro.plate(self.plate_name, x.shape[0]):
+            if self.guide_kind == "bottom-up":
+                self._bottom_up(x)
+            else:
+                self._top_down(x)
+
+    def _bottom_up(self, x: Tensor) -> Tensor:
+        h = x
+        for name, encoder in zip(self.latent_sites, self.encoders):
+            loc, scale = encoder(h)
+            h = pyro.sample(name, dist.Normal(loc, scale).to_event(1))
+        return h
+
+    def estimates(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The deterministic bottom-up pass of the top-down guide: (mu_hat, sigma_hat) per
+        layer, each network reading the layer below's estimated mean."""
+        out, h = [], x
+        for encoder in self.encoders:
+            loc, scale = encoder(h)
+            out.append((loc, scale))
+            h = loc
+        return out
+
+    def merged(self, layer: int, estimate: tuple[Tensor, Tensor], z_above: Tensor):
+        """q(z_layer | x, z_{layer+1}) of the top-down guide: the bottom-up estimate and
+        p(z_layer | z_{layer+1}) merged by precision (``layer`` 1-based, below the top)."""
+        loc_hat, scale_hat = estimate
+        prior = self.conditionals[layer - 1](z_above)
+        precision_hat, precision_p = scale_hat.pow(-2), prior[1].pow(-2)
+        variance = 1.0 / (precision_hat + precision_p)
+        loc = variance * (loc_hat * precision_hat + prior[0] * precision_p)
+        return dist.Normal(loc, variance.sqrt()).to_event(1)
+
+    def _top_down(self, x: Tensor) -> Tensor:
+        names, est = self.latent_sites, self.estimates(x)
+        z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
+        for layer in range(len(names) - 1, 0, -1):
+            z = pyro.sample(names[layer - 1], self.merged(layer, est[layer - 1], z))
+        return z
+
+    def guide_above(self, x: Tensor, k: int = 1) -> None:
+        """The proposal of the bound L^{>k} (Havtorn et al. 2021): the top-down guide's
+        q(z_{>k} | x) for the layers above k, and the lowest k layers drawn from their
+        conditional prior p(z_{<=k} | z_{k+1}).  In an importance weight p(x, z) / proposal
+        those priors cancel, leaving p(x | z_1) p(z_{>k}) / q(z_{>k} | x).  Needs the top-down
+        guide: the bottom-up guide has no q(z_{>k} | x) without the layers below."""
+        if self.guide_kind != "top-down":
+            raise ConfigError("guide", "L^{>k} needs the top-down guide's q(z_{>k} | x)")
+        names = self.latent_sites
+        if not 1 <= k < len(names):
+            raise ValueError(f"k must be in [1, {len(names) - 1}] for {len(names)} layers, got {k}")
+        self.register()
+        with pyro.plate(self.plate_name, x.shape[0]):
+            est = self.estimates(x)
+            z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
+            for layer in range(len(names) - 1, 0, -1):
+                if layer > k:
+                    q = self.merged(layer, est[layer - 1], z)
+                else:
+                    q = self.conditional(layer, z)
+                z = pyro.sample(names[layer - 1], q)
+
+    # -- conveniences (no Pyro involved) -------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation of the top layer z_L under the guide, following the
+        means of the layers below (bottom-up) or the bottom-up estimates (top-down)."""
+        if self.guide_kind == "top-down":
+            return self.estimates(x)[-1]
+        h = x
+        for encoder in self.encoders:
+            loc, scale = encoder(h)
+            h = loc
+        return loc, scale
+
+    @torch.no_grad()
+    def decode(self, z_top: Tensor) -> Tensor:
+        """Pixel probabilities for top-layer codes, the layers below at their conditional
+        means."""
+        z = z_top
+        for layer in range(len(self.z_dims) - 1, 0, -1):
+            z = self.conditionals[layer - 1](z)[0]
+        return torch.sigmoid(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruction_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x | z_1 = the decoded mean of the top code) per row of x, nats."""
+        z = self.encode(x)[0]
+        for layer in range(len(self.z_dims) - 1, 0, -1):
+            z = self.conditionals[layer - 1](z)[0]
+        return self.likelihood(z).log_prob(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean image decoded from the guide's mean of the top layer."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Mean images decoded from ``n`` draws of the top prior, shape (n, x_dim)."""
+        z = torch.randn(n, self.z_dims[-1], generator=generator).to(self._zero.device)
+        return self.decode(z)

@@ -1,0 +1,153 @@
+"""The hierarchical VAE: two stochastic layers, bottom-up and top-down guides, and the
+likelihood ratio LLR^{>k}, against exact answers on a linear-Gaussian chain z2 -> z1 -> x."""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from exact_models import D64, LinearGaussianChain
+from helpers import TINY, run_in_process, run_script
+
+from pyro_vae import HierarchicalVAE, Trainer, estimate_log_px, load_checkpoint, make_elbo
+from pyro_vae.models import model_from_checkpoint
+from pyro_vae.ood import llr_above
+
+X = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down"])
+def test_both_guides_train_with_every_objective_and_round_trip_a_checkpoint(guide, tmp_path):
+    from pyro_vae.checkpoints import save_checkpoint
+
+    hvae = HierarchicalVAE(z_dims=(8, 4), hidden=((32,), (16,)), guide=guide)
+    assert hvae.latent_sites == ("z1", "z2")
+    trace = pyro.poutine.trace(hvae.guide).get_trace(X)
+    order = [n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "data"]
+    assert order == (["z1", "z2"] if guide == "bottom-up" else ["z2", "z1"])
+    for name in ("trace", "iwae", "dreg"):
+        elbo = make_elbo(name, num_particles=3)
+        trainer = Trainer(hvae.model, hvae.guide, lr=3e-3, elbo=elbo)
+        before = elbo.loss(hvae.model, hvae.guide, X)
+        for _ in range(40):
+            trainer.step(X)
+        assert elbo.loss(hvae.model, hvae.guide, X) < before - 20, name
+    state = {"model_class": "HierarchicalVAE", "model_config": hvae.config()}
+    save_checkpoint(tmp_path / "c.pt", {**state, "model": hvae.state_dict()})
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+    assert again.guide_kind == guide and again.z_dims == (8, 4)
+    torch.manual_seed(1)
+    a = estimate_log_px(hvae.model, hvae.guide, X, num_particles=20, psis=False)
+    torch.manual_seed(1)
+    b = estimate_log_px(again.model, again.guide, X, num_particles=20, psis=False)
+    assert torch.equal(a.log_px, b.log_px)
+
+
+def test_bad_settings_are_refused_in_one_line():
+    from pyro_vae.checks import ConfigError
+
+    with pytest.raises(ConfigError, match="one list of sizes per stochastic layer"):
+        HierarchicalVAE(z_dims=(8, 4), hidden=((32,),))
+    with pytest.raises(ConfigError, match="unknown guide"):
+        HierarchicalVAE(guide="sideways")
+    with pytest.raises(ConfigError, match="top-down guide"):
+        HierarchicalVAE(guide="bottom-up").guide_above(X, 1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 1\]"):
+        HierarchicalVAE(z_dims=(8, 4), hidden=((32,), (16,)), guide="top-down").guide_above(X, 2)
+
+
+# -- LLR^{>1} against its closed form -----------------------------------------------------------
+
+
+def top_posterior(lg, x):
+    """p(z2 | x) of a two-layer chain: (mean (N, d2), covariance (d2, d2))."""
+    (A,), W = lg.A, lg.W
+    cov_x = W @ lg.C[0] @ W.T + lg.sigma**2 * torch.eye(lg.x_dim, dtype=D64)
+    gain = A.T @ W.T @ torch.linalg.inv(cov_x)  # Cov(z2, x) Cov(x)^-1, with Cov(z2) = I
+    mean_x = W @ lg.m[0] + lg.b
+    return (x - mean_x) @ gain.T, torch.eye(lg.dims[1], dtype=D64) - gain @ W @ A
+
+
+def exact_bound_above(lg, x):
+    """L^{>1}(x) = E_{p(z2|x) p(z1|z2)}[log p(x|z1)] + E_{p(z2|x)}[log p(z2) - log p(z2|x)]."""
+    m, S = top_posterior(lg, x)
+    (A,), (a,), (s,) = lg.A, lg.a, lg.s
+    d1, d2, D = lg.dims[0], lg.dims[1], lg.x_dim
+    mu1 = m @ A.T + a
+    V1 = A @ S @ A.T + s**2 * torch.eye(d1, dtype=D64)
+    resid = x - mu1 @ lg.W.T - lg.b
+    expected_sq = (resid**2).sum(-1) + torch.trace(lg.W @ V1 @ lg.W.T)
+    log_lik = -0.5 * D * math.log(2 * math.pi * lg.sigma**2) - expected_sq / (2 * lg.sigma**2)
+    cross = -0.5 * (torch.trace(S) + (m**2).sum(-1)) - 0.5 * d2 * math.log(2 * math.pi)
+    entropy = 0.5 * torch.logdet(2 * math.pi * math.e * S)
+    return log_lik + cross + entropy
+
+
+def test_llr_above_matches_its_closed_form_on_a_linear_gaussian_chain():
+    lg = LinearGaussianChain(dims=(3, 2))
+    x = lg.sample_x(6)
+
+    def guide_above(x):
+        m, S = top_posterior(lg, x)
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.MultivariateNormal(m, S))
+            pyro.sample("z1", dist.Normal(z2 @ lg.A[0].T + lg.a[0], lg.s[0]).to_event(1))
+
+    exact = exact_bound_above(lg, x) - lg.exact_log_px(x)  # L = log p(x) with the exact guide
+    assert (exact < -0.5).all()  # the lowest layer from the prior costs something
+    n = 40_000
+    ours = llr_above(lg.model, lg.exact_guide, guide_above, x, num_particles=n, seed=0)
+    # the exact guide's log weights are constant; the others' spread sets the error
+    per_draw = estimate_log_px(lg.model, guide_above, x, num_particles=2000, psis=False)
+    se = per_draw.elbo_sem * math.sqrt(2000 / n)
+    assert ((ours - exact).abs() < 5 * se + 1e-9).all(), (ours - exact, se)
+
+
+# -- the scripts --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_accept_or_refuse_it(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    args = ["--model", "hvae", "--guide", "top-down", "--z-dims", "8,4", "--layer-hidden", "32/16"]
+    args += [*TINY, "--eval-particles", "20"]
+    first = run_script("train_svi.py", [*args, "--epochs", "1", "--out", str(out)], data_dir)
+    assert first.returncode == 0, first.stderr
+    resumed = run_script(
+        "train_svi.py", ["--resume", str(out), "--epochs", "2", "--quiet"], data_dir
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "config.json").read_text())["model_class"] == "HierarchicalVAE"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["log_px"] >= report["elbo"]
+    ood = run_script(
+        "detect_ood.py",
+        ["--checkpoint", str(out), "--ood", "flipped", "--images", "20", "--num-particles", "5"]
+        + ["--compressor", "bz2", "--quiet"],
+        data_dir,
+    )
+    assert ood.returncode == 0, ood.stderr
+    scores = json.loads((out / "ood_mnist_vs_flipped.json").read_text())["metrics"]
+    assert "llr_above_1" in scores
+    monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    for script, extra, message in (
+        (
+            "compress.py",
+            ["encode", "--split", "test", "--output", str(tmp_path / "x")],
+            "one-layer",
+        ),
+        ("inference_gaps.py", ["--images", "2"], "one latent site"),
+        (
+            "train_svi.py",
+            ["--model", "hvae", "--flow", "iaf", "--out", str(tmp_path / "r")],
+            "--flow",
+        ),
+    ):
+        head = ["--checkpoint", str(out)] if script != "train_svi.py" else []
+        status, err = run_in_process(script, [*head, *extra], capsys)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
