@@ -6,8 +6,10 @@
 
 ``encode`` takes binary images from a ``.npy`` file ((N, H, W) or (N, H*W), values 0/1) or
 the run's held-out split binarised as in training; ``decode`` writes them back as a uint8
-``.npy`` file of shape (N, H, W).  The file holds a header (format version, a hash of the
-model's weights, image count and shape) and the message; a file made with other weights, or
+``.npy`` file of shape (N, H, W).  With ``encode --particles K`` the code is importance-weighted
+bits-back (BB-IS, Ruan et al. 2021): about -log p̂_K(x) per image instead of the -ELBO.  The
+file holds a header (format version, a hash of the model's weights, image count and shape,
+latent bits, K) and the message; a file made with other weights, or
 a truncated or altered one, is refused with one line.  Outputs are written to a temporary
 file and renamed: never half-written; an existing --output is replaced only with --force, and
 never when it is the command's --input or checkpoint.
@@ -51,6 +53,13 @@ def build_parser() -> ArgumentParser:
     )
     enc.add_argument("--count", type=positive_int, default=None, help="only the first N images")
     enc.add_argument("--output", type=Path, required=True, help="compressed file to write")
+    enc.add_argument(
+        "--particles",
+        type=positive_int,
+        default=1,
+        help="K latents per image (importance-weighted bits-back, BB-IS): the code approaches "
+        "-log p̂_K(x) instead of the -ELBO; K is recorded in the file (default: 1)",
+    )
     dec = sub.add_parser("decode", help="compressed file -> images")
     dec.add_argument("--input", type=Path, required=True, help="compressed file")
     dec.add_argument("--output", type=Path, required=True, help=".npy file to write")
@@ -173,8 +182,9 @@ def main(args) -> dict:
     check_output(args, checkpoint)
     state = load_checkpoint(checkpoint, map_location=device)
     model = model_from_checkpoint(state).eval()
+    particles = getattr(args, "particles", 1)
     try:
-        coder = BitsBackCoder(model, latent_bits=args.latent_bits)
+        coder = BitsBackCoder(model, latent_bits=args.latent_bits, particles=particles)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.command == "encode":
@@ -203,6 +213,8 @@ def main(args) -> dict:
         raise UsageError(f"--input {args.input}: {e.strerror}") from None
     try:
         message = CompressedImages.from_bytes(raw)
+        if message.particles != coder.particles:  # the file says how it was coded
+            coder = BitsBackCoder(model, latent_bits=args.latent_bits, particles=message.particles)
         start = time.perf_counter()
         images = coder.decode(message)
         seconds = time.perf_counter() - start

@@ -3,7 +3,9 @@ tests/test_examples.py), and bad input gives one line on stderr with exit status
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import SCRIPTS_DIR, TINY, load_script, run_in_process, run_script
 
@@ -60,6 +62,10 @@ SMOKE_RUNS = {
             "12",
             "--output",
             "{out}.pvbb",
+        ],
+        [
+            *("--checkpoint", "{run}", "encode", "--split", "valid", "--count", "8"),
+            *("--particles", "4", "--output", "{out}-k4.pvbb"),
         ],
     ],
     "train_ssvae.py": [
@@ -247,7 +253,17 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
         figures = {p.name for p in (out / "figures").glob("*.png")}
         assert {"latent_maps_d2.png", "samples_d3.png", "reconstructions_d3.png"} <= figures
     if script == "compress.py":
-        assert (tmp_path / "run.pvbb").stat().st_size > 0 and "bits per pixel" in result.stdout
+        packed = Path(args[args.index("--output") + 1])
+        assert packed.stat().st_size > 0 and "bits per pixel" in result.stdout
+        unpacked = tmp_path / "back.npy"
+        back = run_script(
+            "compress.py",
+            ["--checkpoint", str(trained_run), "decode", "--input", str(packed)]
+            + ["--output", str(unpacked)],
+            data_dir,
+        )
+        assert back.returncode == 0, back.stderr[-2000:]
+        assert np.load(unpacked).shape == (int(args[args.index("--count") + 1]), 28, 28)
     if script == "evaluate_marginal_likelihood.py":
         k = args[args.index("--num-particles") + 1]
         report = json.loads((out / f"marginal_likelihood_k{k}.json").read_text())
