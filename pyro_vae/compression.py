@@ -269,12 +269,16 @@ class BitsBackCoder:
                     coder.encode_reverse(z, uniform)
                     if trace is not None:
                         trace.append((coder.num_valid_bits(), z))
+        return self._message(coder, x.shape[0])
+
+    def _message(self, coder, count: int) -> CompressedImages:
         return CompressedImages(
             coder.get_compressed().astype(np.uint32),
-            x.shape[0],
+            count,
             tuple(self.vae.image_shape),
             self.latent_bits,
             self.weights,
+            self.particles,
         )
 
     def _encode_particles(self, x: Tensor, trace: list | None) -> CompressedImages:
@@ -306,14 +310,7 @@ class BitsBackCoder:
                     coder.encode_reverse(np.array([j], dtype=np.int32), index_uniform)
                     if trace is not None:
                         trace.append((coder.num_valid_bits(), z, j))
-        return CompressedImages(
-            coder.get_compressed().astype(np.uint32),
-            x.shape[0],
-            tuple(self.vae.image_shape),
-            self.latent_bits,
-            self.weights,
-            k,
-        )
+        return self._message(coder, x.shape[0])
 
     def _decode_particles(self, message: CompressedImages) -> Tensor:
         k = self.particles

@@ -80,9 +80,10 @@ def test_other_weights_and_settings_are_refused(trained):
             BitsBackCoder(VAE(z_dim=8, hidden=(64,), **guide))
 
 
-def test_corrupted_files_fail_with_a_compression_error_and_never_hang(trained):
+@pytest.mark.parametrize("k", [1, 3])
+def test_corrupted_files_fail_with_a_compression_error_and_never_hang(trained, k):
     vae, x = trained
-    coder = BitsBackCoder(vae)
+    coder = BitsBackCoder(vae, particles=k)
     data = coder.encode(x[:20]).to_bytes()
     rng = random.Random(0)
     cases = []
@@ -190,20 +191,3 @@ def test_each_image_costs_the_importance_weighted_information_and_k_buys_rate(tr
         assert abs(grown.mean() - fresh.mean()) < 4 * se
         rates[k] = grown.mean()
     assert rates[8] < rates[1] - 2  # eight particles: a shorter code than the ELBO's
-
-
-def test_importance_weighted_files_refuse_corruption(trained):
-    vae, x = trained
-    coder = BitsBackCoder(vae, particles=3)
-    data = coder.encode(x[:10]).to_bytes()
-    rng = random.Random(1)
-    cases = []
-    for _ in range(100):
-        flipped = bytearray(data)
-        i = rng.randrange(len(data))
-        flipped[i] ^= 1 << rng.randrange(8)
-        cases.append(bytes(flipped))
-    cases += [data[: rng.randrange(len(data))] for _ in range(30)]
-    for case in cases:
-        with pytest.raises(CompressionError):
-            coder.decode(CompressedImages.from_bytes(case))

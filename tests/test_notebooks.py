@@ -19,6 +19,7 @@ NOTEBOOKS = [
     "06_compression.ipynb",
     "07_inference_gaps.ipynb",
     "08_baselines_and_ood.ipynb",
+    "09_hierarchical.ipynb",
 ]
 
 
