@@ -13,29 +13,36 @@ samples from its latent space:
 - The deep autoencoder: the VAE's encoder layers to d codes, the VAE's decoder to Bernoulli
   logits, cross-entropy loss; samples as for the linear one.
 - The VAE: codes are the encoder's means; samples decode draws of the prior.
+- A GAN (Goodfellow et al. 2014) with the VAE's decoder layers as generator and its encoder
+  layers as discriminator, trained with the non-saturating loss and Adam (the DCGAN recipe's
+  lr 2e-4, beta1 0.5; Radford et al. 2015): samples only, no encoder and no likelihood.
 
 ``sample_quality`` scores samples with a classifier trained here on the labelled training
 images (no downloaded weights): its mean confidence (the largest class probability) and the
 balance of the predicted classes (entropy of their histogram over log 10: 1 when every
-digit is equally common).
+digit is equally common); given the features of real images, also the Fréchet distance and
+the k-NN precision and recall in the classifier's feature space (``pyro_vae.sample_metrics``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pyro_vae.choices import METHODS
+from pyro_vae.choices import CAPABILITIES, METHODS
 from pyro_vae.nets import Decoder, mlp
+from pyro_vae.sample_metrics import classifier_features, frechet_distance, precision_recall
 from pyro_vae.stepper import Stepper
 
 __all__ = [
+    "CAPABILITIES",
+    "GAN",
     "METHODS",
     "Autoencoder",
     "GaussianCodes",
@@ -45,6 +52,8 @@ __all__ = [
     "compare_latent_models",
     "fit_autoencoder",
     "fit_classifier",
+    "fit_gan",
+    "interpolate",
     "principal_angles",
     "reconstruction_errors",
     "sample_quality",
@@ -122,6 +131,94 @@ def fit_autoencoder(
             total += stepper.step(x[order[start : start + batch_size]]).loss
         history.append(total / len(x))
     return history
+
+
+class GAN(nn.Module):
+    """A generator z (d) -> pixel probabilities with the VAE decoder's layers, and a
+    discriminator x -> logit with the VAE encoder's layers (leaky ReLU, slope 0.2, as GAN
+    discriminators use: a ReLU unit that is off passes no gradient to the generator).  Its
+    latent prior is N(0, I), as the VAE's."""
+
+    def __init__(
+        self, x_dim: int, z_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu"
+    ) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.generator = Decoder(z_dim, x_dim, hidden, activation)
+        sizes = [x_dim, *hidden, 1]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.LeakyReLU(0.2))
+        self.discriminator = nn.Sequential(*layers)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Pixel probabilities generated from latent codes z, shape (N, D)."""
+        return torch.sigmoid(self.generator(z))
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` images generated from draws of N(0, I), shape (n, D)."""
+        return self.decode(torch.randn(n, self.z_dim, generator=generator))
+
+
+def fit_gan(
+    gan: GAN,
+    x: Tensor,
+    *,
+    epochs: int = 10,
+    batch_size: int = 100,
+    lr: float = 2e-4,
+    betas: tuple[float, float] = (0.5, 0.999),
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Train ``gan`` on the rows of ``x`` with the non-saturating loss: per minibatch one
+    discriminator step on softplus(-D(x)) + softplus(D(G(z))), then one generator step on
+    softplus(-D(G(z))) (Goodfellow et al. 2014), each with its own Adam.  The discriminator
+    sees the generator's pixel probabilities against binary images, which pushes the
+    generator towards confident pixels.  Returns per epoch the mean losses (nats per image)
+    and the mean D(x) and D(G(z)) probabilities."""
+    generator = torch.Generator().manual_seed(seed)
+    opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=lr, betas=betas)
+    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=lr, betas=betas)
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        sums = dict.fromkeys(("d_loss", "g_loss", "d_real", "d_fake"), 0.0)
+        for start in range(0, len(x), batch_size):
+            real = x[order[start : start + batch_size]]
+            z = torch.randn(len(real), gan.z_dim, generator=generator)
+            fake = gan.decode(z)
+            real_logit = gan.discriminator(real)
+            fake_logit = gan.discriminator(fake.detach())
+            d_loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            g_loss = F.softplus(-gan.discriminator(fake)).mean()
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            d_value, g_value = float(d_loss.detach()), float(g_loss.detach())
+            if not (math.isfinite(d_value) and math.isfinite(g_value)):
+                raise FloatingPointError(
+                    f"the GAN's losses are not finite at epoch {len(history) + 1}"
+                )
+            n = len(real)
+            sums["d_loss"] += d_value * n
+            sums["g_loss"] += g_value * n
+            sums["d_real"] += float(torch.sigmoid(real_logit.detach()).mean()) * n
+            sums["d_fake"] += float(torch.sigmoid(fake_logit.detach()).mean()) * n
+        history.append({key: value / len(x) for key, value in sums.items()})
+    return history
+
+
+@torch.no_grad()
+def interpolate(decoder, start: Tensor, end: Tensor, steps: int = 10) -> Tensor:
+    """Images decoded along the straight line from latent code ``start`` to ``end`` (each
+    (d,)): ``decoder`` maps (steps, d) codes to (steps, D) pixel probabilities."""
+    t = torch.linspace(0.0, 1.0, steps).unsqueeze(1)
+    return decoder((1 - t) * start + t * end)
 
 
 class PCAModel:
@@ -202,19 +299,28 @@ def fit_classifier(
 
 
 @torch.no_grad()
-def sample_quality(classifier: nn.Module, images: Tensor) -> dict:
+def sample_quality(
+    classifier: nn.Sequential, images: Tensor, reference_features: Tensor | None = None
+) -> dict:
     """The classifier's mean confidence on ``images`` (mean of the largest class
     probability), the class balance of its predictions (entropy of their histogram / log 10)
-    and the histogram itself."""
+    and the histogram itself.  Given the classifier's features of real images
+    (``classifier_features``), also the Fréchet distance to them and the k-NN precision and
+    recall (k = 3) of the images' features against them."""
     probs = F.softmax(classifier(images), dim=-1)
     counts = torch.bincount(probs.argmax(-1), minlength=10).double()
     share = counts / counts.sum()
     entropy = -(share[share > 0] * share[share > 0].log()).sum()
-    return {
+    out = {
         "confidence": float(probs.max(-1).values.mean()),
         "class_balance": float(entropy / math.log(10)),
         "class_counts": [int(c) for c in counts],
     }
+    if reference_features is not None:
+        features = classifier_features(classifier, images)
+        out["frechet_distance"] = frechet_distance(reference_features, features)
+        out |= precision_recall(reference_features, features)
+    return out
 
 
 def principal_angles(a: Tensor, b: Tensor) -> np.ndarray:
@@ -227,14 +333,19 @@ def principal_angles(a: Tensor, b: Tensor) -> np.ndarray:
 @dataclass
 class LatentModelComparison:
     """What ``compare_latent_models`` found for one latent size ``z_dim``: per method the
-    reconstruction errors and sample quality (``metrics``), and tensors for the figures:
-    reconstructions and samples (N, D), and test codes (N, z_dim)."""
+    reconstruction errors (None without an encoder) and sample quality (``metrics``); the
+    sample quality of as many training images (``reference``: the floor of the Fréchet
+    distance and the ceiling of precision and recall at this sample size); and tensors for
+    the figures: reconstructions and samples (N, D), test codes (N, z_dim), and
+    interpolations (rows of images along a line in latent space, name -> (steps, D))."""
 
     z_dim: int
     metrics: dict[str, dict]
     reconstructions: dict[str, Tensor]
     samples: dict[str, Tensor]
     codes: dict[str, Tensor]
+    reference: dict = field(default_factory=dict)
+    interpolations: dict[str, Tensor] = field(default_factory=dict)
 
 
 def compare_latent_models(
@@ -251,10 +362,12 @@ def compare_latent_models(
     num_samples: int = 1000,
     seed: int = 0,
 ) -> LatentModelComparison:
-    """Fit PCA, a linear autoencoder, a deep autoencoder and a VAE (``hidden``/``activation``
-    networks, ``epochs`` of Adam at ``lr``; the VAE with ``Trace_ELBO``) with ``z_dim``
-    latent dimensions on the binary images ``train``; reconstruct ``test``, draw
-    ``num_samples`` samples from each latent space and score them with ``classifier``."""
+    """Fit PCA, a linear autoencoder, a deep autoencoder, a VAE and a GAN (``hidden``/
+    ``activation`` networks, ``epochs`` of Adam; the autoencoders and the VAE (``Trace_ELBO``)
+    at ``lr``, the GAN at its own recipe's rate, ``fit_gan``) with ``z_dim`` latent dimensions
+    on the binary images ``train``; reconstruct ``test`` (every method with an encoder), draw
+    ``num_samples`` samples from each latent space and score them with ``classifier``,
+    against the features of ``test``."""
     from pyro_vae.data import BatchLoader, as_dataset
     from pyro_vae.models.vae import VAE
     from pyro_vae.train import Trainer
@@ -273,6 +386,8 @@ def compare_latent_models(
         for (x,) in loader:
             trainer.step(x)
     vae.eval()
+    gan = GAN(x_dim, z_dim, hidden, activation)
+    fit_gan(gan, train, epochs=epochs, batch_size=batch_size, seed=seed)
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -290,11 +405,30 @@ def compare_latent_models(
             fitted = GaussianCodes.fit(ae.encode(data))
             samples[name] = ae.decode(fitted.sample(num_samples, generator))
         samples["VAE"] = vae.sample(num_samples, generator)
+        samples["GAN"] = gan.sample(num_samples, generator)
+        # the same two prior draws through both generators, and the VAE between two test
+        # images' codes (the GAN has no encoder to give it one)
+        ends = torch.randn(2, z_dim, generator=generator)
+        interpolations = {
+            "VAE, prior draws": interpolate(vae.decode, ends[0], ends[1]),
+            "GAN, prior draws": interpolate(gan.decode, ends[0], ends[1]),
+            "VAE, test images": interpolate(vae.decode, codes["VAE"][0], codes["VAE"][1]),
+        }
+    real = classifier_features(classifier, test)
+    no_encoder = dict.fromkeys(("bce_per_pixel", "squared_error_per_pixel"))
     metrics = {
         name: {
-            **reconstruction_errors(test, reconstructions[name]),
-            "samples": sample_quality(classifier, samples[name]),
+            **(
+                reconstruction_errors(test, reconstructions[name])
+                if name in reconstructions
+                else no_encoder
+            ),
+            "samples": sample_quality(classifier, samples[name], real),
+            "can": CAPABILITIES[name],
         }
         for name in METHODS
     }
-    return LatentModelComparison(z_dim, metrics, reconstructions, samples, codes)
+    reference = sample_quality(classifier, train[: min(num_samples, len(train))], real)
+    return LatentModelComparison(
+        z_dim, metrics, reconstructions, samples, codes, reference, interpolations
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CAPABILITIES",
     "ACTIVATIONS",
     "BINARIZATIONS",
     "CLASSIFIERS",
@@ -83,7 +84,15 @@ COMPRESSORS = ("png", "zlib", "bz2", "lzma")
 # OOD sets made from the in-distribution images
 MADE = ("noise", "flipped")
 # the latent-variable models compared by compare_baselines.py
-METHODS = ("PCA", "linear autoencoder", "autoencoder", "VAE")
+METHODS = ("PCA", "linear autoencoder", "autoencoder", "VAE", "GAN")
+# what each of them can do at all: reconstruct an image (an encoder), score log p(x), sample
+CAPABILITIES = {
+    "PCA": {"reconstruct": True, "log p(x)": False, "sample": True},
+    "linear autoencoder": {"reconstruct": True, "log p(x)": False, "sample": True},
+    "autoencoder": {"reconstruct": True, "log p(x)": False, "sample": True},
+    "VAE": {"reconstruct": True, "log p(x)": True, "sample": True},
+    "GAN": {"reconstruct": False, "log p(x)": False, "sample": True},
+}
 # the evaluator's bound-vs-K points, and log weights held at once (particles x datapoints)
 DEFAULT_KS = (1, 5, 50, 500, 5000)
 DEFAULT_MAX_ROWS = 1 << 15

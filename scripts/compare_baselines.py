@@ -1,15 +1,22 @@
-"""PCA, a linear autoencoder, a deep autoencoder and the VAE, side by side: reconstructions of
-the test images and samples from each latent space, for several latent sizes.
+"""PCA, a linear autoencoder, a deep autoencoder, the VAE and a GAN, side by side:
+reconstructions of the test images and samples from each latent space, for several latent
+sizes.
 
     python scripts/compare_baselines.py --z-dims 2 10 50 --epochs 10
 
-All four fit the same statically binarised training images. Reports, per latent size and
-method, the per-pixel binary cross-entropy and squared error of the test reconstructions,
-and the quality of 1,000 samples judged by a digit classifier trained here (its mean
-confidence and the balance of the classes it sees). Writes comparison.json and, per size,
-figures/reconstructions_d<d>.png and samples_d<d>.png, and figures/latent_maps_d2.png, into
---out (default: a new directory runs/baselines-<timestamp>-<suffix>); the set is written aside
-and moved into place at the end, and an existing one is replaced only with --force.
+All five fit the same statically binarised training images, for the same number of epochs.
+Reports, per latent size and method, what the method can do at all (reconstruct, score
+log p(x), sample), the per-pixel binary cross-entropy and squared error of the test
+reconstructions (methods with an encoder), and the quality of 10,000 samples in the eyes of a
+digit classifier trained here: its mean confidence, the balance of the classes it sees, the
+Fréchet distance between its penultimate-layer features of the samples and of the test images,
+and the k-NN precision (are samples realistic?) and recall (is every kind of test image
+produced?) in that feature space, with as many training images as the reference a perfect
+generator would score. Writes comparison.json and, per size, figures/reconstructions_d<d>.png,
+samples_d<d>.png and interpolations_d<d>.png (the VAE's and the GAN's images along the same
+line between two prior draws), and figures/latent_maps_d2.png, into --out (default: a new
+directory runs/baselines-<timestamp>-<suffix>); the set is written aside and moved into place
+at the end, and an existing one is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyro_vae.choices import METHODS
+from pyro_vae.choices import CAPABILITIES, METHODS
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
@@ -32,6 +39,8 @@ from pyro_vae.cli import (
     run,
 )
 from pyro_vae.rundir import default_run_dir
+
+MIN_IMAGES = 10
 
 
 def build_parser() -> ArgumentParser:
@@ -65,7 +74,10 @@ def build_parser() -> ArgumentParser:
         help="use only the first N test images (default: all 10,000)",
     )
     p.add_argument(
-        "--samples", type=positive_int, default=1000, help="samples per model (default: 1000)"
+        "--samples",
+        type=positive_int,
+        default=10000,
+        help="samples per model, and training images as the reference (default: 10000)",
     )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="where data sets live (default: the cache)"
@@ -81,6 +93,23 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def print_table(d: int, result) -> None:
+    print(
+        f"d = {d}:  {'BCE':>7} {'sq.err':>7} | samples: {'conf.':>5} {'balance':>7} "
+        f"{'FD':>7} {'prec.':>5} {'recall':>6}"
+    )
+    rows = [(name, result.metrics[name]) for name in METHODS]
+    rows.append(("(training images)", {"samples": result.reference}))
+    for name, m in rows:
+        q = m["samples"]
+        bce, se = m.get("bce_per_pixel"), m.get("squared_error_per_pixel")
+        recon = f"{bce:7.4f} {se:7.4f}" if bce is not None else f"{'-':>7} {'-':>7}"
+        print(
+            f"  {name:<19} {recon} |          {q['confidence']:5.3f} {q['class_balance']:7.3f} "
+            f"{q['frechet_distance']:7.2f} {q['precision']:5.3f} {q['recall']:6.3f}"
+        )
+
+
 def main(args) -> dict:
     # torch loads here, after the arguments are parsed
     from pyro_vae.baselines import compare_latent_models, fit_classifier
@@ -91,6 +120,12 @@ def main(args) -> dict:
     apply_threads(args)
     if args.device != "cpu":
         raise UsageError("compare_baselines.py runs on the CPU: drop --device")
+    for flag, value in (("--samples", args.samples), ("--test-size", args.test_size)):
+        if value is not None and value < MIN_IMAGES:
+            raise UsageError(
+                f"{flag}: at least {MIN_IMAGES} (precision and recall compare neighbourhoods "
+                f"of several images), got {value}"
+            )
     outputs = outputs_for(
         output_dir(args.out or default_run_dir("baselines")), args, "comparison.json"
     )
@@ -109,8 +144,11 @@ def main(args) -> dict:
         "hidden": list(args.hidden),
         "train_images": len(train),
         "test_images": len(test),
-        "units": "per pixel, nats (cross-entropy) and squared probability error",
+        "units": "per pixel, nats (cross-entropy) and squared probability error; Fréchet "
+        "distance in squared classifier-feature units",
+        "capabilities": CAPABILITIES,
         "results": {},
+        "reference": {},
     }
     with outputs:  # a failure on the way leaves the previous set as it was
         for d in args.z_dims:
@@ -125,6 +163,7 @@ def main(args) -> dict:
                 seed=args.seed,
             )
             report["results"][str(d)] = result.metrics
+            report["reference"][str(d)] = result.reference
             originals = {"test images": test.images}
             plot_image_rows(
                 originals | result.reconstructions,
@@ -139,25 +178,27 @@ def main(args) -> dict:
                 n=12,
                 title=f"samples, d = {d}",
             )
+            plot_image_rows(
+                result.interpolations,
+                train.image_shape,
+                outputs.path(f"figures/interpolations_d{d}.png"),
+                title=f"interpolations, d = {d}",
+            )
             if d == 2:
                 plot_latent_maps(
                     result.codes, test.labels, outputs.path("figures/latent_maps_d2.png")
                 )
             if not args.quiet:
-                print(f"d = {d}:")
-                for name in METHODS:
-                    m = result.metrics[name]
-                    q = m["samples"]
-                    print(
-                        f"  {name:<19} BCE {m['bce_per_pixel']:.4f}  squared error "
-                        f"{m['squared_error_per_pixel']:.4f}  samples: confidence "
-                        f"{q['confidence']:.3f}, class balance {q['class_balance']:.3f}"
-                    )
+                print_table(d, result)
         report["seconds"] = time.perf_counter() - start
         outputs.write_json("comparison.json", report)
         outputs.commit()
     if not args.quiet:
-        print(f"digit classifier: test accuracy {accuracy:.3f}")
+        print("what each method can do:", end="")
+        for name in METHODS:
+            can = [k for k, v in CAPABILITIES[name].items() if v]
+            print(f"  {name}: {', '.join(can)};", end="")
+        print(f"\ndigit classifier: test accuracy {accuracy:.3f}")
         print(f"report: {outputs.directory / 'comparison.json'}")
     return report
 

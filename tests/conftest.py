@@ -3,9 +3,15 @@ from pathlib import Path
 
 import pyro
 import pytest
+import torch
 from helpers import TINY, run_script
 
 from pyro_vae.data import DATA_DIR_ENV, prepare_mnist
+
+# The tests' tensors are small: a second intra-op thread saves little on a quiet machine, and
+# on a busy one every parallel region waits for a thread that is not scheduled (a GAN test of
+# 480 tiny steps took 160 s with two threads beside other work, 2 s with one).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -130,6 +130,7 @@ PATH_CASES = [
         ["--train-size", "50001", "--out", "{tmp}/b"],
         "has only 50000 images",
     ),
+    ("compare_baselines.py", ["--samples", "3", "--out", "{tmp}/b"], "--samples: at least 10"),
     # the same data set in and out of distribution; outputs that are directories or inputs
     ("detect_ood.py", ["--checkpoint", "{run}", "--ood", "mnist"], "nothing to tell apart"),
     (

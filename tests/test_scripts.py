@@ -244,14 +244,29 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
     if script == "compare_baselines.py":
         report = json.loads((out / "comparison.json").read_text())
         assert set(report["results"]) == {"2", "3"}
+        assert report["capabilities"]["GAN"] == {
+            "reconstruct": False,
+            "log p(x)": False,
+            "sample": True,
+        }
         for methods in report["results"].values():
-            assert set(methods) == {"PCA", "linear autoencoder", "autoencoder", "VAE"}
-            for m in methods.values():
-                assert 0 < m["squared_error_per_pixel"] < 1 and m["bce_per_pixel"] > 0
-                assert 0 <= m["samples"]["class_balance"] <= 1 + 1e-9
-                assert sum(m["samples"]["class_counts"]) == 50
+            assert set(methods) == {"PCA", "linear autoencoder", "autoencoder", "VAE", "GAN"}
+            for name, m in methods.items():
+                if name == "GAN":  # no encoder: nothing to reconstruct with
+                    assert m["bce_per_pixel"] is None and m["squared_error_per_pixel"] is None
+                else:
+                    assert 0 < m["squared_error_per_pixel"] < 1 and m["bce_per_pixel"] > 0
+                q = m["samples"]
+                assert 0 <= q["class_balance"] <= 1 + 1e-9
+                assert sum(q["class_counts"]) == 50
+                assert q["frechet_distance"] > 0 and 0 <= q["precision"] <= 1
+                assert 0 <= q["recall"] <= 1
+        for reference in report["reference"].values():
+            assert 0 < reference["frechet_distance"]
         figures = {p.name for p in (out / "figures").glob("*.png")}
-        assert {"latent_maps_d2.png", "samples_d3.png", "reconstructions_d3.png"} <= figures
+        expected = {"latent_maps_d2.png", "samples_d3.png", "reconstructions_d3.png"}
+        assert expected | {"interpolations_d3.png"} <= figures
+        assert "FD" in result.stdout and "GAN" in result.stdout
     if script == "compress.py":
         packed = Path(args[args.index("--output") + 1])
         assert packed.stat().st_size > 0 and "bits per pixel" in result.stdout
