@@ -27,6 +27,7 @@ the k-NN precision and recall in the classifier's feature space (``pyro_vae.samp
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -374,11 +375,21 @@ def compare_latent_models(
 
     x_dim = train.shape[1]
     torch.manual_seed(seed)
+    seconds: dict[str, float] = {}  # training time of each method (wall clock)
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name], clock = time.perf_counter() - clock, time.perf_counter()
+
     pca = PCAModel(train, z_dim, seed)
+    lap("PCA")
     linear = LinearAutoencoder(x_dim, z_dim)
     fit_autoencoder(linear, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    lap("linear autoencoder")
     deep = Autoencoder(x_dim, z_dim, hidden, activation)
     fit_autoencoder(deep, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    lap("autoencoder")
     vae = VAE(x_dim=x_dim, z_dim=z_dim, hidden=hidden, activation=activation)
     trainer = Trainer(vae.model, vae.guide, lr=lr)
     loader = BatchLoader(as_dataset(train), batch_size, shuffle=True, seed=seed)
@@ -386,8 +397,10 @@ def compare_latent_models(
         for (x,) in loader:
             trainer.step(x)
     vae.eval()
+    lap("VAE")
     gan = GAN(x_dim, z_dim, hidden, activation)
     fit_gan(gan, train, epochs=epochs, batch_size=batch_size, seed=seed)
+    lap("GAN")
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -425,6 +438,7 @@ def compare_latent_models(
             ),
             "samples": sample_quality(classifier, samples[name], real),
             "can": CAPABILITIES[name],
+            "train_seconds": seconds[name],
         }
         for name in METHODS
     }

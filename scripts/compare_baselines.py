@@ -96,7 +96,7 @@ def build_parser() -> ArgumentParser:
 def print_table(d: int, result) -> None:
     print(
         f"d = {d}:  {'BCE':>7} {'sq.err':>7} | samples: {'conf.':>5} {'balance':>7} "
-        f"{'FD':>7} {'prec.':>5} {'recall':>6}"
+        f"{'FD':>7} {'prec.':>5} {'recall':>6} | training"
     )
     rows = [(name, result.metrics[name]) for name in METHODS]
     rows.append(("(training images)", {"samples": result.reference}))
@@ -104,9 +104,10 @@ def print_table(d: int, result) -> None:
         q = m["samples"]
         bce, se = m.get("bce_per_pixel"), m.get("squared_error_per_pixel")
         recon = f"{bce:7.4f} {se:7.4f}" if bce is not None else f"{'-':>7} {'-':>7}"
+        trained = f"{m['train_seconds']:6.1f} s" if "train_seconds" in m else ""
         print(
             f"  {name:<19} {recon} |          {q['confidence']:5.3f} {q['class_balance']:7.3f} "
-            f"{q['frechet_distance']:7.2f} {q['precision']:5.3f} {q['recall']:6.3f}"
+            f"{q['frechet_distance']:7.2f} {q['precision']:5.3f} {q['recall']:6.3f} | {trained}"
         )
 
 

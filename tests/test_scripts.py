@@ -257,6 +257,7 @@ def test_script_smoke(script, args, data_dir, trained_run, tmp_path):
                 else:
                     assert 0 < m["squared_error_per_pixel"] < 1 and m["bce_per_pixel"] > 0
                 q = m["samples"]
+                assert m["train_seconds"] > 0
                 assert 0 <= q["class_balance"] <= 1 + 1e-9
                 assert sum(q["class_counts"]) == 50
                 assert q["frechet_distance"] > 0 and 0 <= q["precision"] <= 1
