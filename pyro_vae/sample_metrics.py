@@ -45,7 +45,8 @@ def gaussian_frechet_distance(
     mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray
 ) -> float:
     """The squared Fréchet (2-Wasserstein) distance between N(mean_a, cov_a) and
-    N(mean_b, cov_b): |mean_a - mean_b|^2 + tr(cov_a + cov_b - 2 (cov_a cov_b)^(1/2))."""
+    N(mean_b, cov_b): the squared Euclidean distance between the means plus
+    ``tr(cov_a + cov_b - 2 (cov_a cov_b)^(1/2))``."""
     from scipy.linalg import eigh, eigvalsh
 
     cov_a, cov_b = np.asarray(cov_a, dtype=float), np.asarray(cov_b, dtype=float)
