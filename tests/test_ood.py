@@ -189,3 +189,19 @@ def test_script_on_fashion_mnist(data_dir, trained_run, tmp_path):
     assert report["images"] == {"in": 40, "out": 40}
     scores = np.load(out / "ood_mnist_vs_fashion-mnist.npz")
     assert scores["log_px_out"].shape == (40,)
+
+
+def test_the_lzma_code_length_is_preset_9e_s():
+    """The per-image lzma compressor keeps preset 9e's code lengths with a small dictionary."""
+    import lzma
+
+    from pyro_vae.ood import complexity_bits
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(40, 784, generator=g) < torch.rand(40, 1, generator=g) * 0.5).float()
+    images = (x.reshape(40, 28, 28).numpy() > 0.5).astype(np.uint8) * 255
+    expected = [
+        8.0 * len(lzma.compress(np.packbits(i > 127).tobytes(), preset=9 | lzma.PRESET_EXTREME))
+        for i in images
+    ]
+    assert complexity_bits(x, (28, 28), "lzma").tolist() == expected
