@@ -202,12 +202,21 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def add_preset_arg(parser: argparse.ArgumentParser, presets: dict, default: str) -> None:
-    """``--preset NAME``: a named recipe that sets the flags left at ``None``."""
-    described = "; ".join(
-        f"{name}: " + " ".join(f"--{k.replace('_', '-')} {_plain(v)}" for k, v in flags.items())
-        for name, flags in presets.items()
-    )
+def add_preset_arg(
+    parser: argparse.ArgumentParser,
+    presets: dict,
+    default: str,
+    overrides: dict[tuple[str, str], dict] | None = None,
+) -> None:
+    """``--preset NAME``: a named recipe that sets the flags left at ``None``; ``overrides``
+    maps (preset, --model) to the flags that model takes instead."""
+
+    def flags_text(flags: dict) -> str:
+        return " ".join(f"--{k.replace('_', '-')} {_plain(v)}" for k, v in flags.items())
+
+    described = "; ".join(f"{name}: {flags_text(flags)}" for name, flags in presets.items())
+    for (preset, model), flags in (overrides or {}).items():
+        described += f"; {preset} with --model {model}: {flags_text(flags)}"
     parser.add_argument(
         "--preset",
         default=default,
@@ -220,9 +229,15 @@ def _plain(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value}"
 
 
-def apply_preset(args: argparse.Namespace, presets: dict) -> argparse.Namespace:
-    """Fill every flag still ``None`` from the chosen preset."""
-    for key, value in presets[args.preset].items():
+def apply_preset(
+    args: argparse.Namespace,
+    presets: dict,
+    overrides: dict[tuple[str, str], dict] | None = None,
+) -> argparse.Namespace:
+    """Fill every flag still ``None`` from the chosen preset, where ``overrides`` has an entry
+    for (preset, ``args.model``) from that entry first."""
+    model_flags = (overrides or {}).get((args.preset, getattr(args, "model", None)), {})
+    for key, value in {**presets[args.preset], **model_flags}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -449,6 +464,7 @@ def begin_run(
     parser: argparse.ArgumentParser,
     name: str,
     presets: dict | None = None,
+    overrides: dict[tuple[str, str], dict] | None = None,
 ) -> tuple[argparse.Namespace, dict | None, Path, torch.device, Ranks]:
     """Resolve ``--resume`` (the saved flags, the checkpoint or None), the preset, the device,
     the process group when launched by ``torchrun``, and the run directory (checked, not
@@ -471,7 +487,7 @@ def begin_run(
         args = merge_resumed_args(parser, args, config)
         out = args.out
     if presets is not None:
-        args = apply_preset(args, presets)
+        args = apply_preset(args, presets, overrides)
     device = resolve_device(args.device)
     ranks, device = setup(device)
     apply_threads(args)

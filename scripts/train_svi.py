@@ -21,6 +21,7 @@ from pyro_vae.choices import (
     IMPORTANCE_WEIGHTED,
     LIKELIHOODS,
     MODEL_KINDS,
+    PRESET_MODEL_OVERRIDES,
     PRESETS,
 )
 from pyro_vae.cli import (
@@ -53,7 +54,7 @@ def build_parser() -> ArgumentParser:
         eval_particles=500,
         eval_particles_help="K for the test log p(x) (0: skip; default: 500)",
     )
-    add_preset_arg(p, PRESETS, DEFAULT_PRESET)
+    add_preset_arg(p, PRESETS, DEFAULT_PRESET, PRESET_MODEL_OVERRIDES)
     p.add_argument(
         "--model",
         default="vae",
@@ -189,7 +190,9 @@ def main(args) -> dict:
     from pyro_vae.runs import TrainingRun
     from pyro_vae.train import Trainer
 
-    args, state, out, device, ranks = begin_run(args, build_parser(), "vae", PRESETS)
+    args, state, out, device, ranks = begin_run(
+        args, build_parser(), "vae", PRESETS, PRESET_MODEL_OVERRIDES
+    )
     if args.flow == "planar" and args.elbo == "dreg":
         raise UsageError("--flow planar has no inverse, which --elbo dreg needs; use iaf or iwae")
     if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:

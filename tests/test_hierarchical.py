@@ -108,6 +108,23 @@ def test_llr_above_matches_its_closed_form_on_a_linear_gaussian_chain():
 # -- the scripts --------------------------------------------------------------------------------
 
 
+def test_the_preset_gives_two_layers_their_own_rate_unless_one_is_given():
+    import argparse
+
+    from pyro_vae.choices import PRESET_MODEL_OVERRIDES, PRESETS
+    from pyro_vae.cli import apply_preset
+
+    def lr(model, given=None):
+        args = argparse.Namespace(preset="iw-fast", model=model, lr=given, epochs=None)
+        return apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES).lr
+
+    assert lr("vae") == 3e-3
+    assert lr("hvae") == 1e-3
+    assert lr("hvae", given=5e-4) == 5e-4
+    args = argparse.Namespace(preset="classic", model="hvae", lr=None)
+    assert apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES).lr == PRESETS["classic"]["lr"]
+
+
 @pytest.mark.slow
 def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_accept_or_refuse_it(
     data_dir, tmp_path, capsys, monkeypatch
@@ -121,7 +138,9 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
         "train_svi.py", ["--resume", str(out), "--epochs", "2", "--quiet"], data_dir
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((out / "config.json").read_text())["model_class"] == "HierarchicalVAE"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_class"] == "HierarchicalVAE"
+    assert config["lr"] == 1e-3  # the preset's rate for two layers, kept on resume
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     report = json.loads((out / "evaluation.json").read_text())
     assert report["log_px"] >= report["elbo"]
