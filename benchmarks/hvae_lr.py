@@ -117,7 +117,7 @@ def main(args) -> int:
         ax.plot(epochs, r["val_elbo"], style, marker="o", ms=3, label=name)
     ax.set_xlabel("epoch (constant learning rate)")
     ax.set_ylabel("validation ELBO (nats per image)")
-    ax.set_ylim(bottom=-160)
+    ax.set_ylim(bottom=-215)
     ax.set_title("two stochastic layers need the smaller step", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
