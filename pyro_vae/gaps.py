@@ -13,7 +13,16 @@ batch, initialised from the encoder.
 
 ``fit_local_guide`` finds q*; ``inference_gaps`` computes the decomposition per image with
 standard errors, log p(x) estimated by importance sampling with the better of the two
-proposals.  The latent must be one sample site (``"z"`` by default) with one event dimension.
+proposals.  Every latent sample site has one event dimension.
+
+Several latent sites (a hierarchical VAE's layers): q* is one Gaussian over all of them
+together, their vectors concatenated in the guide's order, ``"diagonal"`` (independent
+coordinates) or ``"full"`` (any correlation, between layers too; the default there).  The
+guide draws it site by site from the blocks of its Cholesky factor, so the model sees each
+layer as its own site.  An amortised guide of several layers, whose later layers depend on
+the earlier draws through networks, is not a member of this family: the amortisation gap
+ELBO[q*] - ELBO[q] is then a difference between two families as well as between amortised
+and per-image fits, and may be negative.
 
 The family of q*: ``"own"`` is the amortised guide's own family, for guides whose owner module
 defines ``posterior_parameters(x)`` (the encoder's unconstrained outputs) and
@@ -30,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyro
@@ -38,6 +47,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_vae.choices import FAMILIES
@@ -61,21 +71,32 @@ class LocalGuide:
     unconstrained parameters ``loc`` that ``build`` turns into the guide's distribution.
     ``guide(x, index)`` samples the latent site ``site`` for the rows ``index`` of the data it
     was made for, inside ``pyro.plate(plate_name, len(x))``; ``with_index(model)`` is the
-    matching model."""
+    matching model.
+
+    ``site`` may name several sites, with their sizes in ``sizes`` (summing to D): the
+    Gaussian over D is then drawn site by site (see the module's docstring)."""
 
     def __init__(
         self,
         loc: Tensor,
         scale: Tensor | None = None,
         family: str = "diagonal",
-        site: str = "z",
+        site: str | Sequence[str] = "z",
         plate_name: str = "data",
         build: Callable[[Tensor], dist.TorchDistribution] | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         if (family == "own") != (build is not None):
             raise ValueError("family 'own' and only it takes build")
+        self.sites = (site,) if isinstance(site, str) else tuple(site)
+        if len(self.sites) > 1:
+            if family == "own":
+                raise ValueError("family 'own' takes one latent site")
+            if sizes is None or len(sizes) != len(self.sites) or sum(sizes) != loc.shape[-1]:
+                raise ValueError("several sites need their sizes, summing to loc's last dimension")
+        self.sizes = tuple(sizes) if sizes is not None else (loc.shape[-1],)
         self.family, self.site, self.plate_name = family, site, plate_name
         self.loc = loc.detach().clone().requires_grad_()
         self.build = build
@@ -89,6 +110,12 @@ class LocalGuide:
             raw = torch.zeros(*loc.shape, d, dtype=loc.dtype, device=loc.device)
             raw.diagonal(dim1=-2, dim2=-1).copy_(scale.detach().log())
             self.raw = raw.requires_grad_()
+        # Adam moves every raw entry by about the learning rate at first, so a row of the
+        # factor's strict lower triangle moves by about lr * sqrt(D): over the D = 150 latents
+        # of two layers that swamps the scales, and the fit first loses hundreds of nats.
+        # Over several sites the triangle is therefore raw / D, which keeps the first steps
+        # from lowering the ELBO (one site: raw, as the fits on the results pages were made).
+        self.off_scale = 1.0 if len(self.sites) == 1 else 1.0 / loc.shape[-1]
 
     def parameters(self) -> list[Tensor]:
         """The variational parameters (leaf tensors) the fit optimises."""
@@ -102,13 +129,46 @@ class LocalGuide:
         if self.family == "diagonal":
             return dist.Normal(loc, self.raw[index].exp()).to_event(1)
         raw = self.raw[index]
-        tril = raw.tril(-1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+        tril = self._tril(raw)
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
     def guide(self, x: Tensor, index: Tensor) -> None:
-        """The Pyro guide: samples the latent site for the rows ``index``, in the data plate."""
+        """The Pyro guide: samples the latent site(s) for the rows ``index``, in the data
+        plate."""
         with pyro.plate(self.plate_name, x.shape[0]):
-            pyro.sample(self.site, self.distribution(index))
+            if len(self.sites) == 1:
+                pyro.sample(self.sites[0], self.distribution(index))
+            elif self.family == "diagonal":
+                loc, scale = self.loc[index], self.raw[index].exp()
+                for name, block in zip(self.sites, self._blocks()):
+                    pyro.sample(name, dist.Normal(loc[..., block], scale[..., block]).to_event(1))
+            else:
+                self._chain(index)
+
+    def _tril(self, raw: Tensor) -> Tensor:
+        diagonal = torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+        return raw.tril(-1) * self.off_scale + diagonal
+
+    def _blocks(self) -> list[slice]:
+        ends = torch.tensor(self.sizes).cumsum(0).tolist()
+        return [slice(end - size, end) for size, end in zip(self.sizes, ends)]
+
+    def _chain(self, index: Tensor) -> None:
+        """u = m + L eps over the concatenated sites, drawn block by block: site j is
+        N(m_j + sum_{i<j} L_ji eps_i, L_jj L_jj^T), eps_i recovered from the value drawn (or
+        replayed) at site i, so the joint density is the full-covariance Gaussian's."""
+        loc = self.loc[index]
+        raw = self.raw[index]
+        tril = self._tril(raw)
+        blocks, eps = self._blocks(), []
+        for j, (name, bj) in enumerate(zip(self.sites, blocks)):
+            mean = loc[..., bj]
+            for i, bi in enumerate(blocks[:j]):
+                mean = mean + _tril_mv(tril[..., bj, bi], eps[i])
+            q = _SharedTrilGaussian(mean, tril[..., bj, bj])
+            z = pyro.sample(name, q)
+            if j + 1 < len(blocks):
+                eps.append(q.whiten(z))
 
     @staticmethod
     def with_index(model: Callable) -> Callable:
@@ -120,19 +180,102 @@ class LocalGuide:
         return indexed
 
 
-def _amortised_gaussian(guide: Callable, x: Tensor, site: str) -> tuple[Tensor, Tensor]:
-    """The amortised guide's mean and standard deviations of ``site`` (its first and second
-    moments, for any guide distribution: the starting point of the local fit)."""
+# torch's MultivariateNormal broadcasts its scale_tril over the particle dimensions in rsample
+# (and the chain's solves would too), copying an (N, D, D) factor once per particle: for a
+# q* over a hierarchical VAE's 150 latents, K = 5000 draws and 100 images, gigabytes.  Here
+# the particle dimensions are folded into the columns of one batched product or solve.
+
+
+def _columns(v: Tensor, n: int) -> tuple[Tensor, torch.Size]:
+    """(..., N, d) -> (N, d, P), with the leading shape to undo it."""
+    lead = v.shape[:-2]
+    return v.reshape(-1, n, v.shape[-1]).permute(1, 2, 0), lead
+
+
+def _uncolumns(c: Tensor, lead: torch.Size) -> Tensor:
+    return c.permute(2, 0, 1).reshape(*lead, c.shape[0], c.shape[1])
+
+
+def _tril_mv(matrix: Tensor, v: Tensor) -> Tensor:
+    """matrix (N, a, b) times v (..., N, b), per row n: (..., N, a)."""
+    c, lead = _columns(v, matrix.shape[0])
+    return _uncolumns(matrix @ c, lead)
+
+
+class _SharedTrilGaussian(dist.TorchDistribution):
+    """N(loc, L Lᵀ) with loc (..., N, d) and one lower-triangular L (N, d, d) per row,
+    shared by every leading (particle) index; one event dimension."""
+
+    arg_constraints: dict = {}
+    support = dist.constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        self.loc, self.scale_tril = loc, scale_tril
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        return _SharedTrilGaussian(self.loc.expand(shape), self.scale_tril)
+
+    def rsample(self, sample_shape=()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + _tril_mv(self.scale_tril, eps)
+
+    def whiten(self, value: Tensor) -> Tensor:
+        """L⁻¹ (value − loc): the standard normal draw behind ``value``."""
+        c, lead = _columns(value - self.loc, self.scale_tril.shape[0])
+        return _uncolumns(torch.linalg.solve_triangular(self.scale_tril, c, upper=False), lead)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        d = self.loc.shape[-1]
+        half_log_det = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        mahalanobis = self.whiten(value).square().sum(-1)
+        return -0.5 * (mahalanobis + d * math.log(2 * math.pi)) - half_log_det
+
+
+def latent_sites(guide: Callable, x: Tensor) -> list[tuple[str, int]]:
+    """The guide's latent sample sites and their event sizes, in the order it draws them."""
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(guide).get_trace(x)
-    if site not in trace.nodes:
-        raise ValueError(f"the guide has no sample site {site!r}")
-    fn = trace.nodes[site]["fn"]
-    try:
-        return fn.mean.detach(), fn.variance.detach().sqrt()
-    except NotImplementedError:  # a flow: moments from draws
-        draws = fn.sample((256,))
-        return draws.mean(0), draws.std(0)
+    return [
+        (name, int(site["value"].shape[-1]))
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    ]
+
+
+def _amortised_gaussian(
+    guide: Callable, x: Tensor, sites: Sequence[str], draws: int = 256, chunk: int = 32
+) -> tuple[Tensor, Tensor]:
+    """The amortised guide's mean and standard deviations of ``sites`` concatenated (their
+    first and second moments, for any guide distribution: the starting point of the local
+    fit).  One site: from its distribution where it has them; several (each depending on the
+    draws before it): from ``draws`` joint draws."""
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(guide).get_trace(x)
+    for site in sites:
+        if site not in trace.nodes:
+            raise ValueError(f"the guide has no sample site {site!r}")
+    if len(sites) == 1:
+        fn = trace.nodes[sites[0]]["fn"]
+        try:
+            return fn.mean.detach(), fn.variance.detach().sqrt()
+        except NotImplementedError:  # a flow: moments from draws
+            samples = fn.sample((draws,))
+            return samples.mean(0), samples.std(0)
+    total = first = second = 0.0
+    n = x.shape[0]
+    with torch.no_grad(), poutine.block():
+        for start in range(0, draws, chunk):
+            m = min(chunk, draws - start)
+            t = poutine.trace(guide).get_trace(x.repeat(m, *([1] * (x.dim() - 1))))
+            u = torch.cat([t.nodes[s]["value"] for s in sites], -1).reshape(m, n, -1)
+            first, second, total = first + u.sum(0), second + u.square().sum(0), total + m
+    mean = first / total
+    variance = (second / total - mean.square()) * total / (total - 1)
+    return mean, variance.clamp_min(1e-12).sqrt()
 
 
 def _own_family(guide: Callable):
@@ -144,12 +287,20 @@ def _own_family(guide: Callable):
     return None
 
 
-def resolve_family(guide: Callable, family: str | None) -> str:
-    """``family``, or for ``None`` the guide's own family where it has one, else diagonal."""
+def resolve_family(guide: Callable, family: str | None, num_sites: int = 1) -> str:
+    """``family``, or for ``None`` the guide's own family where it has one, else diagonal;
+    for several latent sites, full (the layers of a posterior are correlated)."""
+    if family is None and num_sites > 1:
+        return "full"
     if family is None:
         return "own" if _own_family(guide) is not None else "diagonal"
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family == "own" and num_sites > 1:
+        raise ValueError(
+            f"family 'own' takes a guide with one latent site; this one has {num_sites}: "
+            "use 'diagonal' or 'full' (one Gaussian over all of them)"
+        )
     if family == "own" and _own_family(guide) is None:
         raise ValueError(
             "family 'own' needs a guide method of a module with posterior_parameters(x) and "
@@ -164,7 +315,7 @@ def fit_local_guide(
     x: Tensor,
     *,
     family: str | None = None,
-    site: str = "z",
+    site: str | Sequence[str] | None = None,
     num_particles: int = 16,
     lr: float = 1e-2,
     max_steps: int = 5000,
@@ -173,7 +324,9 @@ def fit_local_guide(
     halvings: int = 4,
 ) -> tuple[LocalGuide, dict]:
     """Fit q*, one member of ``family`` per image, to ``model`` for every row of ``x``, the
-    model fixed (see the module's docstring for the families; ``None``: the guide's own).
+    model fixed (see the module's docstring for the families; ``None``: the guide's own, or
+    for several latent sites the full Gaussian).  ``site``: the latent site(s) q* covers
+    (``None``: every latent site of the guide).
 
     Starts at the amortised guide's output (the Gaussian families: at its mean and standard
     deviations, a full covariance starting diagonal) and maximises the ELBO (``num_particles`` vectorised draws, Adam from ``lr``).
@@ -184,15 +337,21 @@ def fit_local_guide(
     ``{"family", "steps", "converged", "elbo_trace"}`` (mean ELBO per image every ``window``
     steps).
     """
-    family = resolve_family(guide, family)
+    found = dict(latent_sites(guide, x))
+    sites = list(found) if site is None else [site] if isinstance(site, str) else list(site)
+    for name in sites:
+        if name not in found:
+            raise ValueError(f"the guide has no sample site {name!r}")
+    family = resolve_family(guide, family, len(sites))
     if family == "own":
         owner = _own_family(guide)
         with torch.no_grad():
             start = owner.posterior_parameters(x)
-        local = LocalGuide(start, family="own", site=site, build=owner.posterior_from)
+        local = LocalGuide(start, family="own", site=sites[0], build=owner.posterior_from)
     else:
-        loc, scale = _amortised_gaussian(guide, x, site)
-        local = LocalGuide(loc, scale, family, site)
+        loc, scale = _amortised_gaussian(guide, x, sites)
+        one = sites[0] if len(sites) == 1 else sites
+        local = LocalGuide(loc, scale, family, one, sizes=[found[name] for name in sites])
     indexed = LocalGuide.with_index(model)
     index = torch.arange(x.shape[0], device=x.device)
     frozen = [p for p in _model_parameters(model, x) if p.requires_grad]
@@ -236,6 +395,7 @@ def fit_local_guide(
             p.requires_grad_(True)
     return local, {
         "family": family,
+        "sites": list(local.sites),
         "steps": step,
         "converged": converged,
         "skipped_steps": stepper.skipped_steps,
@@ -269,11 +429,15 @@ class GapReport:
     fit: dict = field(default_factory=dict)
     elbo_local_sem: Tensor | None = None
     elbo_amortised_sem: Tensor | None = None
+    # whether the amortised guide is a member of q*'s family (one latent site); with several
+    # layers it is not, and ELBO[q*] may end below ELBO[q] without any fault in the fit
+    nested: bool = True
 
     def failures(self, z: float = 4.0, slack: float = 0.05) -> dict[int, str]:
         """Images whose decomposition cannot be true, by index, with the reason: a non-finite
-        figure; q*'s ELBO below the amortised guide's, where the fit started (the amortised
-        guide is a member of q*'s family); or log p̂(x) below either ELBO (log p̂ from q* is
+        figure; q*'s ELBO below the amortised guide's, where the fit started (checked when the
+        amortised guide is a member of q*'s family, ``nested``); or log p̂(x) below either
+        ELBO (log p̂ from q* is
         at least the mean log weight of its own draws, an ELBO[q*] estimate).  "Below" means
         by more than ``z`` Monte Carlo standard errors plus ``slack`` nats, the precision of
         a converged fit (an exact amortised guide leaves q* nothing to gain, and the fit ends
@@ -293,7 +457,7 @@ class GapReport:
         checks = [
             (~finite, "non-finite figures"),
             (
-                self.elbo_local < self.elbo_amortised - margin_both,
+                (self.elbo_local < self.elbo_amortised - margin_both) & self.nested,
                 "q*'s ELBO ends below the amortised guide's, where the fit started",
             ),
             (
@@ -302,7 +466,13 @@ class GapReport:
             ),
             (
                 self.log_px < self.elbo_amortised - margin_amortised,
-                "log p(x) below the amortised ELBO",
+                "log p(x) below the amortised ELBO"
+                + (
+                    ""
+                    if self.nested
+                    else " (q*'s family may not follow this posterior as the amortised "
+                    "guide does: then no fit of it will)"
+                ),
             ),
         ]
         out: dict[int, str] = {}
@@ -321,6 +491,7 @@ class GapReport:
             raise GapFitError(
                 f"the per-image fit failed for {len(failed)} of {self.log_px.numel()} images "
                 f"(indices {shown}{more}; first: {first}); try a smaller fit learning rate"
+                + ("" if self.nested else " or another family")
             )
         return self
 
@@ -365,6 +536,7 @@ class GapReport:
             "approximation_gap": mean_sem(self.approximation_gap),
             "amortisation_gap": mean_sem(self.amortisation_gap),
             "inference_gap": mean_sem(self.inference_gap),
+            "amortised_guide_in_family": self.nested,
             "fit": {k: v for k, v in self.fit.items() if k != "elbo_trace"},
             "units": "nats per image",
         }
@@ -403,4 +575,5 @@ def inference_gaps(
         fit,
         elbo_local_sem=optimised.elbo_sem,
         elbo_amortised_sem=amortised.elbo_sem,
+        nested=len(local.sites) == 1,
     )

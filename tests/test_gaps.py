@@ -1,11 +1,12 @@
 """The gap decomposition against closed forms on the linear-Gaussian model, whose posterior
-is Gaussian with precision Λ = I + WᵀW/σ²."""
+is Gaussian with precision Λ = I + WᵀW/σ², and on the two-layer linear-Gaussian chain
+z2 -> z1 -> x, whose joint posterior over both layers is Gaussian too."""
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from exact_models import D64, LinearGaussian
+from exact_models import D64, LinearGaussian, LinearGaussianChain
 
 from pyro_vae import VAE
 from pyro_vae.gaps import fit_local_guide, inference_gaps
@@ -164,3 +165,113 @@ def test_family_own_needs_a_guide_that_exposes_its_family():
     lg = LinearGaussian()
     with pytest.raises(ValueError, match="family 'own' needs"):
         fit_local_guide(lg.model, lg.wrong_guide, lg.sample_x(2), family="own")
+
+
+# -- several latent sites: q* is one Gaussian over both layers of the chain ----------------------
+
+
+def chain_posterior(lg: LinearGaussianChain, x, order=("z1", "z2")):
+    """The exact joint posterior of (z1, z2) given x, concatenated in ``order``: mean (N, 5)
+    and covariance (5, 5).  p(z1 | x) is Gaussian and p(z2 | z1, x) = p(z2 | z1) is linear."""
+    gain, s1 = lg.gain[0], lg.post_cov
+    m1 = lg.post_mean(x)
+    m2 = lg.cond_mean(0, m1)
+    s21 = gain @ s1
+    s22 = gain @ s1 @ gain.T + lg.cond_cov[0]
+    mean = torch.cat([m1, m2], -1)
+    cov = torch.cat([torch.cat([s1, s21.T], 1), torch.cat([s21, s22], 1)], 0)
+    if tuple(order) == ("z2", "z1"):
+        perm = torch.tensor([3, 4, 0, 1, 2])
+        mean, cov = mean[:, perm], cov[perm][:, perm]
+    return mean, cov
+
+
+def shifted_guide(lg: LinearGaussianChain, d1: float = 0.6, d2: float = -0.4):
+    """The exact bottom-up posterior q(z1 | x) q(z2 | z1) with both means shifted: its joint
+    is the posterior moved by (d1, G d1 + d2), so KL to the posterior is in closed form."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.MultivariateNormal(lg.post_mean(x) + d1, lg.post_cov))
+            pyro.sample("z2", dist.MultivariateNormal(lg.cond_mean(0, z1) + d2, lg.cond_cov[0]))
+
+    def kl(x):
+        delta1 = torch.full((3,), d1, dtype=D64)
+        delta = torch.cat([delta1, lg.gain[0] @ delta1 + d2])
+        _, cov = chain_posterior(lg, x)
+        return 0.5 * delta @ torch.linalg.solve(cov, delta)
+
+    return guide, kl
+
+
+def top_down_guide(lg: LinearGaussianChain):
+    """A wrong guide that draws z2 first, then z1 given z2: q*'s blocks follow that order."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(2, dtype=D64), 1.0).to_event(1))
+            loc = z2 @ lg.A[0].T + lg.a[0]
+            pyro.sample("z1", dist.Normal(loc, 0.5).to_event(1))
+
+    return guide
+
+
+def joint_kl(local, mean, cov):
+    q = local.distribution()
+    if isinstance(q, dist.Independent):
+        q = dist.MultivariateNormal(q.base_dist.loc, torch.diag_embed(q.base_dist.scale**2))
+    return torch.distributions.kl_divergence(q, dist.MultivariateNormal(mean, cov)).detach()
+
+
+@pytest.mark.parametrize("order", [("z1", "z2"), ("z2", "z1")])
+def test_q_star_over_two_layers_is_the_joint_posterior_or_its_closed_form_diagonal_optimum(order):
+    """Full: q*, drawn layer by layer from its Cholesky blocks, is the joint posterior in
+    either order of the sites.  Diagonal: the mean-field optimum, KL 0.5 (Σ log Λ_ii − log|Λ|)."""
+    pyro.set_rng_seed(5)
+    lg = LinearGaussianChain()
+    x = lg.sample_x(3)
+    guide = shifted_guide(lg)[0] if order == ("z1", "z2") else top_down_guide(lg)
+    mean, cov = chain_posterior(lg, x, order)
+    fast = {**FIT, "window": 50, "halvings": 4}
+    local, fit = fit_local_guide(lg.model, guide, x, **fast)
+    assert fit["family"] == "full" and fit["sites"] == list(order) and fit["converged"]
+    assert joint_kl(local, mean, cov).max() < 0.02
+    assert torch.allclose(local.loc.detach(), mean, atol=0.05)
+    precision = torch.linalg.inv(cov)
+    gap = 0.5 * (precision.diagonal().log().sum() - torch.logdet(precision))
+    assert gap > 0.1  # the layers are correlated enough for the families to differ
+    local, fit = fit_local_guide(lg.model, guide, x, family="diagonal", **fast)
+    assert (joint_kl(local, mean, cov) - gap).abs().max() < 0.02
+
+
+def test_the_gaps_of_a_two_layer_guide_match_the_closed_form():
+    """A shifted bottom-up guide: log p(x) exact, no approximation gap (q* is the
+    posterior), and an amortisation gap of KL(q || p(z1, z2 | x)); the exact guide has none."""
+    pyro.set_rng_seed(6)
+    lg = LinearGaussianChain()
+    x = lg.sample_x(6)
+    exact = lg.exact_log_px(x)
+    fast = {**FIT, "window": 50, "halvings": 4}
+    guide, kl = shifted_guide(lg)
+    wrong = inference_gaps(
+        lg.model, guide, x, num_particles=200, elbo_particles=2000, fit_options=fast
+    )
+    s = wrong.summary()
+    assert s["status"] == "ok" and s["amortised_guide_in_family"] is False
+    assert (wrong.log_px - exact).abs().max() < 0.02
+    assert abs(s["approximation_gap"]["mean"]) < 0.03
+    expected = float(kl(x))
+    assert expected > 0.3
+    tolerance = 4 * s["amortisation_gap"]["sem"] + 0.03
+    assert abs(s["amortisation_gap"]["mean"] - expected) < tolerance
+    right = inference_gaps(
+        lg.model, lg.exact_guide, x, num_particles=200, elbo_particles=1000, fit_options=fast
+    )
+    assert torch.allclose(right.elbo_amortised, exact, atol=1e-6)  # every weight is p(x)
+    assert abs(right.summary()["amortisation_gap"]["mean"]) < 0.03
+
+
+def test_family_own_is_refused_for_several_sites():
+    lg = LinearGaussianChain()
+    with pytest.raises(ValueError, match="one latent site; this one has 2"):
+        fit_local_guide(lg.model, lg.exact_guide, lg.sample_x(2), family="own")

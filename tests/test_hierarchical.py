@@ -153,6 +153,18 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
     assert ood.returncode == 0, ood.stderr
     scores = json.loads((out / "ood_mnist_vs_flipped.json").read_text())["metrics"]
     assert "llr_above_1" in scores
+    gaps = run_script(
+        "inference_gaps.py",
+        ["--checkpoint", str(out), "--images", "3", "--num-particles", "20"]
+        + ["--elbo-particles", "20", "--fit-steps", "100", "--quiet"],
+        data_dir,
+    )
+    assert gaps.returncode == 0, gaps.stderr
+    report = json.loads((out / "inference_gaps_full.json").read_text())  # q* over both layers
+    assert report["fit"]["sites"] == ["z2", "z1"]  # the top-down guide's order
+    assert report["amortised_guide_in_family"] is False
+    parts = report["approximation_gap"]["mean"] + report["amortisation_gap"]["mean"]
+    assert abs(report["inference_gap"]["mean"] - parts) < 1e-6
     monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
     for script, extra, message in (
         (
@@ -160,7 +172,7 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
             ["encode", "--split", "test", "--output", str(tmp_path / "x")],
             "one-layer",
         ),
-        ("inference_gaps.py", ["--images", "2"], "one latent site"),
+        ("inference_gaps.py", ["--images", "2", "--family", "own"], "one-layer VAE"),
         (
             "train_svi.py",
             ["--model", "hvae", "--flow", "iaf", "--out", str(tmp_path / "r")],
