@@ -15,15 +15,6 @@ batch, initialised from the encoder.
 standard errors, log p(x) estimated by importance sampling with the better of the two
 proposals.  Every latent sample site has one event dimension.
 
-Several latent sites (a hierarchical VAE's layers): q* is one Gaussian over all of them
-together, their vectors concatenated in the guide's order, ``"diagonal"`` (independent
-coordinates) or ``"full"`` (any correlation, between layers too; the default there).  The
-guide draws it site by site from the blocks of its Cholesky factor, so the model sees each
-layer as its own site.  An amortised guide of several layers, whose later layers depend on
-the earlier draws through networks, is not a member of this family: the amortisation gap
-ELBO[q*] - ELBO[q] is then a difference between two families as well as between amortised
-and per-image fits, and may be negative.
-
 The family of q*: ``"own"`` is the amortised guide's own family, for guides whose owner module
 defines ``posterior_parameters(x)`` (the encoder's unconstrained outputs) and
 ``posterior_from(raw)`` (the distribution they define), as the project's VAE does: q* is then
@@ -31,7 +22,19 @@ the best distribution the guide could output for this x, whatever the encoder.  
 guide that is the whole diagonal or full-covariance family; for a conditional flow it is the
 flow with its trained weights, conditioned on per-image parameters (Cremer et al. also
 re-fitted the flow's weights per image, a larger family).  ``"diagonal"`` and ``"full"`` are
-Gaussian families for any guide; ``None`` picks ``"own"`` where it exists, else ``"diagonal"``.
+Gaussian families for any guide.  ``None`` picks ``"own"`` where it exists, else
+``"diagonal"`` (``"full"`` for several sites).
+
+Several latent sites (a hierarchical VAE's layers).  ``"own"``, for an owner with
+``guide_from(raw)`` (``HierarchicalVAE``): per-image values in place of what the guide
+computes from x (the top-down guide's bottom-up estimates of every layer, merged with the
+model's conditionals as the guide does; the bottom-up guide's q(z_1 | x), the layers above
+through their trained networks).  ``"diagonal"`` or ``"full"``: one Gaussian over all sites
+together, their vectors concatenated in the guide's order, drawn site by site from the
+blocks of its Cholesky factor so that the model sees each layer as its own site.  An
+amortised guide of several layers, whose later layers depend on earlier draws through
+networks, is not a member of that Gaussian family: the amortisation gap ELBO[q*] - ELBO[q]
+then compares two families as well, and may be negative.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class LocalGuide:
     matching model.
 
     ``site`` may name several sites, with their sizes in ``sizes`` (summing to D): the
-    Gaussian over D is then drawn site by site (see the module's docstring)."""
+    Gaussian over D is then drawn site by site (see the module's docstring).  For a guide's
+    own family over several sites, ``draw(rows)`` samples all of them instead of ``build``
+    (``HierarchicalVAE.guide_from``)."""
 
     def __init__(
         self,
@@ -85,21 +90,22 @@ class LocalGuide:
         plate_name: str = "data",
         build: Callable[[Tensor], dist.TorchDistribution] | None = None,
         sizes: Sequence[int] | None = None,
+        draw: Callable[[Tensor], None] | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-        if (family == "own") != (build is not None):
-            raise ValueError("family 'own' and only it takes build")
+        if (family == "own") != ((build is None) != (draw is None)):
+            raise ValueError("family 'own' and only it takes build or draw (one of them)")
         self.sites = (site,) if isinstance(site, str) else tuple(site)
-        if len(self.sites) > 1:
-            if family == "own":
-                raise ValueError("family 'own' takes one latent site")
+        if len(self.sites) > 1 and family == "own" and draw is None:
+            raise ValueError("family 'own' over several sites takes draw, not build")
+        if len(self.sites) > 1 and family != "own":
             if sizes is None or len(sizes) != len(self.sites) or sum(sizes) != loc.shape[-1]:
                 raise ValueError("several sites need their sizes, summing to loc's last dimension")
         self.sizes = tuple(sizes) if sizes is not None else (loc.shape[-1],)
         self.family, self.site, self.plate_name = family, site, plate_name
         self.loc = loc.detach().clone().requires_grad_()
-        self.build = build
+        self.build, self.draw = build, draw
         # unconstrained: log-scales on the diagonal, and the strict lower triangle as is
         if family == "own":
             self.raw = None
@@ -124,6 +130,8 @@ class LocalGuide:
     def distribution(self, index: Tensor | slice = slice(None)) -> dist.TorchDistribution:
         """q* for the rows ``index`` of the data the guide was made for."""
         loc = self.loc[index]
+        if self.draw is not None:
+            raise ValueError("q* over several sites in the guide's own family is drawn, not given")
         if self.build is not None:
             return self.build(loc)
         if self.family == "diagonal":
@@ -136,7 +144,9 @@ class LocalGuide:
         """The Pyro guide: samples the latent site(s) for the rows ``index``, in the data
         plate."""
         with pyro.plate(self.plate_name, x.shape[0]):
-            if len(self.sites) == 1:
+            if self.draw is not None:
+                self.draw(self.loc[index])
+            elif len(self.sites) == 1:
                 pyro.sample(self.sites[0], self.distribution(index))
             elif self.family == "diagonal":
                 loc, scale = self.loc[index], self.raw[index].exp()
@@ -279,32 +289,30 @@ def _amortised_gaussian(
 
 
 def _own_family(guide: Callable):
-    """The guide's owner module if it exposes its family (``posterior_parameters``,
-    ``posterior_from``), else None."""
+    """The guide's owner module if it exposes its family (``posterior_parameters`` and
+    ``posterior_from`` for one site, or ``guide_from`` for several), else None."""
     owner = getattr(guide, "__self__", None)
-    if hasattr(owner, "posterior_parameters") and hasattr(owner, "posterior_from"):
+    if hasattr(owner, "posterior_parameters") and (
+        hasattr(owner, "posterior_from") or hasattr(owner, "guide_from")
+    ):
         return owner
     return None
 
 
 def resolve_family(guide: Callable, family: str | None, num_sites: int = 1) -> str:
-    """``family``, or for ``None`` the guide's own family where it has one, else diagonal;
-    for several latent sites, full (the layers of a posterior are correlated)."""
-    if family is None and num_sites > 1:
-        return "full"
+    """``family``, or for ``None`` the guide's own family where it has one, else diagonal
+    (for several latent sites, full: the layers of a posterior are correlated)."""
+    owner = _own_family(guide)
+    own = owner is not None and hasattr(owner, "guide_from" if num_sites > 1 else "posterior_from")
     if family is None:
-        return "own" if _own_family(guide) is not None else "diagonal"
+        return "own" if own else "full" if num_sites > 1 else "diagonal"
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    if family == "own" and num_sites > 1:
+    if family == "own" and not own:
+        needs = "guide_from(raw)" if num_sites > 1 else "posterior_from(raw)"
         raise ValueError(
-            f"family 'own' takes a guide with one latent site; this one has {num_sites}: "
-            "use 'diagonal' or 'full' (one Gaussian over all of them)"
-        )
-    if family == "own" and _own_family(guide) is None:
-        raise ValueError(
-            "family 'own' needs a guide method of a module with posterior_parameters(x) and "
-            "posterior_from(raw), as the project's VAE has; use 'diagonal' or 'full'"
+            f"family 'own' needs a guide method of a module with posterior_parameters(x) and "
+            f"{needs}, as the project's models have; use 'diagonal' or 'full'"
         )
     return family
 
@@ -347,7 +355,10 @@ def fit_local_guide(
         owner = _own_family(guide)
         with torch.no_grad():
             start = owner.posterior_parameters(x)
-        local = LocalGuide(start, family="own", site=sites[0], build=owner.posterior_from)
+        if len(sites) > 1:
+            local = LocalGuide(start, family="own", site=sites, draw=owner.guide_from)
+        else:
+            local = LocalGuide(start, family="own", site=sites[0], build=owner.posterior_from)
     else:
         loc, scale = _amortised_gaussian(guide, x, sites)
         one = sites[0] if len(sites) == 1 else sites
@@ -575,5 +586,5 @@ def inference_gaps(
         fit,
         elbo_local_sem=optimised.elbo_sem,
         elbo_amortised_sem=amortised.elbo_sem,
-        nested=len(local.sites) == 1,
+        nested=local.family == "own" or len(local.sites) == 1,
     )

@@ -6,9 +6,10 @@
 For each image, with the model fixed: a per-image guide q* (in the guide's own family: a
 diagonal or full-covariance Gaussian, or the flow conditioned on per-image parameters; or
 --family diagonal|full) is fitted by SVI from the encoder's output; then ELBO[q] of the amortised
-guide, ELBO[q*], and log p̂(x) with K = --num-particles draws from q*.  For a hierarchical VAE,
-q* is one Gaussian over all its layers together (full covariance by default, or diagonal); its
-amortised guide is not in that family, so the amortisation gap may come out negative.  Writes
+guide, ELBO[q*], and log p̂(x) with K = --num-particles draws from q*.  For a hierarchical VAE
+the own family is its guide with per-image values in place of what it computes from x;
+--family diagonal|full is one Gaussian over all its layers together, a family its amortised
+guide is not in (so that the amortisation gap may come out negative).  Writes
 inference_gaps_<family>.json (means with standard errors, nats per image) and
 figures/inference_gaps_<family>.png into the run directory (or --out); an existing report is
 replaced only with --force.  A fit that ends where no gap can be (q*'s ELBO below the amortised
@@ -50,11 +51,11 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--family",
-        default=None,
+        default="own",
         choices=FAMILIES,
-        help="q*'s family: own (the guide's: diagonal or full Gaussian, or its flow), diagonal "
-        "or full (a Gaussian; over all layers of a hierarchical VAE) (default: own for a VAE, "
-        "full for a hierarchical VAE)",
+        help="q*'s family: own (the guide's: diagonal or full Gaussian, or its flow; for a "
+        "hierarchical VAE its guide with per-image inputs), diagonal or full (a Gaussian, over "
+        "all layers of a hierarchical VAE) (default: own)",
     )
     p.add_argument(
         "--num-particles", type=positive_int, default=5000, help="K for log p(x) (default: 5000)"
@@ -97,15 +98,8 @@ def main(args) -> dict:
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
     model = model_from_checkpoint(state).eval()
-    layered = hasattr(model, "latent_sites")
-    if not (hasattr(model, "posterior_from") or layered):
+    if not hasattr(model, "posterior_parameters"):
         raise UsageError("the gap decomposition needs a VAE or hierarchical VAE checkpoint")
-    if layered and args.family == "own":
-        raise UsageError(
-            "--family own takes a one-layer VAE; a hierarchical VAE's q* is one Gaussian over "
-            "all its layers: use --family full or diagonal"
-        )
-    args.family = args.family or ("full" if layered else "own")
     config = state.get("config", {})
     name = f"inference_gaps_{args.family}"
     outputs = outputs_for(

@@ -271,7 +271,7 @@ def test_the_gaps_of_a_two_layer_guide_match_the_closed_form():
     assert abs(right.summary()["amortisation_gap"]["mean"]) < 0.03
 
 
-def test_family_own_is_refused_for_several_sites():
+def test_family_own_over_several_sites_needs_guide_from():
     lg = LinearGaussianChain()
-    with pytest.raises(ValueError, match="one latent site; this one has 2"):
+    with pytest.raises(ValueError, match="posterior_parameters.x. and guide_from"):
         fit_local_guide(lg.model, lg.exact_guide, lg.sample_x(2), family="own")

@@ -133,21 +133,47 @@ class HierarchicalVAE(PyroModel):
         """q(z_1, ..., z_L | x), bottom-up or top-down (``guide`` of the constructor)."""
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
-            if self.guide_kind == "bottom-up":
-                self._bottom_up(x)
-            else:
-                self._top_down(x)
+            self.guide_from(self.posterior_parameters(x))
 
-    def _bottom_up(self, x: Tensor) -> Tensor:
-        h = x
-        for name, encoder in zip(self.latent_sites, self.encoders):
-            loc, scale = encoder(h)
-            h = pyro.sample(name, dist.Normal(loc, scale).to_event(1))
-        return h
+    # -- the guide's family: what it computes from x alone, and its draws given that -----------
+
+    def posterior_parameters(self, x: Tensor) -> Tensor:
+        """The part of the guide that reads x, unconstrained, (N, P): for the top-down guide
+        the bottom-up estimates of every layer (P = 2 (d_1 + ... + d_L)), for the bottom-up
+        guide q(z_1 | x) (P = 2 d_1; the layers above are drawn through their networks).
+        ``guide_from`` of these is the guide; of any other values, another member of its
+        family (a per-image optimum, ``pyro_vae.gaps``)."""
+        if self.guide_kind == "bottom-up":
+            return self.encoders[0].net(x)
+        out, h = [], x
+        for encoder in self.encoders:
+            out.append(encoder.net(h))
+            h = out[-1].chunk(2, dim=-1)[0]  # the next network reads the estimated mean
+        return torch.cat(out, dim=-1)
+
+    def guide_from(self, raw: Tensor) -> None:
+        """The guide's draws of every layer given ``posterior_parameters``-shaped ``raw``
+        (N, P) in place of x; call inside the data plate."""
+        names = self.latent_sites
+        if self.guide_kind == "bottom-up":
+            h = pyro.sample(names[0], dist.Normal(*self.encoders[0].link(raw)).to_event(1))
+            for name, encoder in zip(names[1:], self.encoders[1:]):
+                h = pyro.sample(name, dist.Normal(*encoder(h)).to_event(1))
+            return
+        est = self._estimates_from(raw)
+        z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
+        for layer in range(len(names) - 1, 0, -1):
+            z = pyro.sample(names[layer - 1], self.merged(layer, est[layer - 1], z))
+
+    def _estimates_from(self, raw: Tensor) -> list[tuple[Tensor, Tensor]]:
+        pieces = raw.split([2 * d for d in self.z_dims], dim=-1)
+        return [encoder.link(r) for encoder, r in zip(self.encoders, pieces)]
 
     def estimates(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The deterministic bottom-up pass of the top-down guide: (mu_hat, sigma_hat) per
         layer, each network reading the layer below's estimated mean."""
+        if self.guide_kind == "top-down":
+            return self._estimates_from(self.posterior_parameters(x))
         out, h = [], x
         for encoder in self.encoders:
             loc, scale = encoder(h)
@@ -164,13 +190,6 @@ class HierarchicalVAE(PyroModel):
         variance = 1.0 / (precision_hat + precision_p)
         loc = variance * (loc_hat * precision_hat + prior[0] * precision_p)
         return dist.Normal(loc, variance.sqrt()).to_event(1)
-
-    def _top_down(self, x: Tensor) -> Tensor:
-        names, est = self.latent_sites, self.estimates(x)
-        z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
-        for layer in range(len(names) - 1, 0, -1):
-            z = pyro.sample(names[layer - 1], self.merged(layer, est[layer - 1], z))
-        return z
 
     def guide_above(self, x: Tensor, k: int = 1) -> None:
         """The proposal of the bound L^{>k} (Havtorn et al. 2021): the top-down guide's
