@@ -34,7 +34,8 @@ together, their vectors concatenated in the guide's order, drawn site by site fr
 blocks of its Cholesky factor so that the model sees each layer as its own site.  An
 amortised guide of several layers, whose later layers depend on earlier draws through
 networks, is not a member of that Gaussian family: the amortisation gap ELBO[q*] - ELBO[q]
-then compares two families as well, and may be negative.
+then compares two families as well; where it would be negative (the Gaussian fits worse
+than the guide), the image's decomposition is refused (``GapReport.failures``).
 """
 
 from __future__ import annotations
@@ -440,16 +441,17 @@ class GapReport:
     fit: dict = field(default_factory=dict)
     elbo_local_sem: Tensor | None = None
     elbo_amortised_sem: Tensor | None = None
-    # whether the amortised guide is a member of q*'s family (one latent site); with several
-    # layers it is not, and ELBO[q*] may end below ELBO[q] without any fault in the fit
+    # whether the amortised guide is a member of q*'s family (one latent site, or the guide's
+    # own family); a Gaussian over several layers is not, and may fit worse than the guide
     nested: bool = True
 
     def failures(self, z: float = 4.0, slack: float = 0.05) -> dict[int, str]:
         """Images whose decomposition cannot be true, by index, with the reason: a non-finite
-        figure; q*'s ELBO below the amortised guide's, where the fit started (checked when the
-        amortised guide is a member of q*'s family, ``nested``); or log p̂(x) below either
-        ELBO (log p̂ from q* is
-        at least the mean log weight of its own draws, an ELBO[q*] estimate).  "Below" means
+        figure; q*'s ELBO below the amortised guide's (a negative amortisation gap: where the
+        amortised guide is a member of q*'s family, the fit started there; where it is not,
+        ``nested`` false, the family falls short of the guide, and the split means nothing);
+        or log p̂(x) below either ELBO (log p̂ from q* is at least the mean log weight of its
+        own draws, an ELBO[q*] estimate).  "Below" means
         by more than ``z`` Monte Carlo standard errors plus ``slack`` nats, the precision of
         a converged fit (an exact amortised guide leaves q* nothing to gain, and the fit ends
         a few hundredths of a nat short of it)."""
@@ -468,8 +470,10 @@ class GapReport:
         checks = [
             (~finite, "non-finite figures"),
             (
-                (self.elbo_local < self.elbo_amortised - margin_both) & self.nested,
-                "q*'s ELBO ends below the amortised guide's, where the fit started",
+                self.elbo_local < self.elbo_amortised - margin_both,
+                "q*'s ELBO ends below the amortised guide's, where the fit started"
+                if self.nested
+                else "q*'s ELBO ends below the amortised guide's, which its family does not hold",
             ),
             (
                 self.log_px < self.elbo_local - margin_local,

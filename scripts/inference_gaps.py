@@ -9,7 +9,7 @@ diagonal or full-covariance Gaussian, or the flow conditioned on per-image param
 guide, ELBO[q*], and log p̂(x) with K = --num-particles draws from q*.  For a hierarchical VAE
 the own family is its guide with per-image values in place of what it computes from x;
 --family diagonal|full is one Gaussian over all its layers together, a family its amortised
-guide is not in (so that the amortisation gap may come out negative).  Writes
+guide is not in (where it fits worse than the guide, the images are reported as failed).  Writes
 inference_gaps_<family>.json (means with standard errors, nats per image) and
 figures/inference_gaps_<family>.png into the run directory (or --out); an existing report is
 replaced only with --force.  A fit that ends where no gap can be (q*'s ELBO below the amortised

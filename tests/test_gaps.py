@@ -275,3 +275,20 @@ def test_family_own_over_several_sites_needs_guide_from():
     lg = LinearGaussianChain()
     with pytest.raises(ValueError, match="posterior_parameters.x. and guide_from"):
         fit_local_guide(lg.model, lg.exact_guide, lg.sample_x(2), family="own")
+
+
+def test_a_negative_amortisation_gap_is_refused_also_outside_the_guides_family():
+    """A Gaussian q* over several layers need not hold the amortised guide, but a split in
+    which it fits worse than the guide is still no decomposition: refused, not printed."""
+    from pyro_vae.gaps import GapFitError, GapReport
+
+    log_px = torch.tensor([-90.0, -91.0], dtype=D64)
+    elbo_local = torch.tensor([-95.0, -92.0], dtype=D64)
+    elbo_amortised = torch.tensor([-93.0, -96.0], dtype=D64)
+    report = GapReport(log_px, elbo_local, elbo_amortised, 100, nested=False)
+    assert report.failures() == {
+        0: "q*'s ELBO ends below the amortised guide's, which its family does not hold"
+    }
+    assert report.summary()["status"] == "failed fit"
+    with pytest.raises(GapFitError, match="or another family"):
+        report.check()
