@@ -170,8 +170,9 @@ class HierarchicalVAE(PyroModel):
         return [encoder.link(r) for encoder, r in zip(self.encoders, pieces)]
 
     def estimates(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """The deterministic bottom-up pass of the top-down guide: (mu_hat, sigma_hat) per
-        layer, each network reading the layer below's estimated mean."""
+        """The deterministic bottom-up pass: (mu_hat, sigma_hat) per layer, each network
+        reading the layer below's estimated mean (the top-down guide's estimates; for the
+        bottom-up guide, its layers followed through their means)."""
         if self.guide_kind == "top-down":
             return self._estimates_from(self.posterior_parameters(x))
         out, h = [], x
@@ -219,13 +220,7 @@ class HierarchicalVAE(PyroModel):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation of the top layer z_L under the guide, following the
         means of the layers below (bottom-up) or the bottom-up estimates (top-down)."""
-        if self.guide_kind == "top-down":
-            return self.estimates(x)[-1]
-        h = x
-        for encoder in self.encoders:
-            loc, scale = encoder(h)
-            h = loc
-        return loc, scale
+        return self.estimates(x)[-1]
 
     @torch.no_grad()
     def decode(self, z_top: Tensor) -> Tensor:
