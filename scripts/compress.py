@@ -7,7 +7,8 @@
 ``encode`` takes binary images from a ``.npy`` file ((N, H, W) or (N, H*W), values 0/1) or
 the run's held-out split binarised as in training; ``decode`` writes them back as a uint8
 ``.npy`` file of shape (N, H, W).  With ``encode --particles K`` the code is importance-weighted
-bits-back (BB-IS, Ruan et al. 2021): about -log p̂_K(x) per image instead of the -ELBO.  The
+bits-back (BB-IS, Ruan et al. 2021): about -log p̂_K(x) per image instead of the -ELBO (one-layer
+models; a hierarchical VAE's layers are chained with one particle).  The
 file holds a header (format version, a hash of the model's weights, image count and shape,
 latent bits, K) and the message; a file made with other weights, or
 a truncated or altered one, is refused with one line.  Outputs are written to a temporary

@@ -9,7 +9,14 @@ import pytest
 import torch
 from helpers import run_script
 
-from pyro_vae import VAE, BatchLoader, Trainer, estimate_log_px, load_checkpoint
+from pyro_vae import (
+    VAE,
+    BatchLoader,
+    HierarchicalVAE,
+    Trainer,
+    estimate_log_px,
+    load_checkpoint,
+)
 from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
 from pyro_vae.models import model_from_checkpoint
 
@@ -191,3 +198,69 @@ def test_each_image_costs_the_importance_weighted_information_and_k_buys_rate(tr
         assert abs(grown.mean() - fresh.mean()) < 4 * se
         rates[k] = grown.mean()
     assert rates[8] < rates[1] - 2  # eight particles: a shorter code than the ELBO's
+
+
+# -- several stochastic layers: the layers chained, one particle --------------------------------
+
+
+@pytest.fixture(scope="module", params=["bottom-up", "top-down"])
+def trained_layers(request, mnist):
+    """A small two-layer VAE with either guide, one epoch on 2,000 images, and 200 binarised
+    test images."""
+    torch.manual_seed(0)
+    hvae = HierarchicalVAE(z_dims=(8, 4), hidden=((64,), (32,)), guide=request.param)
+    train = mnist["train"].subset(slice(0, 2000))
+    Trainer(hvae.model, hvae.guide, lr=3e-3).fit(
+        BatchLoader(train, 100, shuffle=True, binarize="dynamic", seed=0), 1, progress=False
+    )
+    x = torch.bernoulli(mnist["test"].images[:200], generator=torch.Generator().manual_seed(0))
+    return hvae.eval(), x
+
+
+def test_a_hierarchical_model_round_trips_exactly_and_costs_its_information(trained_layers):
+    hvae, x = trained_layers
+    coder = BitsBackCoder(hvae)
+    for images in (x[:1], x[:0]):
+        assert torch.equal(coder.decode(coder.encode(images)), images)
+    trace = []
+    message = CompressedImages.from_bytes(coder.encode(x, trace).to_bytes())
+    assert torch.equal(coder.decode(message), x)
+    lengths = np.array([b for b, _ in trace], dtype=np.float64)
+    buckets = [z for _, z in trace]
+    assert [len(z) for z in buckets[0]] == [8, 4]  # layer 1, then layer 2
+    info = coder.information(x, buckets)
+    # images 2..N: the message grows by -log2 p(x|ẑ1) - log2 P(ẑ1|ẑ2) - log2 P(ẑ2)
+    # + log2 Q(ẑ1, ẑ2|x) of the buckets the coder drew, up to ANS rounding
+    grown = np.diff(lengths)
+    assert abs(grown.sum() - info[1:].sum()) < 1e-3 * info[1:].sum() + 64
+    # the first image pays at least the top layer's prior bits in full (no bits back)
+    assert lengths[0] > 4 * coder.latent_bits
+    # on average the chained code costs at most the continuous -ELBO (discretising cannot
+    # add information; the buckets also cap the far tails of log q - log p), and not much less
+    elbo = estimate_log_px(hvae.model, hvae.guide, x, num_particles=200, psis=False, ks=()).elbo
+    neg_elbo_bits = -elbo.numpy() / math.log(2)
+    diff = info[1:] - neg_elbo_bits[1:]
+    se = np.std(diff) / math.sqrt(len(diff))
+    assert np.mean(diff) < 4 * se + 0.002 * neg_elbo_bits.mean()
+    assert np.mean(diff) > -0.05 * neg_elbo_bits.mean()
+    # and fresh draws from the discretised guide give the same mean as the coder's
+    fresh = coder.information(x[1:], seed=3)
+    se = math.sqrt(np.var(grown) / len(grown) + np.var(fresh) / len(fresh))
+    assert abs(grown.mean() - fresh.mean()) < 4 * se
+
+
+def test_a_hierarchical_message_refuses_other_weights_and_corruption(trained_layers):
+    hvae, x = trained_layers
+    coder = BitsBackCoder(hvae)
+    data = coder.encode(x[:10]).to_bytes()
+    other = HierarchicalVAE(z_dims=(8, 4), hidden=((64,), (32,)), guide=hvae.guide_kind)
+    with pytest.raises(CompressionError, match="other model weights"):
+        BitsBackCoder(other).decode(CompressedImages.from_bytes(data))
+    rng = random.Random(1)
+    for _ in range(60):
+        flipped = bytearray(data)
+        flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        with pytest.raises(CompressionError):
+            coder.decode(CompressedImages.from_bytes(bytes(flipped)))
+    with pytest.raises(ValueError, match="one-layer VAE"):
+        BitsBackCoder(hvae, particles=4)

@@ -4,6 +4,7 @@ likelihood ratio LLR^{>k}, against exact answers on a linear-Gaussian chain z2 -
 import json
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -202,11 +203,18 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
     parts = report["approximation_gap"]["mean"] + report["amortisation_gap"]["mean"]
     assert abs(report["inference_gap"]["mean"] - parts) < 1e-6
     monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    packed, unpacked = tmp_path / "test.pvbb", tmp_path / "test.npy"
+    head = ["--checkpoint", str(out)]
+    encode = ["encode", "--split", "test", "--count", "30", "--output", str(packed)]
+    assert run_in_process("compress.py", [*head, "--quiet", *encode], capsys)[0] == 0
+    decode = ["decode", "--input", str(packed), "--output", str(unpacked)]
+    assert run_in_process("compress.py", [*head, "--quiet", *decode], capsys)[0] == 0
+    assert np.load(unpacked).shape == (30, 28, 28)
     for script, extra, message in (
         (
             "compress.py",
-            ["encode", "--split", "test", "--output", str(tmp_path / "x")],
-            "one-layer",
+            ["encode", "--split", "test", "--particles", "3", "--output", str(tmp_path / "x")],
+            "one-layer VAE",
         ),
         (
             "train_svi.py",

@@ -145,10 +145,15 @@ class HierarchicalVAE(PyroModel):
         family (a per-image optimum, ``pyro_vae.gaps``)."""
         if self.guide_kind == "bottom-up":
             return self.encoders[0].net(x)
+        return self._chain_of_means(x)
+
+    def _chain_of_means(self, x: Tensor) -> Tensor:
+        """The inference networks' raw outputs, layer by layer from x up, each network
+        reading the layer below's mean, concatenated: (N, 2 (d_1 + ... + d_L))."""
         out, h = [], x
         for encoder in self.encoders:
             out.append(encoder.net(h))
-            h = out[-1].chunk(2, dim=-1)[0]  # the next network reads the estimated mean
+            h = out[-1].chunk(2, dim=-1)[0]  # the loc half, as ``Encoder.link`` splits it
         return torch.cat(out, dim=-1)
 
     def guide_from(self, raw: Tensor) -> None:
@@ -173,14 +178,7 @@ class HierarchicalVAE(PyroModel):
         """The deterministic bottom-up pass: (mu_hat, sigma_hat) per layer, each network
         reading the layer below's estimated mean (the top-down guide's estimates; for the
         bottom-up guide, its layers followed through their means)."""
-        if self.guide_kind == "top-down":
-            return self._estimates_from(self.posterior_parameters(x))
-        out, h = [], x
-        for encoder in self.encoders:
-            loc, scale = encoder(h)
-            out.append((loc, scale))
-            h = loc
-        return out
+        return self._estimates_from(self._chain_of_means(x))
 
     def merged(self, layer: int, estimate: tuple[Tensor, Tensor], z_above: Tensor):
         """q(z_layer | x, z_{layer+1}) of the top-down guide: the bottom-up estimate and
