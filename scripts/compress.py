@@ -215,7 +215,12 @@ def main(args) -> dict:
     try:
         message = CompressedImages.from_bytes(raw)
         if message.particles != coder.particles:  # the file says how it was coded
-            coder = BitsBackCoder(model, latent_bits=args.latent_bits, particles=message.particles)
+            try:
+                coder = BitsBackCoder(
+                    model, latent_bits=args.latent_bits, particles=message.particles
+                )
+            except ValueError as e:  # K > 1 with a hierarchical model: not this model's file
+                raise UsageError(f"--input {args.input}: {e}") from None
         start = time.perf_counter()
         images = coder.decode(message)
         seconds = time.perf_counter() - start

@@ -13,6 +13,7 @@ from exact_models import D64, LinearGaussianChain
 from helpers import TINY, run_in_process, run_script
 
 from pyro_vae import HierarchicalVAE, Trainer, estimate_log_px, load_checkpoint, make_elbo
+from pyro_vae.compression import CompressedImages
 from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import llr_above
 
@@ -210,6 +211,13 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
     decode = ["decode", "--input", str(packed), "--output", str(unpacked)]
     assert run_in_process("compress.py", [*head, "--quiet", *decode], capsys)[0] == 0
     assert np.load(unpacked).shape == (30, 28, 28)
+    # a file that claims K = 3 particles cannot be this model's: one line, exit 2
+    claimed = CompressedImages.from_bytes(packed.read_bytes())
+    claimed.particles = 3
+    (tmp_path / "k3.pvbb").write_bytes(claimed.to_bytes())
+    decode = ["decode", "--input", str(tmp_path / "k3.pvbb"), "--output", str(tmp_path / "k3")]
+    status, err = run_in_process("compress.py", [*head, *decode], capsys)
+    assert status == 2 and "one-layer VAE" in err and len(err.strip().splitlines()) == 1, err
     for script, extra, message in (
         (
             "compress.py",
