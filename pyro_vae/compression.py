@@ -213,6 +213,7 @@ class BitsBackCoder:
             (torch.arange(self.buckets, dtype=torch.float64) + 0.5) / self.buckets
         )
         self.weights = model_hash(vae)
+        self._static = None  # a bottom-up hierarchical model's fixed buckets, once computed
         self._stream = _constriction()
 
     # -- the three models, in float64 on one thread ---------------------------------------
@@ -474,6 +475,8 @@ class BitsBackCoder:
         if layer == self.layers - 1:
             return torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
         if net.guide_kind == "bottom-up":
+            if self._static is None:  # once per coder, from the float64 networks
+                self._static = self._marginal_grids(net)
             return self._static[layer]
         p = net.conditional(layer + 1, values[layer + 1][None]).base_dist
         return p.loc[0], p.scale[0]
@@ -485,10 +488,10 @@ class BitsBackCoder:
         cdf = torch.special.ndtr((edges - loc[..., None]) / scale[..., None])
         return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0).numpy()
 
-    def _set(self, net, layer: int, bucket: np.ndarray, z: dict, values: dict, grids: dict):
-        """Record layer's buckets and the value each stands for (its grid's bucket median)."""
-        grids[layer] = self._grid(net, layer, values)
-        a, b = grids[layer]
+    def _set(self, layer: int, bucket: np.ndarray, grid, z: dict, values: dict, grids: dict):
+        """Record layer's buckets, its grid and the value each bucket stands for (the grid's
+        bucket median)."""
+        grids[layer] = a, b = grid
         z[layer] = bucket
         values[layer] = a + b * self.centres[torch.as_tensor(bucket, dtype=torch.long)]
 
@@ -515,14 +518,12 @@ class BitsBackCoder:
     def _guide_pass(self, net, x: Tensor, pick) -> tuple[dict, dict, dict, dict]:
         """Every layer in the guide's order, ``pick(layer, table)`` choosing its buckets:
         (buckets, values, grids, guide tables), keyed by 0-based layer."""
-        if net.guide_kind == "bottom-up" and not hasattr(self, "_static"):
-            self._static = self._marginal_grids(net)
         estimates = net.estimates(x) if net.guide_kind == "top-down" else None
         z, values, grids, tables = {}, {}, {}, {}
         for layer in self._guide_order():
             grid = self._grid(net, layer, values)
             tables[layer] = self._guide_table(net, x, estimates, layer, values, grid)
-            self._set(net, layer, pick(layer, tables[layer]), z, values, grids)
+            self._set(layer, pick(layer, tables[layer]), grid, z, values, grids)
         return z, values, grids, tables
 
     def _pixels(self, net, values: dict) -> np.ndarray:
@@ -561,11 +562,10 @@ class BitsBackCoder:
         top = self.layers - 1
         with _Float64Networks(self.vae) as nets:
             net = nets.net
-            if net.guide_kind == "bottom-up" and not hasattr(self, "_static"):
-                self._static = self._marginal_grids(net)
             for i in reversed(range(message.count)):
                 z, values, grids = {}, {}, {}
-                self._set(net, top, coder.decode(uniform, self.vae.z_dims[top]), z, values, grids)
+                bucket = coder.decode(uniform, self.vae.z_dims[top])
+                self._set(top, bucket, self._grid(net, top, values), z, values, grids)
                 for layer in range(top - 1, -1, -1):
                     grid = self._grid(net, layer, values)
                     table = self._prior_table(net, layer, values, grid)
@@ -573,7 +573,7 @@ class BitsBackCoder:
                         bucket = coder.decode(uniform, self.vae.z_dims[layer])
                     else:
                         bucket = coder.decode(categorical, table)
-                    self._set(net, layer, bucket, z, values, grids)
+                    self._set(layer, bucket, grid, z, values, grids)
                 x = coder.decode(bernoulli, self._pixels(net, values))
                 out[i] = x
                 xi = torch.as_tensor(x[None], dtype=torch.float64)
