@@ -10,7 +10,8 @@ pause point costs one environment lookup.  Under ``torchrun`` (``RANK`` set) the
 
 Points: ``run-started`` (config.json written, no checkpoint yet), ``checkpoint-write`` (a
 checkpoint's temporary file written and flushed, not yet renamed), ``epoch-saved`` (an
-epoch's checkpoint complete), ``evaluation-chunk`` (the evaluator finished one chunk).
+epoch's checkpoint complete), ``evaluation-chunk`` (the evaluator finished one chunk), ``data-write`` (a data file of
+the cache written to its temporary name, not yet renamed).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ __all__ = ["PAUSE_ENV", "PAUSE_FILE_ENV", "POINTS", "pause_point"]
 
 PAUSE_ENV = "PYRO_VAE_PAUSE_AT"
 PAUSE_FILE_ENV = "PYRO_VAE_PAUSE_FILE"
-POINTS = ("run-started", "checkpoint-write", "epoch-saved", "evaluation-chunk")
+POINTS = (
+    "run-started",
+    "checkpoint-write",
+    "epoch-saved",
+    "evaluation-chunk",
+    "data-write",
+)
 
 _reached: Counter[str] = Counter()
 

@@ -339,3 +339,46 @@ def test_cached_idx_files_are_checked_against_the_checksums_recorded_when_writte
     with pytest.raises(DataError, match="does not match the checksum recorded") as info:
         load_dataset("mnist", tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_two_processes_preparing_one_data_directory_at_once_both_succeed(tmp_path):
+    """Two trainings started together on a new machine both write the cache: one is held
+    after writing its first temporary file, the other prepares everything meanwhile, then
+    the first goes on. Neither may move the other's file, and the cache must verify."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pyro_vae.data import prepare_mnist
+    from pyro_vae.faults import PAUSE_ENV, PAUSE_FILE_ENV
+
+    marker = tmp_path / "paused"
+    data = tmp_path / "data"
+    child = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)  # released, not stopped\n"
+        "from pyro_vae.data import prepare_mnist\n"
+        "prepare_mnist(sys.argv[1])\n"
+    )
+    env = {**os.environ, PAUSE_ENV: "data-write:1", PAUSE_FILE_ENV: str(marker)}
+    held = subprocess.Popen([sys.executable, "-c", child, str(data)], env=env)
+    try:
+        deadline = time.monotonic() + 300  # only a bound on a hang, not a timing assumption
+        while not marker.exists():
+            assert held.poll() is None, "the first process ended before its pause point"
+            assert time.monotonic() < deadline, "the first process never reached its pause"
+            time.sleep(0.05)
+        prepare_mnist(data)  # the second process, start to finish
+        held.send_signal(signal.SIGTERM)
+        assert held.wait(timeout=300) == 0
+    finally:
+        held.kill()
+    raw = data / "MNIST" / "raw"
+    assert not list(raw.glob("*.tmp"))
+    splits = load_dataset("mnist", data)  # checked against the recorded checksums
+    assert {name: len(split) for name, split in splits.items()} == {
+        "train": 50_000,
+        "valid": 10_000,
+        "test": 10_000,
+    }

