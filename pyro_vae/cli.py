@@ -115,7 +115,7 @@ def hidden_sizes(s: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of sizes") from None
     if not sizes or any(h <= 0 for h in sizes):
-        raise argparse.ArgumentTypeError(f"{s!r}: hidden sizes must be positive")
+        raise argparse.ArgumentTypeError(f"{s!r}: sizes must be positive")
     return sizes
 
 

@@ -65,22 +65,23 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--z-dims",
         type=hidden_sizes,
-        default=(100, 50),
-        help="hvae: sizes of the stochastic layers, the one next to x first (default: 100,50)",
+        default=None,
+        help="hvae: sizes of the stochastic layers, the one next to x first "
+        f"(default: {','.join(map(str, HVAE_DEFAULTS['z_dims']))})",
     )
     p.add_argument(
         "--layer-hidden",
         type=layer_sizes,
-        default=((200, 200), (100, 100)),
+        default=None,
         help="hvae: hidden sizes between the layers, one list per stochastic layer, from x "
         "up (default: 200,200/100,100)",
     )
     p.add_argument(
         "--guide",
-        default="bottom-up",
+        default=None,
         choices=HVAE_GUIDES,
         help="hvae: q(z1|x) q(z2|z1)... (bottom-up), or the ladder VAE's precision-weighted "
-        "top-down merge (top-down) (default: bottom-up)",
+        f"top-down merge (top-down) (default: {HVAE_DEFAULTS['guide']})",
     )
     p.add_argument(
         "--likelihood",
@@ -140,11 +141,28 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+# The hierarchical VAE's flags, when --model hvae is chosen without them.
+HVAE_DEFAULTS = {
+    "z_dims": (100, 50),
+    "layer_hidden": ((200, 200), (100, 100)),
+    "guide": "bottom-up",
+}
+
+
 def build_model(args, x_dim: int, image_shape):
-    """(model, model class name) for the flags: the one-layer VAE or the hierarchical one."""
+    """(model, model class name) for the flags: the one-layer VAE or the hierarchical one.
+
+    A flag of the other model is refused in one line rather than ignored.  (A resumed run's
+    flags come from its config.json, checked when it started; runs from before the
+    hierarchical flags defaulted to None hold their old defaults there.)"""
     from pyro_vae.models import VAE, HierarchicalVAE
 
+    checked = args.resume is None
     if args.model == "vae":
+        for key in HVAE_DEFAULTS:
+            if checked and getattr(args, key) is not None:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"{flag} applies to --model hvae, not to the one-layer VAE")
         vae = VAE(
             x_dim=x_dim,
             z_dim=args.z_dim,
@@ -165,10 +183,23 @@ def build_model(args, x_dim: int, image_shape):
         "--likelihood": (args.likelihood, "bernoulli"),
         "--x-scale": (args.x_scale, None),
         "--beta": (args.beta, 1.0),
+        "--z-dim": (args.z_dim, build_parser().get_default("z_dim")),
+        "--hidden": (args.hidden, PRESETS[args.preset]["hidden"]),
     }
     for flag, (value, default) in one_layer_only.items():
-        if value != default:
-            raise UsageError(f"{flag} applies to --model vae, not to the hierarchical VAE")
+        if checked and value != default:
+            hint = {"--z-dim": " (its layers are --z-dims)", "--hidden": " (see --layer-hidden)"}
+            raise UsageError(
+                f"{flag} applies to --model vae, not to the hierarchical VAE{hint.get(flag, '')}"
+            )
+    for key, value in HVAE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if len(args.layer_hidden) != len(args.z_dims):
+        raise UsageError(
+            f"--layer-hidden: needs one list of sizes per stochastic layer of --z-dims "
+            f"({len(args.z_dims)}), got {len(args.layer_hidden)}"
+        )
     model = HierarchicalVAE(
         x_dim=x_dim,
         z_dims=args.z_dims,

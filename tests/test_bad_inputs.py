@@ -96,6 +96,23 @@ PATH_CASES = [
     ("train_svi.py", ["--flow", "iaf", "--covariance", "full"], "--covariance: a flow starts"),
     ("train_svi.py", ["--x-scale", "0.5"], "--x-scale: applies to the gaussian likelihood"),
     ("train_svi.py", ["--flow", "planar", "--elbo", "dreg"], "no inverse"),
+    # a flag of the other model is refused, not ignored
+    (
+        "train_svi.py",
+        ["--guide", "top-down", "--out", "{tmp}/r"],
+        "--guide applies to --model hvae",
+    ),
+    ("train_svi.py", ["--z-dims", "10,5", "--out", "{tmp}/r"], "--z-dims applies to --model hvae"),
+    (
+        "train_svi.py",
+        ["--model", "hvae", "--z-dim", "20", "--out", "{tmp}/r"],
+        "--z-dim applies to --model vae",
+    ),
+    (
+        "train_svi.py",
+        ["--model", "hvae", "--z-dims", "10", "--layer-hidden", "20/30", "--out", "{tmp}/r"],
+        "--layer-hidden: needs one list of sizes per stochastic layer",
+    ),
     ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier conv"),
     ("train_ssvae.py", ["--m1", "{run}", "--balance", "5"], "--balance"),
     ("train_ssvae.py", ["--label-rotate", "200", "--out", "{tmp}/r"], "in degrees in [0, 180]"),

@@ -233,3 +233,26 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
         head = ["--checkpoint", str(out)] if script != "train_svi.py" else []
         status, err = run_in_process(script, [*head, *extra], capsys)
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_one_layer_run_saved_with_the_hierarchical_flags_filled_in_still_resumes(
+    data_dir, tmp_path
+):
+    """Runs made before the hierarchical flags defaulted to None hold their old defaults in
+    config.json; resuming one must not be refused as if the user had given them."""
+    out = tmp_path / "run"
+    args = [*TINY, "--z-dim", "4", "--hidden", "16", "--eval-particles", "0"]
+    first = run_script("train_svi.py", [*args, "--epochs", "1", "--out", str(out)], data_dir)
+    assert first.returncode == 0, first.stderr
+    from pyro_vae.checkpoints import save_checkpoint
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["config"]["guide"] is None and state["config"]["z_dims"] is None
+    legacy = dict(guide="bottom-up", z_dims=[100, 50], layer_hidden=[[200, 200], [100, 100]])
+    state["config"].update(legacy)
+    state.pop("format_version")
+    save_checkpoint(out / "checkpoint.pt", state)
+    (out / "config.json").write_text(json.dumps(state["config"]))
+    resumed = run_script("train_svi.py", ["--resume", str(out), "--epochs", "2"], data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
