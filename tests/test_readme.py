@@ -20,6 +20,19 @@ def test_readme_test_command_is_what_ci_runs():
     assert "sphinx" in ci and "-W" in ci  # the documentation is built with warnings as errors
 
 
+def test_the_docs_front_page_shows_the_readmes_measurements():
+    """docs/index.md repeats the README's table of measured figures (its links one folder
+    up): the two front pages must not disagree on a figure."""
+
+    def table(text: str) -> str:
+        rows = re.search(r"^\| what \| figure.*?\n((?:\|.*\n)+)", text, re.M)
+        assert rows, "no table of measured figures"
+        return rows.group(0)
+
+    index = (ROOT / "docs" / "index.md").read_text()
+    assert table(index) == table(README).replace("](docs/results/", "](results/")
+
+
 def snippets():
     for page in PAGES:
         for i, code in enumerate(re.findall(r"```python\n(.*?)\n```", page.read_text(), re.S)):
