@@ -114,7 +114,10 @@ def build_parser() -> ArgumentParser:
         "or planar (not with --elbo dreg) (default: none)",
     )
     p.add_argument(
-        "--flow-depth", type=positive_int, default=2, help="transforms in the flow (default: 2)"
+        "--flow-depth",
+        type=positive_int,
+        default=None,
+        help="transforms in the flow given by --flow (default: 2)",
     )
     p.add_argument(
         "--covariance",
@@ -163,6 +166,10 @@ def build_model(args, x_dim: int, image_shape):
             if checked and getattr(args, key) is not None:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} applies to --model hvae, not to the one-layer VAE")
+        if checked and args.flow_depth is not None and args.flow is None:
+            raise UsageError("--flow-depth applies to a --flow (iaf or planar)")
+        if args.flow is not None and args.flow_depth is None:
+            args.flow_depth = 2
         vae = VAE(
             x_dim=x_dim,
             z_dim=args.z_dim,
@@ -173,12 +180,13 @@ def build_model(args, x_dim: int, image_shape):
             beta=args.beta,
             image_shape=image_shape,
             flow=args.flow,
-            flow_depth=args.flow_depth,
+            flow_depth=args.flow_depth or 2,
             covariance=args.covariance,
         )
         return vae, "VAE"
     one_layer_only = {
         "--flow": (args.flow, None),
+        "--flow-depth": (args.flow_depth, None),
         "--covariance": (args.covariance, "diagonal"),
         "--likelihood": (args.likelihood, "bernoulli"),
         "--x-scale": (args.x_scale, None),

@@ -103,6 +103,7 @@ PATH_CASES = [
         "--guide applies to --model hvae",
     ),
     ("train_svi.py", ["--z-dims", "10,5", "--out", "{tmp}/r"], "--z-dims applies to --model hvae"),
+    ("train_svi.py", ["--flow-depth", "3", "--out", "{tmp}/r"], "--flow-depth applies to a --flow"),
     (
         "train_svi.py",
         ["--model", "hvae", "--z-dim", "20", "--out", "{tmp}/r"],
