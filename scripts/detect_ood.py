@@ -81,7 +81,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--select-images",
         type=positive_int,
-        default=1000,
+        default=None,
         help="validation images that choose the compressor with --compressor auto (default: 1000)",
     )
     p.add_argument(
@@ -106,6 +106,8 @@ def build_parser() -> ArgumentParser:
 
 
 def main(args) -> dict:
+    if args.compressor != "auto" and args.select_images is not None:
+        raise UsageError("--select-images applies to --compressor auto")
     # torch and Pyro load here, after the arguments are parsed
     from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
     from pyro_vae.data import as_dataset, heldout_images
@@ -171,7 +173,13 @@ def main(args) -> dict:
     compressor, selection = args.compressor, None
     if compressor == "auto":
         valid = heldout_images(
-            inside_name, data_dir, "valid", binarize, seed, args.select_images, "--select-images"
+            inside_name,
+            data_dir,
+            "valid",
+            binarize,
+            seed,
+            args.select_images or 1000,
+            "--select-images",
         )
         if progress:
             print(

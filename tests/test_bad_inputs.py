@@ -152,6 +152,11 @@ PATH_CASES = [
     # the same data set in and out of distribution; outputs that are directories or inputs
     ("detect_ood.py", ["--checkpoint", "{run}", "--ood", "mnist"], "nothing to tell apart"),
     (
+        "detect_ood.py",
+        ["--checkpoint", "{run}", "--ood", "noise", "--compressor", "bz2", "--select-images", "50"],
+        "--select-images applies to --compressor auto",
+    ),
+    (
         "compress.py",
         ["--checkpoint", "{run}", "encode", "--split", "test", "--output", "{tmp}"],
         "is a directory",
