@@ -40,8 +40,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--latent-bits",
         type=positive_int,
-        default=10,
-        help="buckets per latent dimension: 2**bits of equal prior mass, 4 to 16 (default: 10)",
+        default=None,
+        help="buckets per latent dimension: 2**bits of equal prior mass, 4 to 16 (default: 10 "
+        "to encode; decode reads it from the file)",
     )
     sub = p.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images -> compressed file")
@@ -185,7 +186,7 @@ def main(args) -> dict:
     model = model_from_checkpoint(state).eval()
     particles = getattr(args, "particles", 1)
     try:
-        coder = BitsBackCoder(model, latent_bits=args.latent_bits, particles=particles)
+        coder = BitsBackCoder(model, latent_bits=args.latent_bits or 10, particles=particles)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.command == "encode":
@@ -214,11 +215,15 @@ def main(args) -> dict:
         raise UsageError(f"--input {args.input}: {e.strerror}") from None
     try:
         message = CompressedImages.from_bytes(raw)
-        if message.particles != coder.particles:  # the file says how it was coded
+        if args.latent_bits not in (None, message.latent_bits):
+            raise UsageError(
+                f"--input {args.input}: the file uses {message.latent_bits} latent bits, "
+                f"--latent-bits says {args.latent_bits} (decode reads it from the file)"
+            )
+        coded = (message.latent_bits, message.particles)
+        if coded != (coder.latent_bits, coder.particles):  # the file says how it was coded
             try:
-                coder = BitsBackCoder(
-                    model, latent_bits=args.latent_bits, particles=message.particles
-                )
+                coder = BitsBackCoder(model, latent_bits=coded[0], particles=coded[1])
             except ValueError as e:  # K > 1 with a hierarchical model: not this model's file
                 raise UsageError(f"--input {args.input}: {e}") from None
         start = time.perf_counter()

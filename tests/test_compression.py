@@ -164,6 +164,19 @@ def test_compress_script_round_trip_and_refusals(trained_run, data_dir, tmp_path
     assert result.returncode == 2 and "truncated" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not target.exists()
     assert not list(tmp_path.glob("*.tmp"))
+    # decode reads the latent bits from the file, as it reads K; a --latent-bits that
+    # contradicts the file is refused in one line
+    head = ["--checkpoint", run, "--latent-bits", "6"]
+    encode = ["encode", "--split", "test", "--count", "5", "--output", str(tmp_path / "b6")]
+    assert run_script("compress.py", [*head, "--quiet", *encode], data_dir).returncode == 0
+    decode = ["decode", "--input", str(tmp_path / "b6"), "--output", str(tmp_path / "b6.npy")]
+    result = run_script("compress.py", ["--checkpoint", run, *decode], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "b6.npy"), decoded[:5])
+    decode[-1] = str(tmp_path / "b8.npy")
+    result = run_script("compress.py", [*head[:2], "--latent-bits", "8", *decode], data_dir)
+    assert result.returncode == 2 and "the file uses 6 latent bits" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "b8.npy").exists()
 
 
 # -- importance-weighted bits-back (BB-IS) ------------------------------------------------------
