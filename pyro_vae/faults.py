@@ -10,8 +10,8 @@ pause point costs one environment lookup.  Under ``torchrun`` (``RANK`` set) the
 
 Points: ``run-started`` (config.json written, no checkpoint yet), ``checkpoint-write`` (a
 checkpoint's temporary file written and flushed, not yet renamed), ``epoch-saved`` (an
-epoch's checkpoint complete), ``evaluation-chunk`` (the evaluator finished one chunk), ``data-write`` (a data file of
-the cache written to its temporary name, not yet renamed).
+epoch's checkpoint complete), ``evaluation-chunk`` (the evaluator finished one chunk),
+``data-write`` (a file of the data cache written under its temporary name, not yet renamed).
 """
 
 from __future__ import annotations
