@@ -56,6 +56,9 @@ _PUBLIC: dict[str, str] = {
     "RunDirError": "pyro_vae.rundir",
     "TrainingRun": "pyro_vae.runs",
     "seed_everything": "pyro_vae.seeding",
+    "KLWeight": "pyro_vae.schedules",
+    "kl_warmup_weight": "pyro_vae.schedules",
+    "lr_factor": "pyro_vae.schedules",
     "PRESETS": "pyro_vae.choices",
     "EarlyStopping": "pyro_vae.train",
     "NonFiniteError": "pyro_vae.train",
@@ -121,6 +124,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.objectives import IWAE, DReG, ObjectiveError  # noqa: F401
     from pyro_vae.rundir import Outputs, RunDir, RunDirError  # noqa: F401
     from pyro_vae.runs import TrainingRun  # noqa: F401
+    from pyro_vae.schedules import KLWeight, kl_warmup_weight, lr_factor  # noqa: F401
     from pyro_vae.seeding import seed_everything  # noqa: F401
     from pyro_vae.train import (  # noqa: F401
         EarlyStopping,

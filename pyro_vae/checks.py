@@ -30,7 +30,9 @@ class ConfigError(ValueError):
     command-line flag of the same name (``--flow`` for ``flow``) sets: the scripts report it
     in one line, so the check lives in the model alone."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str | None = None) -> None:
+        if message is None:  # re-raised as cls(text), as Pyro does: "field: message ..."
+            field, _, message = field.partition(": ")
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
 

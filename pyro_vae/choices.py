@@ -29,6 +29,7 @@ __all__ = [
     "METHODS",
     "MODEL_KINDS",
     "PRESETS",
+    "SCALE_LINKS",
 ]
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -43,13 +44,16 @@ CLASSIFIERS = ("mlp", "conv")
 # the model train_svi.py trains: one stochastic layer, or several (HierarchicalVAE)
 MODEL_KINDS = ("vae", "hvae")
 # the hierarchical VAE's guides: Burda et al.'s bottom-up chain, or the ladder's top-down merge
-HVAE_GUIDES = ("bottom-up", "top-down")
+# and the deterministic bottom-up path with independent layers (Havtorn et al.'s)
+HVAE_GUIDES = ("bottom-up", "top-down", "deterministic")
+# how a network output becomes a standard deviation (pyro_vae.nets)
+SCALE_LINKS = ("softplus", "exp", "softclamp")
 # trace: Trace_ELBO, meanfield: TraceMeanField_ELBO, jit: JitTrace_ELBO, enum:
 # TraceEnum_ELBO, iwae / dreg: the importance-weighted bound and its DReG gradient
 ELBO_NAMES = ("trace", "meanfield", "jit", "enum", "iwae", "dreg")
 # the objectives whose num_particles is the K of an importance-weighted bound
 IMPORTANCE_WEIGHTED = ("iwae", "dreg")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
 # Named training recipes for the VAE on binarised MNIST (train_svi.py --preset); the results
 # pages say what each reaches in how much time.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -108,6 +108,17 @@ def probability(s: str) -> float:
     return value
 
 
+def unit_interval(s: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(s)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number in [0, 1]")
+    return value
+
+
 def hidden_sizes(s: str) -> tuple[int, ...]:
     """'400' or '500,300' -> (500, 300)."""
     try:
@@ -117,6 +128,29 @@ def hidden_sizes(s: str) -> tuple[int, ...]:
     if not sizes or any(h <= 0 for h in sizes):
         raise argparse.ArgumentTypeError(f"{s!r}: sizes must be positive")
     return sizes
+
+
+def adam_betas(s: str) -> tuple[float, float]:
+    """'0.9,0.999' -> (0.9, 0.999): two numbers in [0, 1)."""
+    try:
+        betas = tuple(float(p) for p in s.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise argparse.ArgumentTypeError(f"{s!r} is not two numbers in [0, 1) such as 0.9,0.999")
+    return betas
+
+
+def optimizer_options(args: argparse.Namespace) -> dict:
+    """The ``Trainer`` keywords of the optimiser flags (``--adam-eps --adam-betas
+    --skip-norm --clip-norm --skip-nonfinite``)."""
+    return {
+        "adam_eps": args.adam_eps,
+        "adam_betas": tuple(args.adam_betas),
+        "skip_norm": args.skip_norm,
+        "clip_norm": args.clip_norm,
+        "skip_nonfinite": args.skip_nonfinite,
+    }
 
 
 def layer_sizes(s: str) -> tuple[tuple[int, ...], ...]:
@@ -430,7 +464,9 @@ def add_training_args(
         "--lr-schedule",
         default=lr_schedule,
         choices=LR_SCHEDULES,
-        help=f"constant, or cosine: decay to zero over --epochs (default: {default(lr_schedule)})",
+        help="constant; cosine: decay to zero over --epochs; step: Burda et al.'s eight "
+        "stages from 1 to 0.1 times --lr, stage i 3^i/3280 of the epochs long "
+        f"(default: {default(lr_schedule)})",
     )
     add(
         "--clip-norm",
@@ -442,6 +478,25 @@ def add_training_args(
         "--skip-nonfinite",
         action="store_true",
         help="skip (and count) steps whose loss or gradient is not finite, instead of stopping",
+    )
+    add(
+        "--skip-norm",
+        type=positive_float,
+        default=None,
+        help="skip (and count) updates whose gradient norm exceeds this value, as VDVAE does "
+        "(default: off)",
+    )
+    add(
+        "--adam-eps",
+        type=positive_float,
+        default=1e-8,
+        help="Adam's epsilon (Burda et al. and Sønderby et al. use 1e-4) (default: 1e-8)",
+    )
+    add(
+        "--adam-betas",
+        type=adam_betas,
+        default=(0.9, 0.999),
+        help="Adam's two moment decay rates, comma-separated (default: 0.9,0.999)",
     )
     add("--eval-particles", type=nonnegative_int, default=eval_particles, help=eval_particles_help)
     add(
@@ -579,7 +634,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     except TrainingInterrupted as e:
         out = getattr(e, "run_dir", None)
         where = f" --resume {out}" if out else " --resume <run directory>"
-        say(f"{e}; checkpoint saved. Resume with: python {sys.argv[0]}{where}")
+        # the interpreter that is running (a venv's python), so the command works as printed
+        say(f"{e}; checkpoint saved. Resume with: {sys.executable} {sys.argv[0]}{where}")
         return 130
     except KeyboardInterrupt:
         say("interrupted")

@@ -438,7 +438,9 @@ class BitsBackCoder:
     # Each layer's buckets are the standard normal's equal-mass buckets moved and stretched
     # per dimension, a + b * (standard edges):
     # - the top layer: a = 0, b = 1 (its prior);
-    # - a layer below the top, top-down guide: a, b = the mean and scale of p(z_l | z_{l+1})
+    # - a layer below the top, top-down or deterministic guide (both drawn from the top down
+    #   here; the deterministic guide's layers do not depend on each other): a, b = the mean
+    #   and scale of p(z_l | z_{l+1})
     #   at the layer above's value, known to both sides when z_l is coded (the guide draws
     #   from the top), so the prior costs exactly ``latent_bits`` per dimension and the buckets
     #   follow the conditional however narrow it is (the dynamic discretisation of Townsend
@@ -500,7 +502,7 @@ class BitsBackCoder:
         if net.guide_kind == "bottom-up":
             h = x if layer == 0 else values[layer - 1][None]
             loc, scale = net.encoders[layer](h)
-        elif layer == self.layers - 1:
+        elif layer == self.layers - 1 or net.guide_kind == "deterministic":
             loc, scale = estimates[layer]
         else:
             q = net.merged(layer + 1, estimates[layer], values[layer + 1][None]).base_dist
@@ -509,8 +511,8 @@ class BitsBackCoder:
 
     def _prior_table(self, net, layer: int, values: dict, grid) -> np.ndarray | None:
         """P(z_layer | z_{layer+1}) below the top on ``grid``, (d, buckets); None where the
-        grid is the conditional's own (top-down guide): uniform buckets."""
-        if net.guide_kind == "top-down":
+        grid is the conditional's own (top-down and deterministic guides): uniform buckets."""
+        if net.guide_kind != "bottom-up":
             return None
         p = net.conditional(layer + 1, values[layer + 1][None]).base_dist
         return self._table(grid, p.loc[0], p.scale[0])
@@ -518,7 +520,7 @@ class BitsBackCoder:
     def _guide_pass(self, net, x: Tensor, pick) -> tuple[dict, dict, dict, dict]:
         """Every layer in the guide's order, ``pick(layer, table)`` choosing its buckets:
         (buckets, values, grids, guide tables), keyed by 0-based layer."""
-        estimates = net.estimates(x) if net.guide_kind == "top-down" else None
+        estimates = net.estimates(x) if net.guide_kind != "bottom-up" else None
         z, values, grids, tables = {}, {}, {}, {}
         for layer in self._guide_order():
             grid = self._grid(net, layer, values)

@@ -205,7 +205,7 @@ def estimate_log_px(
     guide: Callable,
     *data: Tensor,
     num_particles: int = 1000,
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
     batch_size: int | None = None,
     max_rows: int = DEFAULT_MAX_ROWS,
     psis: bool = True,
@@ -225,8 +225,8 @@ def estimate_log_px(
     once (default ``eval_batch_size(K)``); the model, which holds the large per-particle
     tensors, is replayed on at most ``max_rows`` = particles x datapoints per pass, so peak
     memory stays bounded whatever K is, and ``max_rows`` changes no number.  ``bound_vs_k[k]`` is the mean of log p̂_k(x) over the
-    K // k disjoint groups of k particles, for each k in ``ks`` up to K: one run gives the
-    whole curve.  k̂ needs at least 20 particles (``None`` otherwise, or when ``psis=False``).
+    K // k disjoint groups of k particles, for each k in ``ks`` (default: those of
+    ``DEFAULT_KS`` up to K; a given k above K is refused): one run gives the whole curve.  k̂ needs at least 20 particles (``None`` otherwise, or when ``psis=False``).
     ``validate=False`` switches Pyro's distribution checks off for data checked beforehand;
     ``None`` leaves the global setting alone.
 
@@ -265,7 +265,13 @@ def _checked_arguments(model, data, num_particles, ks, batch_size, max_rows, fir
     project's models (``model.__self__.check_data``), data of the shape and support the model
     is defined on (one image given as a 1-D tensor would otherwise pass as 784 datapoints)."""
     num_particles = positive_int("num_particles", num_particles)
+    if ks is None:
+        ks = tuple(k for k in DEFAULT_KS if k <= num_particles)
     ks = tuple(positive_int("ks", k) for k in ks)
+    if any(k > num_particles for k in ks):
+        raise ValueError(
+            f"ks {list(ks)}: every k needs at most num_particles ({num_particles}) particles"
+        )
     max_rows = positive_int("max_rows", max_rows)
     if batch_size is not None:
         positive_int("batch_size", batch_size)
@@ -273,6 +279,11 @@ def _checked_arguments(model, data, num_particles, ks, batch_size, max_rows, fir
     if not data:
         raise ValueError("no data given")
     data = tuple(as_tensor(f"data[{i}]", t) for i, t in enumerate(data))
+    # the networks' dtype: float64 data would meet float32 weights deep inside the model
+    params = getattr(getattr(model, "__self__", None), "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    if first is not None and first.is_floating_point():
+        data = tuple(t.to(first.dtype) if t.is_floating_point() else t for t in data)
     if any(t.dim() == 0 for t in data):
         raise ValueError("data must have one row per datapoint (not a scalar)")
     n = data[0].shape[0]

@@ -7,10 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "ConvNet", "Decoder", "Encoder", "mlp", "with_class"]
+from pyro_vae.choices import SCALE_LINKS
+
+__all__ = [
+    "ACTIVATIONS",
+    "SCALE_LINKS",
+    "ConvNet",
+    "Decoder",
+    "Encoder",
+    "mlp",
+    "scale_from",
+    "with_class",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -23,15 +35,21 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def mlp(
-    sizes: Sequence[int], activation: str = "relu", final_activation: bool = False
+    sizes: Sequence[int],
+    activation: str = "relu",
+    final_activation: bool = False,
+    weight_norm: bool = False,
 ) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (and after the last
-    one if ``final_activation``)."""
+    one if ``final_activation``); ``weight_norm``: every weight as g v / |v| per output unit
+    (Salimans & Kingma 2016, torch's ``parametrizations.weight_norm``), as Havtorn et al.'s
+    hierarchical VAEs use."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
+        linear = nn.Linear(n_in, n_out)
+        layers.append(nn.utils.parametrizations.weight_norm(linear) if weight_norm else linear)
         if i < len(sizes) - 2 or final_activation:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
@@ -71,8 +89,19 @@ class ConvNet(nn.Module):
         return out.reshape(*lead, -1)
 
 
+# The links from an unconstrained output s to a standard deviation:
+#   softplus   softplus(s) + 1e-4 (the floor keeps the scale positive in float32; a unit whose
+#              s runs far below zero sits on it with a vanishing gradient)
+#   exp        exp(s), Burda et al.'s: no floor, the log-scale moves linearly with s
+#   softclamp  exp(5 tanh(s / 5)), NVAE's soft clamp of the log-scale to (-5, 5)
+# exp overflows float32 past 88; a log-scale this large is no posterior's
+_MAX_LOG_SCALE = 30.0
+
+
 class Encoder(nn.Module):
-    """x (..., x_dim) -> (loc, scale), each (..., z_dim); scale = softplus(raw) + min_scale > 0."""
+    """x (..., x_dim) -> (loc, scale), each (..., z_dim); the scale from the second half of
+    the last layer through ``scale_link`` (``SCALE_LINKS``; softplus(raw) + min_scale by
+    default)."""
 
     def __init__(
         self,
@@ -81,10 +110,14 @@ class Encoder(nn.Module):
         hidden: Sequence[int] = (400,),
         activation: str = "relu",
         min_scale: float = 1e-4,
+        scale_link: str = "softplus",
+        weight_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.net = mlp([x_dim, *hidden, 2 * z_dim], activation)
-        self.min_scale = min_scale
+        if scale_link not in SCALE_LINKS:
+            raise ValueError(f"unknown scale link {scale_link!r}; choose from {SCALE_LINKS}")
+        self.net = mlp([x_dim, *hidden, 2 * z_dim], activation, weight_norm=weight_norm)
+        self.min_scale, self.scale_link = min_scale, scale_link
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.link(self.net(x))
@@ -96,18 +129,39 @@ class Encoder(nn.Module):
     def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         """(loc, scale) from the last layer's unconstrained output (..., 2 z_dim)."""
         loc, raw_scale = raw.chunk(2, dim=-1)
+        return loc, scale_from(raw_scale, self.scale_link, self.min_scale)
+
+
+def scale_from(raw: Tensor, link: str = "softplus", min_scale: float = 1e-4) -> Tensor:
+    """A standard deviation from unconstrained values through ``link`` (``SCALE_LINKS``)."""
+    if link == "softplus":
         # softplus grows linearly, so a large raw value cannot overflow as exp would.
-        return loc, F.softplus(raw_scale) + self.min_scale
+        return F.softplus(raw) + min_scale
+    if link == "exp":
+        return raw.clamp(max=_MAX_LOG_SCALE).exp()
+    return torch.exp(5.0 * torch.tanh(raw / 5.0))
 
 
 class Decoder(nn.Module):
     """z (..., z_dim) -> (..., x_dim) unconstrained outputs: Bernoulli logits or a Gaussian mean."""
 
     def __init__(
-        self, z_dim: int, x_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu"
+        self,
+        z_dim: int,
+        x_dim: int,
+        hidden: Sequence[int] = (400,),
+        activation: str = "relu",
+        weight_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.net = mlp([z_dim, *reversed(list(hidden)), x_dim], activation)
+        self.net = mlp([z_dim, *reversed(list(hidden)), x_dim], activation, weight_norm=weight_norm)
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: Tensor) -> None:
+        """Set the last layer's bias (e.g. to the logit of the training images' mean, as
+        Burda et al. start their decoders: the untrained model then already predicts each
+        pixel's frequency)."""
+        self.net[-1].bias.copy_(bias)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)

@@ -25,6 +25,20 @@ with K where IWAE's shrinks (Rainforth et al. 2018).
 
 ``num_groups`` M > 1 gives MIWAE (Rainforth et al. 2018): M independent IWAE bounds of K
 particles each, averaged (K * M draws per datapoint).
+
+A KL weight beta (the latent sites scaled by beta in model and guide: a KL warm-up, or a
+beta-VAE) is a temperature on the latent terms inside each importance weight, as Sønderby
+et al. (2016) apply their warm-up:
+
+    log w_k = log p(x | z_k) + beta (log p(z_k) - log q(z_k | x)),
+
+at beta = 1 the bound above.  Under that tempered bound the doubly reparameterised estimator
+weighs particle k by (1 - beta) w~_k + beta w~_k^2 instead of w~_k^2: the score term
+-beta E[sum_k w~_k d_phi log q(z_k)] turns, by the reparameterisation identity
+E_q[f(z) d_phi log q(z)] = E[(df/dz)(dz/dphi)] applied to f = w~_k (whose derivative is
+w~_k (1 - w~_k) d log w_k / dz_k), into -beta E[sum_k w~_k (1 - w~_k)(d log w_k / dz_k)
+(dz_k / dphi)], and the path term adds w~_k (d log w_k / dz_k)(dz_k / dphi).  At beta = 0 it
+is the reparameterised gradient of E log p(x | z), at beta = 1 DReG.
 """
 
 from __future__ import annotations
@@ -56,10 +70,11 @@ class IWAE(ELBO):
     vectorised draws per datapoint, as a Pyro ELBO (the loss is the negative bound summed
     over the batch, times N/B when the data plate is subsampled, in nats).
 
-    Every sample site must sit in ``pyro.plate(plate_name)``, every guide site must be
-    reparameterisable, and no site may carry a ``poutine.scale`` other than the plate's own
-    subsampling factor: a KL weight (beta) has no agreed meaning inside a logsumexp over
-    particles, so it is refused rather than guessed.
+    Every sample site must sit in ``pyro.plate(plate_name)`` and every guide site must be
+    reparameterisable.  Besides the plate's own subsampling factor, the latent sites may
+    carry one common ``poutine.scale`` beta (a KL weight or warm-up; ``pyro_vae.kl_weight``):
+    it tempers log p(z) - log q(z) inside each weight (see the module docstring).  Observed
+    sites may carry none, and latent sites scaled by different factors are refused.
     """
 
     _doubly_reparameterised = False
@@ -124,9 +139,9 @@ class IWAE(ELBO):
             model_values=self._reweighted(weights) if dreg else None,
             **kwargs,
         )
-        scale = self._check_sites(traces)
-        log_p, log_q = traces.log_p(), traces.log_q()
-        log_w = log_p - log_q
+        scale, beta = self._check_sites(traces)
+        log_lik, log_prior, log_q = traces.log_likelihood(), traces.log_prior(), traces.log_q()
+        log_w = log_lik + beta * (log_prior - log_q)
         if log_w.shape[0] == 1:
             log_w = log_w.expand(k_total, -1)
         k, m = self.num_particles, self.num_groups
@@ -137,7 +152,9 @@ class IWAE(ELBO):
             return loss, None
         with torch.no_grad():
             w = torch.softmax(grouped, dim=1).reshape(k_total, -1)  # normalised per group
-        weights["w"] = w
+        # the factor on the path through the model's latents: particle k's path derivative
+        # then carries (1 - beta) w_k + beta w_k^2 (w_k^2 at beta = 1)
+        weights["w"] = w if beta == 1 else (1 - beta) + beta * w
         # The doubly reparameterised estimator (Tucker et al. 2018), for any guide:
         #   model parameters theta: sum_k w_k d log p(x, z_k) / d theta  (IWAE's gradient);
         #   guide parameters phi:   sum_k w_k^2 (d log w_k / d z_k)(d z_k / d phi),
@@ -149,9 +166,13 @@ class IWAE(ELBO):
         # - log q: weighted by w_k^2 as a whole, minus log q rescored with every latent
         #   detached (the guide rebuilt from detached values), whose gradient is the direct
         #   dependence on phi alone: the difference is the path derivative.
+        # Under a KL weight beta (module docstring) log p(x|z) + beta log p(z) goes through
+        # the hook, which then multiplies by (1 - beta) + beta w_k, and log q is weighted by
+        # beta ((1 - beta) w_k + beta w_k^2).
         log_q_direct = self._log_q_direct(traces, guide, args, kwargs)
-        surrogate = -scale * (w * log_p - w.square() * (log_q - log_q_direct)).sum() / m
-        return loss, surrogate
+        path_q = w * ((1 - beta) + beta * w) * beta
+        surrogate = (w * (log_lik + beta * log_prior) - path_q * (log_q - log_q_direct)).sum()
+        return loss, -scale * surrogate / m
 
     def _reweighted(self, weights: dict[str, Tensor]) -> Callable[[str, dict], Tensor]:
         """The value the model sees at a guide latent: a view whose gradient is multiplied
@@ -208,26 +229,43 @@ class IWAE(ELBO):
                 ) from None
         return total
 
-    def _check_sites(self, traces: ImportanceTraces) -> float:
+    def _check_sites(self, traces: ImportanceTraces) -> tuple[float, float]:
         """Refuse what the bound is not defined for; return the data plate's subsampling
-        factor N/B."""
-        scale = None
+        factor N/B and the latent sites' common weight beta."""
+        scale, beta = None, None
         for name, site in traces.latent_sites():
             if not getattr(site["fn"], "has_rsample", False):
                 raise ObjectiveError(
                     f"{type(self).__name__} needs reparameterisable guide sites: "
                     f"{name!r} ({type(site['fn']).__name__}) has no rsample"
                 )
-        for _, site in (*traces.model_sites(), *traces.latent_sites()):
-            site_scale = self._check_scale(site, data_frame(site, self.plate_name))
-            if scale is None:
-                scale = site_scale
+        observed = [site for _, site in traces.model_sites() if site["is_observed"]]
+        latent = [site for _, site in traces.model_sites() if not site["is_observed"]]
+        latent += [site for _, site in traces.latent_sites()]
+        for site in observed + latent:
+            subsampling, factor = self._site_scale(site)
+            scale = subsampling if scale is None else scale
+            if site["is_observed"]:
+                if not math.isclose(factor, 1.0, rel_tol=1e-6):
+                    raise ObjectiveError(
+                        f"observed site {site['name']!r} is scaled by {factor:g} "
+                        f"(poutine.scale): {type(self).__name__} weighs only the latent terms"
+                    )
+            elif beta is None:
+                beta = factor
+            elif not math.isclose(factor, beta, rel_tol=1e-6):
+                raise ObjectiveError(
+                    f"site {site['name']!r} is scaled by {factor:g}, another latent site by "
+                    f"{beta:g}: {type(self).__name__} takes one KL weight for every latent "
+                    "site, the same in model and guide"
+                )
         if scale is None:
             raise ObjectiveError("the model and guide have no sample sites")
-        return scale
+        return scale, 1.0 if beta is None else beta
 
-    def _check_scale(self, site: dict, frame) -> float:
-        """The subsampling factor N/B of the data plate; any other scale is refused."""
+    def _site_scale(self, site: dict) -> tuple[float, float]:
+        """(the data plate's subsampling factor N/B, the site's scale beyond it)."""
+        frame = data_frame(site, self.plate_name)
         full = frame.full_size if frame.full_size is not None else frame.size
         expected = full / frame.size
         actual = site["scale"]
@@ -238,13 +276,7 @@ class IWAE(ELBO):
                     f"{type(self).__name__} does not define one"
                 )
             actual = float(actual)
-        if not math.isclose(actual, expected, rel_tol=1e-6):
-            raise ObjectiveError(
-                f"site {site['name']!r} is scaled by {actual / expected:g} (a KL weight or "
-                f"poutine.scale): {type(self).__name__} is defined for the unscaled model only; "
-                "use beta = 1"
-            )
-        return expected
+        return expected, actual / expected
 
 
 class DReG(IWAE):

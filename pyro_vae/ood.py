@@ -48,15 +48,17 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from pyro_vae.choices import MADE
-from pyro_vae.evaluate import estimate_log_px
+from pyro_vae.choices import DEFAULT_MAX_ROWS, MADE
+from pyro_vae.evaluate import _chunk_rng, estimate_log_px
 from pyro_vae.seeding import child_seed
 
 __all__ = [
     "BACKGROUND_SCORE",
     "COMPRESSORS",
+    "LLR_SAMPLED_SCORE",
     "LLR_SCORE",
     "MADE",
     "SCORES",
@@ -65,7 +67,9 @@ __all__ = [
     "detection_metrics",
     "log_px_per_image",
     "made_images",
+    "bound_above",
     "llr_above",
+    "llr_above_sampled",
     "ood_scores",
     "roc",
 ]
@@ -73,9 +77,13 @@ __all__ = [
 SCORES = ("log_px", "elbo", "reconstruction", "complexity_ratio")
 # log p̂(x) − log p̂_background(x), scored when a background model is given
 BACKGROUND_SCORE = "background_ratio"
-# L^{>k}(x) − L(x), the negated LLR^{>k} of Havtorn et al. (2021), scored for hierarchical
-# models with the top-down guide (k = 1: the lowest layer drawn from its conditional prior)
+# L^{>k}(x) − L(x), the negated LLR^{>k} of Havtorn et al. (2021) as their code computes it
+# (k = 1: the lowest layer at the mean of its conditional prior), scored for hierarchical
+# models whose guide gives q(z_{>1} | x) (top-down and deterministic)
 LLR_SCORE = "llr_above_1"
+# the same ratio with the lowest layer drawn from its conditional prior instead of set to its
+# mean (``llr_above_sampled``)
+LLR_SAMPLED_SCORE = "llr_above_1_sampled"
 
 
 def _png(image: np.ndarray) -> int:
@@ -188,8 +196,129 @@ def log_px_per_image(
     return _estimate(model, x, num_particles, seed, progress).log_px
 
 
+class _AtConditionalMean(Messenger):
+    """Sets each of the sites ``names`` to the mean of its distribution as the model builds
+    it (given the values above it) instead of drawing it."""
+
+    def __init__(self, names) -> None:
+        super().__init__()
+        self.names = set(names)
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and msg["name"] in self.names:
+            msg["value"] = msg["fn"].mean
+            msg["done"] = True
+
+
+@torch.no_grad()
+def bound_above(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    lower_sites: Sequence[str],
+    *,
+    num_particles: int = 1,
+    seed: int | None = 0,
+    plate_name: str = "data",
+) -> Tensor:
+    """L^{>k}(x) per row of ``x``, nats, as Havtorn et al. (2021) compute it: z_{>k} drawn
+    from the guide, the layers ``lower_sites`` (z_1 .. z_k) set to the mean of
+    p(z_{<=k} | z_{>k}) (each at its conditional mean given the layer above, from the top
+    down), and
+
+        L^{>k}(x) = log p(x | z_{<=k}, z_{>k}) - sum_{i>k} [log q(z_i | ...) - log p(z_i | z_{i+1})],
+
+    the KL terms of the layers above k estimated at the drawn values, averaged over
+    ``num_particles`` draws.  (N,) float64.
+
+    The guide must draw every site above k before any of ``lower_sites`` (a top-down or
+    deterministic bottom-up guide), so that those sites' densities are q(z_{>k} | x); a
+    guide that draws the upper layers from the lower ones (q(z_2 | z_1)) is refused."""
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be positive, got {num_particles}")
+    rows = max(1, DEFAULT_MAX_ROWS // num_particles)
+    out = []
+    for position, start in enumerate(range(0, x.shape[0], rows)):
+        with _chunk_rng(seed, position):
+            out.append(
+                _bound_above(
+                    model, guide, x[start : start + rows], lower_sites, num_particles, plate_name
+                )
+            )
+    return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float64)
+
+
+def _bound_above(model, guide, x, lower_sites, num_particles, plate_name) -> Tensor:
+    from pyro import poutine
+
+    from pyro_vae.weights import replay_model, sample_sites, site_log_prob, trace_guide
+
+    guide_trace = trace_guide(guide, x, num_particles=num_particles)
+    latents = [n for n, site in sample_sites(guide_trace) if not site["is_observed"]]
+    lower = list(lower_sites)
+    if not lower or any(n not in latents for n in lower):
+        raise ValueError(f"lower_sites {lower} must name latent sites of the guide {latents}")
+    upper = [n for n in latents if n not in lower]
+    if not upper:
+        raise ValueError("lower_sites name every latent site: no layer is left above them")
+    first_lower = min(latents.index(n) for n in lower)
+    late = [n for n in upper if latents.index(n) > first_lower]
+    if late:
+        raise ValueError(
+            f"the guide draws {late[0]!r} after {latents[first_lower]!r}: it has no "
+            "q(z_{>k} | x) apart from the lower layers (a bottom-up guide); L^{>k} needs a "
+            "top-down or deterministic guide"
+        )
+    kept = poutine.Trace()
+    for name, site in guide_trace.nodes.items():
+        if name not in lower:
+            kept.add_node(name, **site)
+    model_trace = replay_model(_AtConditionalMean(lower)(model), kept, x)
+    particle_dim = -2
+
+    def total(trace, names) -> Tensor:
+        out = 0.0
+        for name in names:
+            out = out + site_log_prob(trace.nodes[name], plate_name, particle_dim)
+        return out
+
+    observed = [n for n, site in sample_sites(model_trace) if site["is_observed"]]
+    log_w = total(model_trace, observed) + total(model_trace, upper) - total(guide_trace, upper)
+    return log_w.double().mean(0)
+
+
 @torch.no_grad()
 def llr_above(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    lower_sites: Sequence[str],
+    *,
+    num_particles: int = 1000,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> Tensor:
+    """L^{>k}(x) - L(x) per row of ``x``, nats: the negated likelihood ratio LLR^{>k} of
+    Havtorn et al. (2021, "Hierarchical VAEs know what they don't know"), as their code
+    computes it: L^{>k} is ``bound_above`` (the layers ``lower_sites`` at the mean of their
+    conditional prior), L(x) the ELBO, both averaged over ``num_particles`` draws.  The paper's
+    LLR^{>k} = L - L^{>k} is larger for out-of-distribution images; this score is its
+    negation, so that higher = more like the training data, as every score here."""
+    common = {"num_particles": num_particles, "ks": (), "psis": False, "validate": False}
+    full = estimate_log_px(model, guide, x, seed=seed, progress=progress, **common)
+    above = bound_above(
+        model,
+        guide,
+        x,
+        lower_sites,
+        num_particles=num_particles,
+        seed=None if seed is None else seed + 1,
+    )
+    return above - full.elbo
+
+
+@torch.no_grad()
+def llr_above_sampled(
     model: Callable,
     guide: Callable,
     guide_above: Callable,
@@ -199,8 +328,8 @@ def llr_above(
     seed: int | None = 0,
     progress: bool = False,
 ) -> Tensor:
-    """L^{>k}(x) - L(x) per row of ``x``, nats: the negated likelihood ratio LLR^{>k} of
-    Havtorn et al. (2021, "Hierarchical VAEs know what they don't know").
+    """L^{>k}(x) - L(x) per row of ``x``, nats, with the lowest k layers *drawn* from their
+    conditional prior (``llr_above`` sets them to its mean, as Havtorn et al.'s code does).
 
     L(x) is the ELBO with ``guide``; L^{>k}(x) the bound whose proposal is ``guide_above``
     (the guide's q(z_{>k} | x) for the upper layers, the lowest k layers drawn from their
@@ -233,7 +362,8 @@ def ood_scores(
 ) -> dict[str, Tensor]:
     """The scores of ``SCORES`` for every row of ``x`` (binary images), float64 tensors of
     shape (N,), nats per image, higher = more like the training data; for a hierarchical
-    model with the top-down guide also ``llr_above_1`` (``LLR_SCORE``); with a
+    model with the top-down or deterministic guide also ``llr_above_1`` (``LLR_SCORE``) and
+    ``llr_above_1_sampled`` (``LLR_SAMPLED_SCORE``); with a
     ``background`` model also ``background_ratio`` (``BACKGROUND_SCORE``)."""
     for m in (vae, background):
         if m is not None and getattr(m, "likelihood_name", None) != "bernoulli":
@@ -249,8 +379,17 @@ def ood_scores(
         "reconstruction": recon,
         "complexity_ratio": r.log_px + bits * math.log(2),
     }
-    if getattr(vae, "guide_kind", None) == "top-down":
+    if getattr(vae, "guide_kind", None) in ("top-down", "deterministic"):
         scores[LLR_SCORE] = llr_above(
+            vae.model,
+            vae.guide,
+            x,
+            vae.latent_sites[:1],
+            num_particles=num_particles,
+            seed=seed,
+            progress=progress,
+        )
+        scores[LLR_SAMPLED_SCORE] = llr_above_sampled(
             vae.model,
             vae.guide,
             functools.partial(vae.guide_above, k=1),

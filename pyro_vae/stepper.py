@@ -31,6 +31,7 @@ from pyro.infer import ELBO
 from torch import Tensor, nn
 
 from pyro_vae.distributed import Ranks
+from pyro_vae.schedules import KLWeight
 from pyro_vae.weights import sample_sites, trace_particles
 
 __all__ = [
@@ -47,9 +48,18 @@ __all__ = [
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite; names the epoch, step and culprit sites."""
 
-    def __init__(self, what: str, epoch: int, step: int, sites: Sequence[str]) -> None:
-        where = f"; non-finite log-probs at sites: {', '.join(sites)}" if sites else ""
-        super().__init__(f"non-finite {what} at epoch {epoch}, step {step}{where}")
+    def __init__(
+        self,
+        what: str,
+        epoch: int | None = None,
+        step: int | None = None,
+        sites: Sequence[str] = (),
+    ) -> None:
+        if epoch is None:  # re-raised as cls(text), as Pyro does: the text is the message
+            super().__init__(what)
+        else:
+            where = f"; non-finite log-probs at sites: {', '.join(sites)}" if sites else ""
+            super().__init__(f"non-finite {what} at epoch {epoch}, step {step}{where}")
         self.what, self.epoch, self.step, self.sites = what, epoch, step, list(sites)
 
 
@@ -67,19 +77,24 @@ class StepInfo:
     grad_norm: float = math.nan
 
 
-def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+def _adam(params: list[Tensor], lr: float, **options) -> torch.optim.Adam:
     """``torch.optim.Adam``, fused where torch has a fused kernel for these parameters (one
     kernel for all tensors: 0.6 ms instead of 2.0 ms a step for 784-400-50 on one thread);
-    the arithmetic is Adam's either way."""
+    the arithmetic is Adam's either way.  ``options``: ``eps``, ``betas``."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, **options)
     except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **options)
 
 
 class Stepper:
     """Adam steps on ``loss(*batch)`` over ``params``, with the non-finite guards and
-    optional gradient clipping (see the module docstring).  ``epoch`` only labels errors."""
+    optional gradient clipping (see the module docstring).  ``epoch`` only labels errors.
+
+    ``skip_norm``: an update whose gradient norm exceeds it is skipped and counted (VDVAE's
+    guard against the rare huge gradient; ``clip_norm`` instead shortens every long one).
+    ``adam_eps`` and ``adam_betas`` are Adam's (Burda et al. and Sønderby et al. use
+    eps = 1e-4)."""
 
     def __init__(
         self,
@@ -89,11 +104,22 @@ class Stepper:
         lr: float = 1e-3,
         clip_norm: float | None = None,
         skip_nonfinite: bool = False,
+        skip_norm: float | None = None,
+        adam_eps: float = 1e-8,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
+        if skip_norm is not None and not skip_norm > 0:
+            raise ValueError(f"skip_norm must be positive, got {skip_norm}")
+        if not adam_eps > 0 or not all(0 <= b < 1 for b in adam_betas) or len(adam_betas) != 2:
+            raise ValueError(
+                f"Adam needs eps > 0 and two betas in [0, 1), got {adam_eps}, {adam_betas}"
+            )
         self.loss = loss
         self.lr, self.clip_norm, self.skip_nonfinite = lr, clip_norm, skip_nonfinite
+        self.skip_norm = skip_norm
+        self.adam_options = {"eps": float(adam_eps), "betas": tuple(map(float, adam_betas))}
         self.params: list[Tensor] = []
         self._param_ids: set[int] = set()
         self.optimizer: torch.optim.Optimizer | None = None
@@ -113,7 +139,7 @@ class Stepper:
             return
         self.params.extend(new)
         if self.optimizer is None:
-            self.optimizer = _adam(new, self.lr)
+            self.optimizer = _adam(new, self.lr, **self.adam_options)
         else:
             self.optimizer.add_param_group({"params": new})
         self.set_lr(self.lr)
@@ -148,6 +174,9 @@ class Stepper:
         norm = torch.nn.utils.get_total_norm(grads)
         if not torch.isfinite(norm):
             return self._nonfinite("gradient", batch)
+        if self.skip_norm is not None and norm > self.skip_norm:
+            self.skipped_steps += 1
+            return StepInfo(value, skipped=True, grad_norm=float(norm))
         if self.clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, norm)
         self.optimizer.step()
@@ -266,6 +295,8 @@ class SVIStepper(Stepper):
         ranks: Ranks | None = None,
         find_unused_parameters: bool = False,
         max_plate_nesting: int = 1,
+        kl_weight: float = 1.0,
+        **options,
     ) -> None:
         if validate not in (True, False, None, "first"):
             raise ValueError(f"validate must be True, False, None or 'first', got {validate!r}")
@@ -280,7 +311,10 @@ class SVIStepper(Stepper):
             lr=lr,
             clip_norm=clip_norm,
             skip_nonfinite=skip_nonfinite,
+            **options,
         )
+        # the weight of the latent terms (a KL warm-up sets it each epoch; 1: the model)
+        self.kl_weight = kl_weight
         # a saved optimiser state for parameters the pair has not declared yet: loaded once
         # the first step has found them
         self._pending_optimizer_state: dict | None = None
@@ -317,7 +351,8 @@ class SVIStepper(Stepper):
 
     def compute_loss(self, *batch: Tensor) -> Tensor:
         """The objective on a batch, the pair's new ``pyro.param`` sites collected."""
-        with poutine.trace(param_only=True) as capture, self._validation():
+        weight = KLWeight(self.kl_weight) if self.kl_weight != 1 else contextlib.nullcontext()
+        with poutine.trace(param_only=True) as capture, self._validation(), weight:
             if self._ddp is not None:
                 loss = self._ddp(*batch)
             else:

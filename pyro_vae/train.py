@@ -34,6 +34,7 @@ from pyro_vae.choices import (  # the names users choose from, also importable f
 from pyro_vae.distributed import Ranks, all_sum, shard_bounds
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.objectives import IWAE, DReG
+from pyro_vae.schedules import kl_warmup_weight, lr_factor
 from pyro_vae.seeding import seed_everything  # noqa: F401  (importable from here, as before)
 from pyro_vae.stepper import (  # the step's names were defined here before: still importable
     NonFiniteError,  # noqa: F401
@@ -72,17 +73,6 @@ class StopRule(Protocol):
 
     def reason(self, history: Sequence[dict[str, Any]]) -> str | None:
         """Why training should stop after the last epoch of ``history``, or None."""
-
-
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """The learning rate of (1-based) ``epoch`` of ``epochs`` as a fraction of the base rate:
-    ``constant`` 1; ``cosine`` half a cosine from 1 at the first epoch towards 0 after the
-    last (Loshchilov & Hutter 2017, without restarts)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from {LR_SCHEDULES}")
 
 
 class EarlyStopping:
@@ -159,8 +149,10 @@ def make_elbo(
 class TrainingInterrupted(Exception):
     """Training stopped at a step boundary on request (e.g. Ctrl-C); the state is consistent."""
 
-    def __init__(self, epoch: int, step: int) -> None:
-        super().__init__(f"interrupted during epoch {epoch}, after step {step}")
+    def __init__(self, epoch: int | str, step: int | None = None) -> None:
+        # (a text alone: re-raised as cls(text), as Pyro does)
+        text = epoch if step is None else f"interrupted during epoch {epoch}, after step {step}"
+        super().__init__(text)
         self.epoch, self.step = epoch, step
         self.run_dir = None  # set by whoever saved a checkpoint for it
 
@@ -218,9 +210,20 @@ class Trainer:
         ranks: Ranks | None = None,
         find_unused_parameters: bool = False,
         eval_model: Callable | None = None,
+        kl_warmup: int = 0,
+        kl_start: float = 0.0,
+        adam_eps: float = 1e-8,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        skip_norm: float | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
+        kl_warmup_weight(1, kl_warmup, kl_start)  # checks both
+        if kl_warmup and (elbo == "jit" or isinstance(elbo, JitTrace_ELBO)):
+            raise ValueError(
+                "a KL warm-up needs an objective that reads the weight at every step; "
+                "JitTrace_ELBO compiles it once (use trace)"
+            )
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"unknown learning-rate schedule {lr_schedule!r}; choose from {LR_SCHEDULES}"
@@ -247,7 +250,12 @@ class Trainer:
             ranks=ranks,
             find_unused_parameters=find_unused_parameters,
             max_plate_nesting=max_plate_nesting,
+            adam_eps=adam_eps,
+            adam_betas=adam_betas,
+            skip_norm=skip_norm,
         )
+        # The KL weight of each epoch is a function of the epoch only, like the rate.
+        self.kl_warmup, self.kl_start = kl_warmup, kl_start
         self.ranks = self.stepper.ranks
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -338,6 +346,7 @@ class Trainer:
         for epoch in range(self.epoch + 1, epochs + 1):
             lr_now = self.lr * lr_factor(self.lr_schedule, epoch, epochs)
             self.stepper.set_lr(lr_now)
+            self.stepper.kl_weight = kl_warmup_weight(epoch, self.kl_warmup, self.kl_start)
             partial = self._partial or {"total": 0.0, "count": 0, "seconds": 0.0}
             self._partial = None
             start = time.perf_counter() - partial["seconds"]
@@ -379,6 +388,8 @@ class Trainer:
                 "train_loss": total / count if count else float("nan"),
                 "lr": lr_now,
             }
+            if self.kl_warmup:
+                metrics["kl_weight"] = self.stepper.kl_weight
             if val_data is not None:
                 metrics["val_elbo"] = self.evaluate_elbo(*val_data)
             metrics["seconds"] = time.perf_counter() - start

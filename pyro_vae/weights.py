@@ -116,6 +116,19 @@ class ImportanceTraces:
             raise ValueError("the model has no observed or proposed sample sites")
         return total
 
+    def log_likelihood(self) -> Tensor:
+        """log p(x | z_k): the model's observed sites, (K or 1, N), nats, unscaled."""
+        total = self._sum((n, s) for n, s in self.model_sites() if s["is_observed"])
+        if total is None:
+            raise ValueError("the model has no observed sample sites")
+        return total
+
+    def log_prior(self) -> Tensor | float:
+        """log p(z_k): the model's latent sites that the guide proposed, (K or 1, N), nats,
+        unscaled (0 without latents)."""
+        total = self._sum((n, s) for n, s in self.model_sites() if not s["is_observed"])
+        return 0.0 if total is None else total
+
     def log_q(self) -> Tensor | float:
         """log q(z_k | x) per particle and datapoint, (K or 1, N), nats (0 without latents)."""
         total = self._sum(self.latent_sites())

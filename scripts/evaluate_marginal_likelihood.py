@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pyro_vae.choices import DEFAULT_KS, DEFAULT_MAX_ROWS
+from pyro_vae.choices import DEFAULT_MAX_ROWS
 from pyro_vae.cli import (
     ArgumentParser,
     UsageError,
@@ -121,7 +121,6 @@ def main(args) -> dict:
         ranks=ranks,
         num_particles=args.num_particles,
         seed=args.seed,
-        ks=DEFAULT_KS,
         max_rows=args.max_rows,
         psis=not args.no_psis,
         progress=not args.quiet and ranks.is_main,

@@ -31,6 +31,7 @@ from pyro_vae.cli import (
     hidden_sizes,
     nonnegative_float,
     nonnegative_int,
+    optimizer_options,
     positive_float,
     positive_int,
     run,
@@ -262,8 +263,7 @@ def main(args) -> dict:
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         elbo="enum",
-        clip_norm=args.clip_norm,
-        skip_nonfinite=args.skip_nonfinite,
+        **optimizer_options(args),
         validate=False,  # data checked above
         ranks=ranks,
         # without the auxiliary term a labelled batch leaves the classifier out

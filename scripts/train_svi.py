@@ -18,11 +18,11 @@ from pyro_vae.choices import (
     ELBO_NAMES,
     FLOWS,
     HVAE_GUIDES,
-    IMPORTANCE_WEIGHTED,
     LIKELIHOODS,
     MODEL_KINDS,
     PRESET_MODEL_OVERRIDES,
     PRESETS,
+    SCALE_LINKS,
 )
 from pyro_vae.cli import (
     ArgumentParser,
@@ -32,11 +32,14 @@ from pyro_vae.cli import (
     begin_run,
     hidden_sizes,
     layer_sizes,
+    nonnegative_int,
+    optimizer_options,
     positive_float,
     positive_int,
     probability,
     run,
     run_config,
+    unit_interval,
 )
 
 
@@ -135,6 +138,39 @@ def build_parser() -> ArgumentParser:
         "reparameterised guide gradients (default: set by --preset)",
     )
     p.add_argument(
+        "--kl-warmup",
+        type=nonnegative_int,
+        default=0,
+        help="KL warm-up: the weight of the latent terms rises linearly from --kl-start to 1 "
+        "over this many epochs (a KL weight under trace, a temperature on log p(z) - log q(z) "
+        "inside each importance weight under iwae and dreg); evaluations always report the "
+        "untempered bounds (default: 0, off)",
+    )
+    p.add_argument(
+        "--kl-start",
+        type=unit_interval,
+        default=0.0,
+        help="the KL weight of the first epoch of a --kl-warmup (default: 0)",
+    )
+    p.add_argument(
+        "--scale-link",
+        default="softplus",
+        choices=SCALE_LINKS,
+        help="how the networks' outputs become standard deviations: softplus(s) + 1e-4, "
+        "exp(s) (Burda et al.), or softclamp exp(5 tanh(s/5)) (NVAE) (default: softplus)",
+    )
+    p.add_argument(
+        "--weight-norm",
+        action="store_true",
+        help="weight normalisation on every linear layer (Havtorn et al.'s hierarchical VAEs)",
+    )
+    p.add_argument(
+        "--init-output-bias",
+        action="store_true",
+        help="start the decoder's output bias at the logit of the training images' mean "
+        "(Burda et al.)",
+    )
+    p.add_argument(
         "--num-particles",
         type=positive_int,
         default=None,
@@ -182,6 +218,8 @@ def build_model(args, x_dim: int, image_shape):
             flow=args.flow,
             flow_depth=args.flow_depth or 2,
             covariance=args.covariance,
+            scale_link=args.scale_link,
+            weight_norm=args.weight_norm,
         )
         return vae, "VAE"
     one_layer_only = {
@@ -215,6 +253,8 @@ def build_model(args, x_dim: int, image_shape):
         activation=args.activation,
         guide=args.guide,
         image_shape=image_shape,
+        scale_link=args.scale_link,
+        weight_norm=args.weight_norm,
     )
     return model, "HierarchicalVAE"
 
@@ -234,10 +274,6 @@ def main(args) -> dict:
     )
     if args.flow == "planar" and args.elbo == "dreg":
         raise UsageError("--flow planar has no inverse, which --elbo dreg needs; use iaf or iwae")
-    if args.elbo in IMPORTANCE_WEIGHTED and args.beta != 1:
-        raise UsageError(
-            f"--elbo {args.elbo} is defined for --beta 1 only (no KL weight); use --elbo trace"
-        )
     train, valid, test = training_splits(
         args.dataset,
         args.data_dir,
@@ -252,7 +288,14 @@ def main(args) -> dict:
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
         )
 
+    if args.kl_warmup and args.elbo == "jit":
+        raise UsageError(
+            "--kl-warmup needs an objective that reads the weight at every step; "
+            "--elbo jit compiles it once (use trace)"
+        )
     vae, model_class = build_model(args, train.images.shape[1], train.image_shape)
+    if args.init_output_bias and state is None:  # a resumed run restores its weights
+        vae.init_output_bias(train.images.mean(0))
     vae = vae.to(device)
     # The data were checked above, so Pyro's per-step argument checks are switched off.
     trainer = Trainer(
@@ -262,8 +305,9 @@ def main(args) -> dict:
         lr_schedule=args.lr_schedule,
         elbo=args.elbo,
         num_particles=args.num_particles,
-        clip_norm=args.clip_norm,
-        skip_nonfinite=args.skip_nonfinite,
+        **optimizer_options(args),
+        kl_warmup=args.kl_warmup,
+        kl_start=args.kl_start,
         validate=False,
         ranks=ranks,
     )

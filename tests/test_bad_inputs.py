@@ -313,3 +313,33 @@ def test_a_numpy_array_is_evaluated_as_its_tensor():
     torch.manual_seed(0)
     b = estimate_log_px(vae.model, vae.guide, torch.from_numpy(x), num_particles=4, psis=False)
     assert torch.equal(a.log_px, b.log_px)
+
+
+def test_every_exception_class_of_the_library_survives_being_re_raised_with_its_text():
+    """Pyro re-raises an error from inside a model as ``type(e)(text)``: every class the
+    library raises must take its own text back as its only argument."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import pyro_vae
+    from pyro_vae.checks import ConfigError
+    from pyro_vae.stepper import NonFiniteError
+    from pyro_vae.train import TrainingInterrupted
+
+    examples = {
+        ConfigError: ConfigError("guide", "L^{>k} needs q(z_{>k} | x)"),
+        NonFiniteError: NonFiniteError("loss", 3, 7, ["model:x"]),
+        TrainingInterrupted: TrainingInterrupted(2, 40),
+    }
+    classes = set()
+    for info in pkgutil.walk_packages(pyro_vae.__path__, "pyro_vae."):
+        module = importlib.import_module(info.name)
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__.startswith("pyro_vae"):
+                classes.add(obj)
+    assert ConfigError in classes and len(classes) > 10
+    for cls in classes:
+        original = examples.get(cls) or cls("a message that says what went wrong")
+        again = cls(str(original) + "\nTrace Shapes: ...")
+        assert str(again).startswith(str(original)), cls

@@ -227,7 +227,7 @@ def test_each_image_costs_the_importance_weighted_information_and_k_buys_rate(tr
 # -- several stochastic layers: the layers chained, one particle --------------------------------
 
 
-@pytest.fixture(scope="module", params=["bottom-up", "top-down"])
+@pytest.fixture(scope="module", params=["bottom-up", "top-down", "deterministic"])
 def trained_layers(request, mnist):
     """A small two-layer VAE with either guide, one epoch on 2,000 images, and 200 binarised
     test images."""

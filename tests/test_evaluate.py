@@ -228,3 +228,22 @@ def test_max_rows_bounds_memory_and_changes_no_number(seed):
         for field in ("log_px", "elbo", "ess", "khat"):
             assert torch.equal(getattr(r, field), getattr(results[0], field))
         assert all(torch.equal(r.bound_vs_k[k], results[0].bound_vs_k[k]) for k in r.bound_vs_k)
+
+
+def test_a_k_above_the_particles_is_refused_and_float64_images_are_cast():
+    from pyro_vae import VAE, estimate_log_px
+
+    torch.manual_seed(0)
+    vae = VAE(z_dim=3, hidden=(8,))
+    x = torch.bernoulli(torch.full((4, 784), 0.3))
+    with pytest.raises(ValueError, match=r"ks \[20\].*num_particles \(10\)"):
+        estimate_log_px(vae.model, vae.guide, x, ks=(20,), num_particles=10)
+    # the default curve stops at K without a word
+    assert sorted(estimate_log_px(vae.model, vae.guide, x, num_particles=60).bound_vs_k) == [
+        1,
+        5,
+        50,
+    ]
+    single = estimate_log_px(vae.model, vae.guide, x, num_particles=10, seed=0)
+    double = estimate_log_px(vae.model, vae.guide, x.double(), num_particles=10, seed=0)
+    torch.testing.assert_close(single.log_px, double.log_px)

@@ -15,12 +15,13 @@ from helpers import TINY, run_in_process, run_script
 from pyro_vae import HierarchicalVAE, Trainer, estimate_log_px, load_checkpoint, make_elbo
 from pyro_vae.compression import CompressedImages
 from pyro_vae.models import model_from_checkpoint
-from pyro_vae.ood import llr_above
+from pyro_vae.objectives import IWAE
+from pyro_vae.ood import bound_above, llr_above, llr_above_sampled
 
 X = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("guide", ["bottom-up", "top-down"])
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down", "deterministic"])
 def test_both_guides_train_with_every_objective_and_round_trip_a_checkpoint(guide, tmp_path):
     from pyro_vae.checkpoints import save_checkpoint
 
@@ -54,13 +55,13 @@ def test_bad_settings_are_refused_in_one_line():
         HierarchicalVAE(z_dims=(8, 4), hidden=((32,),))
     with pytest.raises(ConfigError, match="unknown guide"):
         HierarchicalVAE(guide="sideways")
-    with pytest.raises(ConfigError, match="top-down guide"):
+    with pytest.raises(ConfigError, match="top-down or deterministic guide"):
         HierarchicalVAE(guide="bottom-up").guide_above(X, 1)
     with pytest.raises(ValueError, match=r"k must be in \[1, 1\]"):
         HierarchicalVAE(z_dims=(8, 4), hidden=((32,), (16,)), guide="top-down").guide_above(X, 2)
 
 
-@pytest.mark.parametrize("guide", ["bottom-up", "top-down"])
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down", "deterministic"])
 def test_the_guides_own_family_holds_the_amortised_guide_and_its_fit_improves_on_it(guide):
     """guide_from(posterior_parameters(x)) is the guide itself (same draws, same log q), so
     the per-image fit in the guide's own family starts at the amortised guide and the
@@ -108,13 +109,14 @@ def top_posterior(lg, x):
     return (x - mean_x) @ gain.T, torch.eye(lg.dims[1], dtype=D64) - gain @ W @ A
 
 
-def exact_bound_above(lg, x):
-    """L^{>1}(x) = E_{p(z2|x) p(z1|z2)}[log p(x|z1)] + E_{p(z2|x)}[log p(z2) - log p(z2|x)]."""
+def exact_bound_above(lg, x, at_mean=False):
+    """L^{>1}(x) = E_{p(z2|x) p(z1|z2)}[log p(x|z1)] + E_{p(z2|x)}[log p(z2) - log p(z2|x)];
+    ``at_mean``: with z1 = E[z1 | z2] instead of a draw of p(z1 | z2) (Havtorn et al.'s)."""
     m, S = top_posterior(lg, x)
     (A,), (a,), (s,) = lg.A, lg.a, lg.s
     d1, d2, D = lg.dims[0], lg.dims[1], lg.x_dim
     mu1 = m @ A.T + a
-    V1 = A @ S @ A.T + s**2 * torch.eye(d1, dtype=D64)
+    V1 = A @ S @ A.T + (0.0 if at_mean else s**2) * torch.eye(d1, dtype=D64)
     resid = x - mu1 @ lg.W.T - lg.b
     expected_sq = (resid**2).sum(-1) + torch.trace(lg.W @ V1 @ lg.W.T)
     log_lik = -0.5 * D * math.log(2 * math.pi * lg.sigma**2) - expected_sq / (2 * lg.sigma**2)
@@ -136,11 +138,62 @@ def test_llr_above_matches_its_closed_form_on_a_linear_gaussian_chain():
     exact = exact_bound_above(lg, x) - lg.exact_log_px(x)  # L = log p(x) with the exact guide
     assert (exact < -0.5).all()  # the lowest layer from the prior costs something
     n = 40_000
-    ours = llr_above(lg.model, lg.exact_guide, guide_above, x, num_particles=n, seed=0)
+    ours = llr_above_sampled(lg.model, lg.exact_guide, guide_above, x, num_particles=n, seed=0)
     # the exact guide's log weights are constant; the others' spread sets the error
     per_draw = estimate_log_px(lg.model, guide_above, x, num_particles=2000, psis=False)
     se = per_draw.elbo_sem * math.sqrt(2000 / n)
     assert ((ours - exact).abs() < 5 * se + 1e-9).all(), (ours - exact, se)
+
+
+def test_llr_above_sets_the_lower_layer_to_its_conditional_mean_as_the_papers_code_does():
+    lg = LinearGaussianChain(dims=(3, 2))
+    x = lg.sample_x(6)
+
+    def top_down_guide(x):  # q(z2 | x) exact, then z1 given z2 (any proposal will do)
+        m, S = top_posterior(lg, x)
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.MultivariateNormal(m, S))
+            pyro.sample("z1", dist.Normal(z2 @ lg.A[0].T + lg.a[0], 0.3).to_event(1))
+
+    exact = exact_bound_above(lg, x, at_mean=True)
+    sampled = exact_bound_above(lg, x)
+    assert ((exact - sampled).abs() > 0.5).all()  # the two variants differ
+    n = 40_000
+    ours = bound_above(lg.model, top_down_guide, x, ["z1"], num_particles=n, seed=0)
+    few = torch.stack(
+        [
+            bound_above(lg.model, top_down_guide, x, ["z1"], num_particles=1, seed=s)
+            for s in range(200)
+        ]
+    )
+    se = few.std(0) / math.sqrt(n)
+    assert ((ours - exact).abs() < 5 * se + 1e-9).all(), (ours - exact, se)
+    # the score is L^{>1} - L, with L the ELBO on the guide's own draws
+    elbo = estimate_log_px(lg.model, top_down_guide, x, num_particles=n, psis=False, seed=0).elbo
+    llr = llr_above(lg.model, top_down_guide, x, ["z1"], num_particles=n, seed=0)
+    torch.testing.assert_close(llr, ours - elbo, atol=0.05, rtol=0)
+    # a bottom-up guide has no q(z2 | x) apart from z1: refused
+    with pytest.raises(ValueError, match="draws 'z2' after 'z1'.*bottom-up"):
+        bound_above(lg.model, lg.exact_guide, x, ["z1"])
+    with pytest.raises(ValueError, match="no layer is left"):
+        bound_above(lg.model, top_down_guide, x, ["z1", "z2"])
+
+
+def test_the_deterministic_guide_draws_each_layer_from_its_own_estimate():
+    torch.manual_seed(0)
+    vae = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)), guide="deterministic")
+    x = torch.bernoulli(torch.full((4, 784), 0.3))
+    trace = pyro.poutine.trace(vae.guide).get_trace(x)
+    est = vae.estimates(x)
+    for (loc, scale), name in zip(est, vae.latent_sites):
+        fn = trace.nodes[name]["fn"]
+        torch.testing.assert_close(fn.mean, loc)
+        torch.testing.assert_close(fn.stddev, scale)
+    # L^{>1} is defined for it, and the model trains with every scale link
+    assert bound_above(vae.model, vae.guide, x, ["z1"], num_particles=3).shape == (4,)
+    for link in ("exp", "softclamp"):
+        other = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)), scale_link=link)
+        assert torch.isfinite(torch.tensor(IWAE(3).loss(other.model, other.guide, x)))
 
 
 # -- the scripts --------------------------------------------------------------------------------

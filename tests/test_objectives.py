@@ -8,10 +8,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from exact_models import D64, LinearGaussian, LinearGaussianChain
+from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 from pyro_vae import VAE, Trainer, estimate_log_px, make_elbo
 from pyro_vae.objectives import IWAE, DReG, ObjectiveError
+from pyro_vae.schedules import KLWeight
 
 
 def exact_guide_with_params(lg):
@@ -167,12 +169,27 @@ def test_model_gradients_of_iwae_and_dreg_are_identical():
     assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
-def test_beta_and_non_reparameterised_guides_are_refused_in_one_line():
+def test_a_kl_weight_is_a_temperature_inside_the_weights_and_other_scales_are_refused():
     x = torch.bernoulli(torch.full((4, 784), 0.3))
-    vae = VAE(z_dim=3, hidden=(8,), beta=2.0)
+    vae = VAE(z_dim=3, hidden=(8,), beta=2.0)  # its latent site scaled by 2 in model and guide
+    plain = VAE(z_dim=3, hidden=(8,))
+    plain.load_state_dict(vae.state_dict())
     for name in ("iwae", "dreg"):
-        with pytest.raises(ObjectiveError, match="scaled by 2.*beta = 1"):
-            make_elbo(name, num_particles=3).loss(vae.model, vae.guide, x)
+        pyro.set_rng_seed(0)
+        tempered = make_elbo(name, num_particles=3).loss(vae.model, vae.guide, x)
+        pyro.set_rng_seed(0)
+        with KLWeight(2.0):  # the same weight, applied from outside
+            outside = make_elbo(name, num_particles=3).loss(plain.model, plain.guide, x)
+        assert tempered == pytest.approx(outside, rel=1e-6)
+        pyro.set_rng_seed(0)
+        assert abs(make_elbo(name, num_particles=3).loss(plain.model, plain.guide, x) - outside) > 1
+    # the observed site scaled (the whole model in poutine.scale): refused
+    scaled_model = poutine.scale(plain.model, scale=0.5)
+    with pytest.raises(ObjectiveError, match="observed site 'x' is scaled by 0.5"):
+        IWAE(2).loss(scaled_model, plain.guide, x)
+    # latent sites of model and guide scaled by different factors: refused
+    with pytest.raises(ObjectiveError, match="one KL weight for every latent site"):
+        IWAE(2).loss(plain.model, KLWeight(3.0)(plain.guide), x)
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
@@ -321,12 +338,14 @@ class ChainGuide:
                 z = pyro.sample(lg.names[layer], q)
 
 
-def plain_dreg_guide_gradients(lg, guide, x, k, seed):
+def plain_dreg_guide_gradients(lg, guide, x, k, seed, beta=1.0):
     """The doubly reparameterised estimator written directly in PyTorch, for a
     ``ChainGuide`` without a flow: the latents drawn bottom-up from the same noise as Pyro
     draws it, log w scored with every guide parameter detached (the values live), and
-    sum_k w~_k^2 log w_k differentiated (Tucker et al. 2018, eq. 5).  Returns (negative
-    bound summed over rows, gradients)."""
+    sum_k w~_k^2 log w_k differentiated (Tucker et al. 2018, eq. 5).  With a KL weight
+    ``beta``: log w_k = log p(x | z_k) + beta (log p(z_k) - log q(z_k)), and
+    sum_k ((1 - beta) w~_k + beta w~_k^2) log w_k differentiated.  Returns (negative
+    (tempered) bound summed over rows, gradients)."""
     torch.manual_seed(seed)
     n = x.shape[0]
     frozen = ([o.detach() for o in guide.offsets], [g.detach() for g in guide.gains])
@@ -344,10 +363,10 @@ def plain_dreg_guide_gradients(lg, guide, x, k, seed):
     log_p = normal(0.0, 1.0).log_prob(zs[-1]).sum(-1)
     for i in range(len(lg.dims) - 1):
         log_p = log_p + normal(zs[i + 1] @ lg.A[i].T + lg.a[i], lg.s[i]).log_prob(zs[i]).sum(-1)
-    log_p = log_p + normal(zs[0] @ lg.W.T + lg.b, lg.sigma).log_prob(x).sum(-1)
-    log_w = log_p - log_q
+    log_lik = normal(zs[0] @ lg.W.T + lg.b, lg.sigma).log_prob(x).sum(-1)
+    log_w = log_lik + beta * (log_p - log_q)
     w = torch.softmax(log_w, dim=0).detach()
-    (-(w.square() * log_w).sum()).backward()
+    (-(((1 - beta) * w + beta * w.square()) * log_w).sum()).backward()
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     return -float(bound.sum()), [p.grad.clone() for p in guide.params]
 
@@ -477,3 +496,62 @@ def test_a_flow_after_a_gaussian_site_dreg_is_unbiased_for_iwaes(float64_default
     z = (iwae.mean(0) - dreg.mean(0)).abs()[live] / se
     assert (z < 4.5).all(), float(z.max())
     assert float(dreg.var(0)[live].sum()) < float(iwae.var(0)[live].sum())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+@pytest.mark.parametrize("dims", [(3, 2), (3, 2, 2)])
+def test_chain_tempered_dreg_is_the_plain_pytorch_estimator_on_the_same_draws(dims, beta):
+    """Under a KL weight beta the doubly reparameterised estimator weighs each particle by
+    (1 - beta) w~ + beta w~^2: the same gradients as that estimator written directly."""
+    lg = LinearGaussianChain(dims=dims)
+    x = lg.sample_x(7)
+    for k in (1, 5):
+        guide = ChainGuide(lg, x.shape[0], wrong=True)
+        pyro.set_rng_seed(11)
+        with KLWeight(beta):
+            loss = DReG(k).differentiable_loss(lg.model, guide, x)
+        loss.backward()
+        ours = [p.grad.clone() for p in guide.params]
+        reference = ChainGuide(lg, x.shape[0], wrong=True)
+        value, theirs = plain_dreg_guide_gradients(lg, reference, x, k, seed=11, beta=beta)
+        assert float(loss.detach()) == pytest.approx(value, rel=1e-12)  # the tempered bound
+        # the untempered weights w~^2 would give other gradients
+        _, untempered = plain_dreg_guide_gradients(lg, reference, x, k, seed=11)
+        assert max(float((a - b).abs().max()) for a, b in zip(theirs, untempered)) > 1e-3
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_tempered_dreg_guide_gradient_is_unbiased_for_iwaes_of_the_same_tempered_bound(beta):
+    """Paired draws (the same noise for both estimators): their difference has mean zero;
+    the guide reads z1 into z2, so the path through an earlier draw is tested too."""
+    lg = LinearGaussianChain(dims=(3, 2))
+    n = 4000
+    x = lg.sample_x(1).expand(n, -1)
+    for k in (1, 8):
+        draws = {}
+        for cls in (IWAE, DReG):
+            guide = ChainGuide(lg, n, wrong=True)
+            pyro.set_rng_seed(5)
+            with KLWeight(beta):
+                cls(k).differentiable_loss(lg.model, guide, x).backward()
+            draws[cls] = torch.cat([p.grad.reshape(n, -1) for p in guide.params], 1)
+        diff = draws[IWAE] - draws[DReG]
+        live = draws[IWAE].var(0) > 0  # the Cholesky factors' upper triangles
+        z = diff.mean(0)[live].abs() / (diff.var(0)[live] / n).sqrt()
+        assert (z < 4.5).all(), float(z.max())
+        # the estimator is not IWAE's: the paired difference is not zero draw by draw
+        assert float(diff[:, live].abs().max()) > 1e-3
+
+
+def test_the_evaluator_reports_the_untempered_bounds_under_a_kl_weight():
+    lg = LinearGaussian()
+    x = lg.sample_x(6)
+    pyro.set_rng_seed(0)
+    plain = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=20, psis=False)
+    pyro.set_rng_seed(0)
+    with KLWeight(0.25):
+        tempered = estimate_log_px(lg.model, lg.wrong_guide, x, num_particles=20, psis=False)
+    torch.testing.assert_close(plain.log_px, tempered.log_px)
+    torch.testing.assert_close(plain.elbo, tempered.elbo)

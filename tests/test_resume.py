@@ -155,7 +155,7 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_bitwise(reference, data_dir, tmp_pat
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read()
     assert "Traceback" not in err
-    assert f"Resume with: python {SCRIPT} --resume {out}" in err
+    assert f"Resume with: {sys.executable} {SCRIPT} --resume {out}" in err
     state = load_checkpoint(out)
     assert state["trainer"]["partial_epoch"] is not None  # saved mid-epoch, at a step boundary
     assert state["trainer"]["epoch"] == 1 and state["loader"]["position"] == 1

@@ -149,7 +149,7 @@ def test_cosine_schedule_sets_each_epochs_rate_and_constant_leaves_it():
     )
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(history[-1]["lr"])
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
-        Trainer(vae.model, vae.guide, lr_schedule="step")
+        Trainer(vae.model, vae.guide, lr_schedule="exponential")
 
 
 def test_the_stepper_steps_any_loss_and_says_what_it_did():

@@ -13,6 +13,14 @@ guides share the same inference networks:
   by precision: sigma_l^-2 = sigma_hat_l^-2 + sigma_p^-2,
   mu_l = sigma_l^2 (mu_hat_l sigma_hat_l^-2 + mu_p sigma_p^-2).  The guide thus shares the
   generative networks, and every layer but the top is drawn given the one above it.
+- ``"deterministic"`` (the bottom-up inference of Havtorn et al. 2021): the same
+  deterministic bottom-up pass, and every layer drawn from its own estimate,
+  q(z_l | x) = N(mu_hat_l, sigma_hat_l), independently of the draws of the other layers.
+  No layer's proposal depends on a sample, so q(z_{>k} | x) is known for every k.
+
+Training options every guide takes: ``scale_link`` (how a network output becomes a standard
+deviation, ``pyro_vae.nets.SCALE_LINKS``) and ``weight_norm`` (every linear layer weight
+normalised).
 
 The default sizes are Burda et al.'s two-layer architecture: 784-200-200-100 (stochastic)
 -100-100-50 (stochastic), tanh units; the generative path mirrors it.
@@ -32,7 +40,7 @@ from pyro_vae.checks import ConfigError, positive_int, sizes
 from pyro_vae.choices import HVAE_GUIDES
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
-from pyro_vae.nets import Decoder, Encoder
+from pyro_vae.nets import SCALE_LINKS, Decoder, Encoder
 
 __all__ = ["HierarchicalVAE"]
 
@@ -42,7 +50,7 @@ class HierarchicalVAE(PyroModel):
 
     ``z_dims[l]`` is the size of layer l + 1 (``z_dims[0]`` next to x); ``hidden[l]`` the
     deterministic layers between layer l (x for l = 0) and layer l + 1 on the way up, mirrored
-    on the way down.  ``guide`` is ``"bottom-up"`` or ``"top-down"``.
+    on the way down.  ``guide`` is ``"bottom-up"``, ``"top-down"`` or ``"deterministic"``.
     """
 
     name_prefix = "hvae"
@@ -57,6 +65,8 @@ class HierarchicalVAE(PyroModel):
         activation: str = "tanh",
         guide: str = "bottom-up",
         image_shape: Sequence[int] = (28, 28),
+        scale_link: str = "softplus",
+        weight_norm: bool = False,
     ) -> None:
         super().__init__()
         self.x_dim = positive_int("x_dim", x_dim)
@@ -68,22 +78,34 @@ class HierarchicalVAE(PyroModel):
         self.hidden = tuple(sizes(f"hidden[{i}]", h) for i, h in enumerate(hidden))
         if guide not in HVAE_GUIDES:
             raise ConfigError("guide", f"unknown guide {guide!r}; choose from {HVAE_GUIDES}")
+        if scale_link not in SCALE_LINKS:
+            raise ConfigError(
+                "scale_link", f"unknown link {scale_link!r}; choose from {SCALE_LINKS}"
+            )
         self.activation, self.guide_kind = activation, guide
+        self.scale_link, self.weight_norm = scale_link, bool(weight_norm)
         self.image_shape = tuple(image_shape)
         below = (self.x_dim, *self.z_dims[:-1])
+        nets = {"scale_link": scale_link, "weight_norm": self.weight_norm}
         # inference: layer l's network reads layer l-1 (x for the first)
         self.encoders = nn.ModuleList(
-            Encoder(below[i], z, h, activation)
+            Encoder(below[i], z, h, activation, **nets)
             for i, (z, h) in enumerate(zip(self.z_dims, self.hidden))
         )
         # generation: p(z_l | z_{l+1}) for every layer but the top, and p(x | z_1)
         self.conditionals = nn.ModuleList(
             Encoder(
-                self.z_dims[i + 1], self.z_dims[i], tuple(reversed(self.hidden[i + 1])), activation
+                self.z_dims[i + 1],
+                self.z_dims[i],
+                tuple(reversed(self.hidden[i + 1])),
+                activation,
+                **nets,
             )
             for i in range(len(self.z_dims) - 1)
         )
-        self.decoder = Decoder(self.z_dims[0], self.x_dim, self.hidden[0], activation)
+        self.decoder = Decoder(
+            self.z_dims[0], self.x_dim, self.hidden[0], activation, weight_norm=self.weight_norm
+        )
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
     def config(self) -> dict[str, Any]:
@@ -95,7 +117,14 @@ class HierarchicalVAE(PyroModel):
             "activation": self.activation,
             "guide": self.guide_kind,
             "image_shape": list(self.image_shape),
+            "scale_link": self.scale_link,
+            "weight_norm": self.weight_norm,
         }
+
+    def init_output_bias(self, mean: Tensor) -> None:
+        """Start p(x | z_1)'s logits at the logit of ``mean`` (the training images' mean,
+        clamped into [1e-3, 1 - 1e-3]), as Burda et al. do."""
+        self.decoder.set_output_bias(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
 
     @property
     def latent_sites(self) -> tuple[str, ...]:
@@ -168,7 +197,11 @@ class HierarchicalVAE(PyroModel):
         est = self._estimates_from(raw)
         z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
         for layer in range(len(names) - 1, 0, -1):
-            z = pyro.sample(names[layer - 1], self.merged(layer, est[layer - 1], z))
+            if self.guide_kind == "deterministic":
+                q = dist.Normal(*est[layer - 1]).to_event(1)
+            else:
+                q = self.merged(layer, est[layer - 1], z)
+            z = pyro.sample(names[layer - 1], q)
 
     def _estimates_from(self, raw: Tensor) -> list[tuple[Tensor, Tensor]]:
         pieces = raw.split([2 * d for d in self.z_dims], dim=-1)
@@ -196,8 +229,10 @@ class HierarchicalVAE(PyroModel):
         conditional prior p(z_{<=k} | z_{k+1}).  In an importance weight p(x, z) / proposal
         those priors cancel, leaving p(x | z_1) p(z_{>k}) / q(z_{>k} | x).  Needs the top-down
         guide: the bottom-up guide has no q(z_{>k} | x) without the layers below."""
-        if self.guide_kind != "top-down":
-            raise ConfigError("guide", "L^{>k} needs the top-down guide's q(z_{>k} | x)")
+        if self.guide_kind == "bottom-up":
+            raise ConfigError(
+                "guide", "L^{>k} needs q(z_{>k} | x): the top-down or deterministic guide's"
+            )
         names = self.latent_sites
         if not 1 <= k < len(names):
             raise ValueError(f"k must be in [1, {len(names) - 1}] for {len(names)} layers, got {k}")
@@ -206,7 +241,9 @@ class HierarchicalVAE(PyroModel):
             est = self.estimates(x)
             z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
             for layer in range(len(names) - 1, 0, -1):
-                if layer > k:
+                if layer > k and self.guide_kind == "deterministic":
+                    q = dist.Normal(*est[layer - 1]).to_event(1)
+                elif layer > k:
                     q = self.merged(layer, est[layer - 1], z)
                 else:
                     q = self.conditional(layer, z)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae.checks import ConfigError, positive_int, positive_number, sizes
-from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS
+from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS, SCALE_LINKS
 from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
 from pyro_vae.nets import Decoder, Encoder
@@ -58,6 +58,8 @@ class VAE(PyroModel):
         flow: str | None = None,
         flow_depth: int = 2,
         covariance: str = "diagonal",
+        scale_link: str = "softplus",
+        weight_norm: bool = False,
     ) -> None:
         super().__init__()
         if covariance not in COVARIANCES:
@@ -82,8 +84,14 @@ class VAE(PyroModel):
         self.hidden, self.activation = tuple(hidden), activation
         self.likelihood_name, self.x_scale, self.beta = likelihood, x_scale, beta
         self.image_shape = tuple(image_shape)
-        self.encoder = Encoder(x_dim, z_dim, hidden, activation)
-        self.decoder = Decoder(z_dim, x_dim, hidden, activation)
+        if scale_link not in SCALE_LINKS:
+            raise ConfigError(
+                "scale_link", f"unknown link {scale_link!r}; choose from {SCALE_LINKS}"
+            )
+        self.scale_link, self.weight_norm = scale_link, bool(weight_norm)
+        nets = {"weight_norm": self.weight_norm}
+        self.encoder = Encoder(x_dim, z_dim, hidden, activation, scale_link=scale_link, **nets)
+        self.decoder = Decoder(z_dim, x_dim, hidden, activation, **nets)
         self.flow, self.flow_depth = flow, flow_depth
         self.flows = nn.ModuleList(_flows(flow, flow_depth, z_dim) if flow else [])
         self.covariance = covariance
@@ -112,7 +120,17 @@ class VAE(PyroModel):
             "flow": self.flow,
             "flow_depth": self.flow_depth,
             "covariance": self.covariance,
+            "scale_link": self.scale_link,
+            "weight_norm": self.weight_norm,
         }
+
+    def init_output_bias(self, mean: Tensor) -> None:
+        """Start the decoder's output at ``mean`` (the training images' mean): its logit,
+        clamped into [1e-3, 1 - 1e-3], for Bernoulli pixels (Burda et al.'s start), the mean
+        itself for a Gaussian."""
+        if self.likelihood_name == "bernoulli":
+            mean = torch.logit(mean.clamp(1e-3, 1 - 1e-3))
+        self.decoder.set_output_bias(mean)
 
     # -- the three distributions ---------------------------------------------------------
 
