@@ -78,8 +78,8 @@ PRESET = "iw-fast"
 # recorded basis (times 5.3 / 7.8).
 SECONDS_PER_EPOCH = {"trace": 2.2, "iwae": 5.2, "dreg": 5.3, "hvae-bu": 10.2, "hvae-td": 9.4}
 # The options add no work per epoch: each "-warm" arm at its base arm's speed.  The
-# deterministic guide runs the top-down guide's networks without its merge: timed beside it
-# (benchmarks/results page), and given the top-down arm's speed.
+# deterministic guide runs the top-down guide's networks without its merge (less work per
+# step): given the top-down arm's speed, not calibrated on its own.
 SECONDS_PER_EPOCH |= {
     "dreg-warm": SECONDS_PER_EPOCH["dreg"],
     "hvae-bu-warm": SECONDS_PER_EPOCH["hvae-bu"],
@@ -92,13 +92,19 @@ def epochs_for(objective: str, minutes: float) -> int:
     return max(1, math.floor(minutes * 60 / SECONDS_PER_EPOCH[objective]))
 
 
+def arm_flags(objective: str, epochs: int) -> list[str]:
+    """The arm's flags for a run of ``epochs`` epochs (the warm-up's length filled in)."""
+    warmup = str(max(1, round(WARMUP_FRACTION * epochs)))
+    return [warmup if f == "WARMUP" else f for f in OBJECTIVES[objective]]
+
+
 def calibrate(args) -> None:
     """Time two epochs of each objective (the second one counts) and print the table."""
     import tempfile
 
     speeds = {}
-    for name, flags in ((name, OBJECTIVES[name]) for name in args.objectives):
-        flags = ["1" if f == "WARMUP" else f for f in flags]
+    for name in args.objectives:
+        flags = arm_flags(name, 10)
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [TRAIN, "--preset", PRESET, *flags, "--epochs", "2", "--eval-particles", "0"]
             cmd += ["--threads", str(args.threads), "--quiet", "--out", f"{tmp}/run"]
@@ -119,9 +125,7 @@ def job_for(args, objective: str, minutes: float) -> Job:
         train = [sys.executable, TRAIN, "--resume", str(out), "--quiet"]
         train += ["--threads", str(args.threads)]
     else:
-        warmup = str(max(1, round(WARMUP_FRACTION * epochs)))
-        flags = [warmup if f == "WARMUP" else f for f in OBJECTIVES[objective]]
-        train = [sys.executable, TRAIN, "--preset", PRESET, *flags]
+        train = [sys.executable, TRAIN, "--preset", PRESET, *arm_flags(objective, epochs)]
         train += ["--epochs", str(epochs), "--seed", str(args.seed), "--eval-particles", "0"]
         train += ["--threads", str(args.threads), "--quiet", "--out", str(out)]
     evaluate = [sys.executable, EVALUATE, "--checkpoint", str(out), "--quiet"]
