@@ -58,6 +58,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# torch's sizes and indices are int64
+_LARGEST_SIZE = 2**63 - 1
+
+
 def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
     """An argparse type: a finite ``kind`` (int or float) above zero (or zero too, if
     ``allow_zero``); anything else is a one-line error naming what was expected."""
@@ -72,6 +76,8 @@ def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
         if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
+        if kind is int and value > _LARGEST_SIZE:
+            raise argparse.ArgumentTypeError(f"{s!r} is larger than torch can hold (2**63 - 1)")
         return value
 
     parse.__name__ = what.removeprefix("a ").replace(" ", "_").replace("-", "")
@@ -127,6 +133,8 @@ def hidden_sizes(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of sizes") from None
     if not sizes or any(h <= 0 for h in sizes):
         raise argparse.ArgumentTypeError(f"{s!r}: sizes must be positive")
+    if any(h > _LARGEST_SIZE for h in sizes):
+        raise argparse.ArgumentTypeError(f"{s!r}: a size is larger than torch can hold (2**63 - 1)")
     return sizes
 
 
@@ -541,6 +549,17 @@ def begin_run(
         state, config = resume_state(args.resume)
         args = merge_resumed_args(parser, args, config)
         out = args.out
+        done = None if state is None else int(state["trainer"]["epoch"])
+        if done is not None and getattr(args, "epochs", None) is not None and args.epochs < done:
+            raise UsageError(
+                f"--epochs {args.epochs}: the run has trained {done} epochs already (give "
+                f"{done} or more)"
+            )
+    # flags whose default is None on the parser so that a resume can tell a given value from
+    # none: their value when a new run leaves them out
+    for key, value in getattr(parser, "late_defaults", {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if presets is not None:
         args = apply_preset(args, presets, overrides)
     device = resolve_device(args.device)
@@ -598,12 +617,17 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     Under ``torchrun`` every rank meets the same errors; rank 0 alone reports them, except a
     lost process group, which each surviving rank reports with its rank.
     """
-    # the errors main may raise, from modules main has loaded anyway
-    from pyro_vae.checkpoints import CheckpointError
-    from pyro_vae.checks import ConfigError
-    from pyro_vae.data import DataError
-    from pyro_vae.distributed import DistributedError, RendezvousError, is_lost_peer, teardown
-    from pyro_vae.train import NonFiniteError, TrainingInterrupted
+    # the errors main may raise, from modules main has loaded anyway (they import torch: a
+    # Ctrl-C while they load is an interruption like any other, not a traceback)
+    try:
+        from pyro_vae.checkpoints import CheckpointError
+        from pyro_vae.checks import ConfigError
+        from pyro_vae.data import DataError
+        from pyro_vae.distributed import DistributedError, RendezvousError, is_lost_peer, teardown
+        from pyro_vae.train import NonFiniteError, TrainingInterrupted
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
     distributed = "RANK" in os.environ
     rank = int(os.environ.get("RANK", "0"))
@@ -623,7 +647,14 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         say(f"error: {e}")
         return 2
     except NonFiniteError as e:
-        say(f"error: {e}; the last checkpoint was kept")
+        out = getattr(e, "run_dir", None)
+        if out is not None and not (Path(out) / CHECKPOINT_NAME).is_file():
+            say(
+                f"error: {e}; no epoch had finished, so there is no checkpoint to resume: "
+                f"remove {out} and start again with other settings (a smaller --lr, say)"
+            )
+        else:
+            say(f"error: {e}; the last checkpoint was kept")
         return 1
     except ResultError as e:
         say(f"error: {e}")

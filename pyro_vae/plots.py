@@ -120,7 +120,9 @@ def plot_latent_map(z: Tensor, labels: Tensor | None, path: Path | str | None = 
     elif z.shape[1] == 2:
         z2, title = z, "posterior means"
     else:
-        z2, title = torch.cat([z, torch.zeros_like(z)], 1), "posterior means (1-D)"
+        z2, title = z, "posterior means (1-D)"
+    if z2.shape[1] < 2:  # one dimension, or fewer images than two principal components
+        z2 = torch.cat([z2, z2.new_zeros(z2.shape[0], 2 - z2.shape[1])], 1)
     fig = Figure(figsize=(5, 4.5))
     ax = fig.add_subplot()
     if labels is None:

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import secrets
 import shutil
@@ -44,6 +45,22 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 # The directories this process owns, by resolved path: RunDir objects holding the lock fd.
 _HELD: dict[Path, RunDir] = {}
+
+
+def strict_json(data, indent: int | None = None) -> str:
+    """``data`` as JSON that strict parsers accept: NaN and infinities (a figure that could
+    not be computed, e.g. a standard error from one image) become null."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=indent, sort_keys=True, allow_nan=False)
 
 
 class RunDirError(ValueError):
@@ -222,7 +239,7 @@ class RunDir:
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         """Write ``<run>/<name>`` atomically, pretty-printed."""
-        return self.write_bytes(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        return self.write_bytes(name, (strict_json(data, indent=2) + "\n").encode())
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         """Write ``<run>/<name>`` atomically."""
@@ -241,7 +258,7 @@ class RunDir:
         so a resumed run never holds lines from epochs it replays."""
         self.write_bytes(
             self.metrics_path.name,
-            "".join(json.dumps(m, sort_keys=True) + "\n" for m in history).encode(),
+            "".join(strict_json(m) + "\n" for m in history).encode(),
         )
 
 
@@ -333,7 +350,7 @@ class Outputs:
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         """Stage ``name`` as pretty-printed JSON; returns where it will go."""
         path = self.path(name)
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        path.write_text(strict_json(data, indent=2) + "\n")
         return self.directory / name
 
     def write_bytes(self, name: str, data: bytes) -> Path:

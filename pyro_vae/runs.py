@@ -27,6 +27,7 @@ from pyro_vae.data import BatchLoader, SemiSupervisedLoader
 from pyro_vae.distributed import all_gather_objects
 from pyro_vae.faults import pause_point
 from pyro_vae.seeding import child_seed, seed_everything
+from pyro_vae.stepper import NonFiniteError
 from pyro_vae.train import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
 
 __all__ = ["TrainingRun"]
@@ -225,4 +226,7 @@ class TrainingRun:
             except TrainingInterrupted as e:
                 self.save()
                 e.run_dir = self.dir.path
+                raise
+            except NonFiniteError as e:
+                e.run_dir = self.dir.path  # where the last checkpoint is, if any
                 raise

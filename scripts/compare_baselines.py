@@ -134,6 +134,14 @@ def main(args) -> dict:
     splits = load_dataset("mnist", args.data_dir)
     train = first_rows(splits["train"], args.train_size, "--train-size", "training")
     test = first_rows(splits["test"], args.test_size, "--test-size", "test")
+    # PCA has at most min(images, pixels) components: checked before anything trains
+    largest = min(len(train), train.images.shape[1])
+    too_large = [d for d in args.z_dims if d > largest]
+    if too_large:
+        raise UsageError(
+            f"--z-dims {too_large[0]}: PCA has at most {largest} components with "
+            f"{len(train)} training images of {train.images.shape[1]} pixels"
+        )
     train = binarize_static(train, args.seed, "train")
     test = binarize_static(test, args.seed, "test")
     start = time.perf_counter()

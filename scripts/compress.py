@@ -157,6 +157,8 @@ def load_images(args, state, coder) -> torch.Tensor:
             images = torch.from_numpy(np.load(args.input, allow_pickle=False))
         except (OSError, ValueError) as e:
             raise UsageError(f"--input {args.input}: not a readable .npy file ({e})") from None
+    if images.dim() >= 1 and images.shape[0] == 0:
+        raise UsageError(f"--input {args.input}: holds no images (shape {tuple(images.shape)})")
     images = first_rows(images, args.count, "--count", "input")
     x_dim = coder.vae.x_dim
     if images.dim() < 2 or images[0].numel() != x_dim:

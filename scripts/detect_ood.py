@@ -108,7 +108,12 @@ def build_parser() -> ArgumentParser:
 def main(args) -> dict:
     if args.compressor != "auto" and args.select_images is not None:
         raise UsageError("--select-images applies to --compressor auto")
+    if args.select_images is not None and args.select_images < 3:
+        # a correlation over fewer than three images chooses nothing
+        raise UsageError(f"--select-images {args.select_images}: at least 3 images are needed")
     # torch and Pyro load here, after the arguments are parsed
+    import torch
+
     from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
     from pyro_vae.data import as_dataset, heldout_images
     from pyro_vae.models import model_from_checkpoint
@@ -140,6 +145,10 @@ def main(args) -> dict:
     background, background_info = None, None
     if args.background is not None:
         bg_path = resolve_checkpoint(args.background)
+        if bg_path.resolve() == path.resolve():
+            raise UsageError(
+                "--background is the model itself: the ratio would be zero for every image"
+            )
         bg_state = load_checkpoint(bg_path, map_location=device)
         background = model_from_checkpoint(bg_state).to(device).eval()
         bg_config = bg_state.get("config", {})
@@ -151,6 +160,13 @@ def main(args) -> dict:
             raise UsageError(
                 f"--background was trained on {bg_config.get('dataset', 'mnist')}, the model on "
                 f"{config.get('dataset', 'mnist')}: a likelihood ratio needs the same data"
+            )
+        if all(
+            torch.equal(a, b)
+            for a, b in zip(bg_state["model"].values(), state["model"].values(), strict=False)
+        ) and bg_state["model"].keys() == state["model"].keys():
+            raise UsageError(
+                "--background has the model's own weights: the ratio would be zero for every image"
             )
         background_info = {"checkpoint": str(bg_path), "perturb": bg_config.get("perturb", 0.0)}
     tag = f"ood_{inside_name}_vs_{args.outside}"
@@ -212,6 +228,13 @@ def main(args) -> dict:
         model, outside.to(device), seed=args.seed + 1, progress=progress, **options
     )
     names = list(scores_in)  # SCORES, and the background ratio when a background is given
+    # LLR^{>1} needs q(z_{>1} | x), which the bottom-up guide has not: say so
+    llr_note = None
+    if getattr(model, "guide_kind", None) == "bottom-up":
+        llr_note = (
+            "llr_above_1 not scored: the bottom-up guide draws z2 from z1 and has no q(z2 | x) "
+            "(train with --guide deterministic or top-down for it)"
+        )
     metrics = {s: detection_metrics(scores_in[s], scores_out[s]) for s in names}
     report = {
         "in": inside_name,
@@ -221,6 +244,7 @@ def main(args) -> dict:
         "compressor": compressor,
         "compressor_selection": selection,
         "background": background_info,
+        "notes": [llr_note] if llr_note else [],
         "binarize": binarize,
         "checkpoint": str(path),
         "metrics": metrics,
@@ -261,7 +285,10 @@ def main(args) -> dict:
                 f"  {s:<17} {m['auroc']:6.3f} {m['auprc']:6.3f} {m['fpr_at_95_tpr']:7.3f}"
                 f"   {mean['in']:9.2f} / {mean['out']:9.2f}"
             )
-        print(f"report: {outputs.directory / (tag + '.json')}")
+        if llr_note:
+            print(f"  ({llr_note})")
+    # the report's path even under --quiet, as every script prints its result
+    print(f"report: {outputs.directory / (tag + '.json')}")
     return report
 
 

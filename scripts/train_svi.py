@@ -60,11 +60,12 @@ def build_parser() -> ArgumentParser:
     add_preset_arg(p, PRESETS, DEFAULT_PRESET, PRESET_MODEL_OVERRIDES)
     p.add_argument(
         "--model",
-        default="vae",
+        default=None,  # "vae" for a new run (late_defaults): a resume sees a given --model
         choices=MODEL_KINDS,
         help="vae: one stochastic layer; hvae: several (HierarchicalVAE, Burda et al.'s two "
         "layers by default) (default: vae)",
     )
+    p.late_defaults = {"model": "vae"}
     p.add_argument(
         "--z-dims",
         type=hidden_sizes,
@@ -283,6 +284,10 @@ def main(args) -> dict:
         train_size=args.train_size,
         eval_size=args.eval_size,
     )
+    if args.batch_size > len(train) and args.resume is None:
+        raise UsageError(
+            f"--batch-size {args.batch_size}: more than the {len(train)} training images"
+        )
     if args.elbo == "jit" and len(train) < args.batch_size:
         raise UsageError(
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"

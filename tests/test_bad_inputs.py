@@ -25,11 +25,14 @@ REQUIRED = {
     "detect_ood.py": ["--checkpoint", "{run}", "--ood", "noise"],
 }
 BAD_BY_TYPE = {
-    cli.positive_int: ["0", "-1", "1.5", "x"],
-    cli.nonnegative_int: ["-1", "x"],
+    # sizes past int64 would reach torch as C++ overflow errors
+    cli.positive_int: ["0", "-1", "1.5", "x", str(2**63)],
+    cli.nonnegative_int: ["-1", "x", str(10**19)],
     cli.positive_float: ["0", "-2", "nan", "inf", "x"],
     cli.nonnegative_float: ["-1", "x"],
-    cli.hidden_sizes: ["0", "-5", "a,b", ""],
+    cli.hidden_sizes: ["0", "-5", "a,b", "", f"4,{2**63}"],
+    cli.unit_interval: ["-0.1", "1.5", "nan", "x"],
+    cli.adam_betas: ["0.9", "0.9,1", "a,b", "0.9,0.99,0.5"],
     cli.seed_value: ["-1", "x", "1.5", str(2**32), str(2**64)],  # numpy takes 32 bits
 }
 
@@ -168,6 +171,28 @@ PATH_CASES = [
         "has only 10000 images",
     ),
     ("evaluate_marginal_likelihood.py", ["--checkpoint", "{run}", "--out", "{file}"], "--out"),
+    (
+        "detect_ood.py",
+        ["--checkpoint", "{run}", "--ood", "noise", "--background", "{run}/checkpoint.pt"]
+        + ["--out", "{tmp}/o"],
+        "the model itself",
+    ),
+    ("compare_baselines.py", ["--z-dims", "1000", "--out", "{tmp}/b"], "--z-dims 1000: PCA"),
+    (
+        "train_svi.py",
+        ["--train-size", "300", "--batch-size", str(10**18), "--out", "{tmp}/r"],
+        "more than the 300 training images",
+    ),
+    (
+        "compare_baselines.py",
+        ["--train-size", "5", "--z-dims", "2", "10", "--out", "{tmp}/b"],
+        "--z-dims 10: PCA has at most 5",
+    ),
+    (
+        "detect_ood.py",
+        ["--checkpoint", "{run}", "--ood", "noise", "--select-images", "2", "--out", "{tmp}/o"],
+        "--select-images 2: at least 3",
+    ),
 ]
 
 
@@ -343,3 +368,37 @@ def test_every_exception_class_of_the_library_survives_being_re_raised_with_its_
         original = examples.get(cls) or cls("a message that says what went wrong")
         again = cls(str(original) + "\nTrace Shapes: ...")
         assert str(again).startswith(str(original)), cls
+
+
+def test_compress_refuses_an_input_without_images_in_one_line(tmp_path, capsys, trained_run):
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 784), np.float32))
+    args = ["--checkpoint", str(trained_run), "encode", "--input", str(empty)]
+    status, err = run_in_process(
+        "compress.py", [*args, "--output", str(tmp_path / "e.pvbb")], capsys
+    )
+    assert status == 2 and "holds no images" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "e.pvbb").exists()
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_what_to_do(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--lr", "1e300", "--epochs", "1", "--train-size", "300", "--eval-size", "50"]
+    status, err = run_in_process("train_svi.py", [*args, "--quiet", "--out", str(out)], capsys)
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint to resume" in err and f"remove {out}" in err
+    assert "checkpoint was kept" not in err
+
+
+def test_one_test_image_gives_strict_json_and_every_figure(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--epochs", "1", "--train-size", "300", "--eval-size", "1", "--eval-particles", "10"]
+    status, err = run_in_process("train_svi.py", [*args, "--quiet", "--out", str(out)], capsys)
+    assert status == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((out / "evaluation.json").read_text(), parse_constant=refuse)
+    assert report["log_px_sem"] is None  # no standard error from one image
+    assert (out / "figures" / "latent_map.png").is_file()

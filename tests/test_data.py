@@ -341,6 +341,20 @@ def test_cached_idx_files_are_checked_against_the_checksums_recorded_when_writte
     assert "\n" not in str(info.value)
 
 
+def test_an_empty_idx_file_without_recorded_checksums_is_one_line(tmp_path):
+    """Files placed by other means (torchvision, a copy) have no checksums to check: an empty
+    one is still refused in one line, not with torchvision's error from deep inside."""
+    from pyro_vae.data import prepare_mnist
+
+    prepare_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    (raw / "SHA256SUMS").unlink()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(DataError, match="empty, truncated or unreadable") as info:
+        load_dataset("mnist", tmp_path)
+    assert "\n" not in str(info.value)
+
+
 def test_two_processes_preparing_one_data_directory_at_once_both_succeed(tmp_path):
     """Two trainings started together on a new machine both write the cache: one is held
     after writing its first temporary file, the other prepares everything meanwhile, then

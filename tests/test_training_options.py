@@ -151,6 +151,16 @@ def test_train_svi_takes_the_options_records_them_and_resumes_a_warm_up(data_dir
     assert state["model_config"]["scale_link"] == "softclamp"
     history = state["trainer"]["history"]
     assert [m["kl_weight"] for m in history] == pytest.approx([0.2, 0.6, 1.0])
+    # a resume that would contradict the run is refused, and changes nothing
+    saved = (out / "config.json").read_bytes()
+    for flags, message in (
+        (["--epochs", "2"], "--epochs 2: the run has trained 3 epochs"),
+        (["--model", "vae"], "--model cannot change"),
+    ):
+        bad = run_script("train_svi.py", ["--resume", str(out), *flags], data_dir)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    assert (out / "config.json").read_bytes() == saved
     # a flag that does not apply, or a bad value, is one line
     bad = run_script("train_svi.py", ["--kl-start", "2", "--out", str(tmp_path / "b")], data_dir)
     assert bad.returncode == 2 and "--kl-start" in bad.stderr and "Traceback" not in bad.stderr

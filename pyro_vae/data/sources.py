@@ -276,6 +276,12 @@ def _read_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tenso
         ds = cls(str(root), train=train, download=False)
     except RuntimeError as e:
         raise DataError(f"{name} under {root}: {e}") from None
+    except (ValueError, EOFError, OSError) as e:  # an empty, truncated or unreadable IDX file
+        detail = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"{name} under {root}: an IDX file is empty, truncated or unreadable ({detail}); "
+            "delete it to have it rebuilt"
+        ) from None
     return ds.data, ds.targets
 
 
