@@ -444,6 +444,13 @@ class GapReport:
     # whether the amortised guide is a member of q*'s family (one latent site, or the guide's
     # own family); a Gaussian over several layers is not, and may fit worse than the guide
     nested: bool = True
+    # log p̂(x) from each proposal (K draws of q*, K of the amortised guide) and their
+    # standard errors (delta method: sqrt(1/ESS - 1/K)); ``log_px`` combines the two
+    # (``combine_estimates``)
+    log_px_local: Tensor | None = None
+    log_px_amortised: Tensor | None = None
+    log_px_local_sem: Tensor | None = None
+    log_px_amortised_sem: Tensor | None = None
 
     def failures(self, z: float = 4.0, slack: float = 0.05) -> dict[int, str]:
         """Images whose decomposition cannot be true, by index, with the reason: a non-finite
@@ -451,10 +458,14 @@ class GapReport:
         amortised guide is a member of q*'s family, the fit started there; where it is not,
         ``nested`` false, the family falls short of the guide, and the split means nothing);
         or log p̂(x) below either ELBO (log p̂ from q* is at least the mean log weight of its
-        own draws, an ELBO[q*] estimate).  "Below" means
-        by more than ``z`` Monte Carlo standard errors plus ``slack`` nats, the precision of
-        a converged fit (an exact amortised guide leaves q* nothing to gain, and the fit ends
-        a few hundredths of a nat short of it)."""
+        own draws, an ELBO[q*] estimate); or log p̂(x) from q* below the amortised guide's by
+        more than ``z`` of their standard errors plus one nat (log p(x) belongs to the model:
+        a fitted q* whose estimate falls that far short misses posterior mass that the
+        amortised guide finds; the amortised guide's own estimate falling short is expected,
+        it is the worse proposal, and the combination then leans on q*).  "Below"
+        means by more than ``z`` Monte Carlo standard errors plus ``slack`` nats, the
+        precision of a converged fit (an exact amortised guide leaves q* nothing to gain, and
+        the fit ends a few hundredths of a nat short of it)."""
 
         def sem(t: Tensor | None) -> Tensor:
             return torch.zeros_like(self.log_px) if t is None else t.nan_to_num(0.0)
@@ -490,6 +501,16 @@ class GapReport:
                 ),
             ),
         ]
+        if self.log_px_local is not None and self.log_px_amortised is not None:
+            shortfall = self.log_px_amortised - self.log_px_local
+            se = sem(self.log_px_local_sem).square() + sem(self.log_px_amortised_sem).square()
+            checks.append(
+                (
+                    shortfall > z * se.sqrt() + _PROPOSALS_SLACK,
+                    "log p(x) from q* falls short of the amortised guide's beyond their "
+                    "errors: the fit misses posterior mass",
+                )
+            )
         out: dict[int, str] = {}
         for mask, reason in checks:
             for i in mask.nonzero().flatten().tolist():
@@ -541,11 +562,26 @@ class GapReport:
                 "fit": {k: v for k, v in self.fit.items() if k != "elbo_trace"},
                 "units": "nats per image",
             }
+        proposals = {}
+        if self.log_px_local is not None and self.log_px_amortised is not None:
+            weight = combine_estimates(
+                self.log_px_local,
+                self.log_px_local_sem,
+                self.log_px_amortised,
+                self.log_px_amortised_sem,
+            )[1]
+            proposals = {
+                # the share of q*'s estimate in the combined log p̂(x), averaged over images
+                "log_px_weight_of_q*": float(weight.mean()),
+                "log_px_from_q*": mean_sem(self.log_px_local),
+                "log_px_from_amortised_guide": mean_sem(self.log_px_amortised),
+            }
         return {
             "status": "ok",
             "num_datapoints": int(self.log_px.numel()),
             "num_particles": self.num_particles,
             "log_px": mean_sem(self.log_px),
+            **proposals,
             "elbo_local": mean_sem(self.elbo_local),
             "elbo_amortised": mean_sem(self.elbo_amortised),
             "approximation_gap": mean_sem(self.approximation_gap),
@@ -569,7 +605,10 @@ def inference_gaps(
 ) -> GapReport:
     """The gap decomposition for every row of ``x``: the ELBO of the amortised guide and of
     the locally optimised one (``elbo_particles`` draws each), and log p̂(x) with K =
-    ``num_particles`` draws from q*, the better proposal (it is fitted to this very x)."""
+    ``num_particles`` draws from each of q* and the amortised guide, combined per image
+    (``combine_estimates``; the summary gives each proposal's estimate and q*'s share, and
+    an image whose two estimates disagree beyond their errors fails the check, see
+    ``GapReport.failures``)."""
     local, fit = fit_local_guide(model, guide, x, family=family, **(fit_options or {}))
     indexed = LocalGuide.with_index(model)
     index = torch.arange(x.shape[0], device=x.device)
@@ -582,8 +621,13 @@ def inference_gaps(
         evidence = estimate_log_px(
             indexed, local.guide, x, index, num_particles=num_particles, **common
         )
+        evidence_amortised = estimate_log_px(model, guide, x, num_particles=num_particles, **common)
+    se_local, se_amortised = _log_px_sem(evidence), _log_px_sem(evidence_amortised)
+    log_px, _ = combine_estimates(
+        evidence.log_px, se_local, evidence_amortised.log_px, se_amortised
+    )
     return GapReport(
-        evidence.log_px,
+        log_px,
         optimised.elbo,
         amortised.elbo,
         num_particles,
@@ -591,4 +635,36 @@ def inference_gaps(
         elbo_local_sem=optimised.elbo_sem,
         elbo_amortised_sem=amortised.elbo_sem,
         nested=local.family == "own" or len(local.sites) == 1,
+        log_px_local=evidence.log_px,
+        log_px_amortised=evidence_amortised.log_px,
+        log_px_local_sem=se_local,
+        log_px_amortised_sem=se_amortised,
     )
+
+
+def combine_estimates(
+    log_a: Tensor, se_a: Tensor, log_b: Tensor, se_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Two independent importance-sampling estimates of the same p(x), given as log p̂ and
+    the standard error of log p̂, combined with inverse-variance weights on p̂ (the relative
+    variance of p̂ is the variance of log p̂, to first order): (log of the combined estimate,
+    the weight of ``a``), both (N,).  Each p̂ is unbiased, so their weighted mean is too; an
+    estimate with no spread (an exact proposal) takes all the weight.  Taking the larger of
+    the two instead would pick the noise that lands high."""
+    precision_a = 1.0 / (se_a.square() + 1e-12)
+    precision_b = 1.0 / (se_b.square() + 1e-12)
+    weight_a = precision_a / (precision_a + precision_b)
+    stacked = torch.stack(
+        [log_a + weight_a.log(), log_b + (1.0 - weight_a).clamp_min(1e-300).log()]
+    )
+    return torch.logsumexp(stacked, dim=0), weight_a
+
+
+# nats by which the two proposals' log p̂(x) may differ beyond their standard errors (the
+# delta-method errors understate the spread of heavy-tailed weights)
+_PROPOSALS_SLACK = 1.0
+
+
+def _log_px_sem(result) -> Tensor:
+    """Per image, the standard error of log p̂(x) by the delta method: sqrt(1/ESS - 1/K)."""
+    return (1.0 / result.ess - 1.0 / result.num_particles).clamp_min(0.0).sqrt()

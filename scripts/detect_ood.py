@@ -161,10 +161,13 @@ def main(args) -> dict:
                 f"--background was trained on {bg_config.get('dataset', 'mnist')}, the model on "
                 f"{config.get('dataset', 'mnist')}: a likelihood ratio needs the same data"
             )
-        if all(
-            torch.equal(a, b)
-            for a, b in zip(bg_state["model"].values(), state["model"].values(), strict=False)
-        ) and bg_state["model"].keys() == state["model"].keys():
+        if (
+            all(
+                torch.equal(a, b)
+                for a, b in zip(bg_state["model"].values(), state["model"].values(), strict=False)
+            )
+            and bg_state["model"].keys() == state["model"].keys()
+        ):
             raise UsageError(
                 "--background has the model's own weights: the ratio would be zero for every image"
             )

@@ -151,6 +151,11 @@ def main(args) -> dict:
             "inference_gap",
         ):
             print(f"  {key:<18} {s[key]['mean']:9.2f} ± {s[key]['sem']:.2f}")
+        print(
+            f"  (log p(x) from {s['num_particles']} draws of q* ({s['log_px_from_q*']['mean']:.2f}) "
+            f"and of the amortised guide ({s['log_px_from_amortised_guide']['mean']:.2f}), "
+            f"combined with weight {s['log_px_weight_of_q*']:.2f} on q*'s)"
+        )
         print(f"report: {outputs.directory / (name + '.json')}")
     return summary
 

@@ -2,6 +2,8 @@
 is Gaussian with precision Λ = I + WᵀW/σ², and on the two-layer linear-Gaussian chain
 z2 -> z1 -> x, whose joint posterior over both layers is Gaussian too."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -9,7 +11,7 @@ import torch
 from exact_models import D64, LinearGaussian, LinearGaussianChain
 
 from pyro_vae import VAE
-from pyro_vae.gaps import fit_local_guide, inference_gaps
+from pyro_vae.gaps import GapFitError, fit_local_guide, inference_gaps
 
 FIT = {
     "num_particles": 32,
@@ -292,3 +294,41 @@ def test_a_negative_amortisation_gap_is_refused_also_outside_the_guides_family()
     assert report.summary()["status"] == "failed fit"
     with pytest.raises(GapFitError, match="or another family"):
         report.check()
+
+
+def test_log_px_combines_both_proposals_and_a_fit_that_misses_mass_is_refused():
+    from pyro_vae.gaps import GapReport, combine_estimates
+
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    # an exact proposal (no spread) takes all the weight; equal errors average p, not log p
+    log_px, w = combine_estimates(t(-10.0, -10.0), t(0.0, 0.1), t(-12.0, -11.0), t(0.5, 0.1))
+    assert float(w[0]) == pytest.approx(1.0) and float(log_px[0]) == pytest.approx(-10.0)
+    assert float(log_px[1]) == pytest.approx(math.log(0.5 * math.exp(-10) + 0.5 * math.exp(-11)))
+    # q*'s estimate far below the amortised guide's (a fit that collapsed): refused, whatever
+    # its own error says; the amortised guide's falling short is what a worse proposal does
+    report = GapReport(
+        log_px=t(-200.0, -100.0),
+        elbo_local=t(-370.0, -101.0),
+        elbo_amortised=t(-210.0, -110.0),
+        num_particles=100,
+        log_px_local=t(-369.0, -100.0),
+        log_px_amortised=t(-200.0, -104.0),
+        log_px_local_sem=t(0.01, 0.01),
+        log_px_amortised_sem=t(0.5, 0.5),
+    )
+    failed = report.failures()
+    assert "falls short of the amortised guide's" in failed[0] or "q*'s ELBO" in failed[0]
+    assert 1 not in failed
+    with pytest.raises(GapFitError):
+        report.check()
+    only_evidence = GapReport(
+        log_px=t(-200.0),
+        elbo_local=t(-201.0),
+        elbo_amortised=t(-202.0),
+        num_particles=100,
+        log_px_local=t(-205.0),
+        log_px_amortised=t(-200.0),
+        log_px_local_sem=t(0.01),
+        log_px_amortised_sem=t(0.5),
+    )
+    assert "falls short" in only_evidence.failures()[0]
