@@ -60,6 +60,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # torch's sizes and indices are int64
 _LARGEST_SIZE = 2**63 - 1
+# more CPU threads than this per core is a typing error, not a setting
+_MAX_THREADS_PER_CORE = 64
 
 
 def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
@@ -239,6 +241,13 @@ def outputs_for(
 def apply_threads(args: argparse.Namespace) -> None:
     """``torch.set_num_threads(--threads)`` when the flag is given."""
     if getattr(args, "threads", None) is not None:
+        cores = os.cpu_count() or 1
+        if args.threads > _MAX_THREADS_PER_CORE * cores:
+            # torch would try to start them all and fail for want of memory
+            raise UsageError(
+                f"--threads {args.threads}: more than {_MAX_THREADS_PER_CORE} per core of this "
+                f"machine's {cores}"
+            )
         import torch
 
         torch.set_num_threads(args.threads)

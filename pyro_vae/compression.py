@@ -164,6 +164,10 @@ class CompressedImages:
             magic, version, weights, count, h, w, bits, particles, n_words = header.unpack_from(
                 data
             )
+        elif version == FORMAT_VERSION:
+            raise CompressionError(
+                f"truncated: {len(data)} bytes, shorter than a version {version} header"
+            )
         else:
             raise CompressionError(f"format version {version} is not one of the supported 1, 2")
         start = header.size + _CRC.size

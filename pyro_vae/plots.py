@@ -95,12 +95,17 @@ def plot_reconstructions(
     )
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: Path | str | None = None) -> Figure:
-    """Training objective and validation ELBO per epoch, in nats per image."""
+def plot_curves(
+    history: Sequence[Mapping[str, Any]],
+    path: Path | str | None = None,
+    objective: str = "train objective (ELBO if beta=1)",
+) -> Figure:
+    """Training objective (labelled ``objective``) and validation ELBO per epoch, in nats per
+    image."""
     epochs = [m["epoch"] for m in history]
     fig = Figure(figsize=(5.5, 3.5))
     ax = fig.add_subplot()
-    ax.plot(epochs, [-m["train_loss"] for m in history], label="train objective (ELBO if beta=1)")
+    ax.plot(epochs, [-m["train_loss"] for m in history], label=objective)
     if history and "val_elbo" in history[0]:
         ax.plot(epochs, [m["val_elbo"] for m in history], label="validation ELBO")
     ax.set_xlabel("epoch")
@@ -230,10 +235,12 @@ def save_vae_figures(
     directory: Path | str,
     *,
     seed: int = 0,
+    objective: str = "train objective (ELBO if beta=1)",
 ) -> list[Figure]:
     """The standard figures of a trained VAE-like model (with ``encode``, ``decode``,
-    ``reconstruct`` and ``sample``) on held-out images (N, D): ELBO curves, reconstructions,
-    prior samples, the latent map and an interpolation between two images of different labels.
+    ``reconstruct`` and ``sample``) on held-out images (N, D): ELBO curves (the training
+    curve labelled ``objective``), reconstructions, prior samples, the latent map and an
+    interpolation between two images of different labels.
     """
     directory = Path(directory)
     shape = vae.image_shape
@@ -241,7 +248,7 @@ def save_vae_figures(
     x = images.to(device)
     figures = []
     if history:
-        figures.append(plot_curves(history, directory / "elbo_curves.png"))
+        figures.append(plot_curves(history, directory / "elbo_curves.png", objective))
     originals = x[:30]
     figures.append(
         plot_reconstructions(

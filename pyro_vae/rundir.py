@@ -133,6 +133,14 @@ class RunDir:
             return []
         return sorted(p.name for p in self.path.iterdir() if not _is_bookkeeping(p.name))
 
+    def _occupied(self, flag: str) -> str:
+        """Why a new run cannot go here: another run, or other files (named)."""
+        names = self.contents()
+        if "config.json" in names or CHECKPOINT_NAME in names:
+            return f"{flag} {self.path}: already holds a run; choose another directory"
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"{flag} {self.path}: is not empty ({shown}); choose an empty or new directory"
+
     def check(self, *, new: bool = False, flag: str = "--out") -> RunDir:
         """What ``acquire`` would refuse, found without creating or changing anything: an
         early one-line ``RunDirError`` before any work is done."""
@@ -143,9 +151,7 @@ class RunDir:
                 raise RunDirError(f"{flag} {self.path}: exists and is not a directory")
             self._probe_lock(flag)  # a live owner is named first
             if new and self.contents():
-                raise RunDirError(
-                    f"{flag} {self.path}: already holds a run; choose another directory"
-                )
+                raise RunDirError(self._occupied(flag))
             if not os.access(self.path, os.W_OK | os.X_OK):
                 raise RunDirError(f"{flag} {self.path}: not writable")
             return self
@@ -181,16 +187,14 @@ class RunDir:
         ``new``) already holds files.  Acquiring a directory this process owns is a no-op."""
         if self.owned:
             if new and self.contents():
-                raise RunDirError(
-                    f"{flag} {self.path}: already holds a run; choose another directory"
-                )
+                raise RunDirError(self._occupied(flag))
             return self
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{flag} {self.path}: exists and is not a directory")
         if self.path.is_dir():
             self._probe_lock(flag)  # a live owner is named first
         if new and self.contents():  # checked before anything is created there
-            raise RunDirError(f"{flag} {self.path}: already holds a run; choose another directory")
+            raise RunDirError(self._occupied(flag))
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -206,7 +210,7 @@ class RunDir:
         if new and self.contents():  # filled between the first look and the lock
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            raise RunDirError(f"{flag} {self.path}: already holds a run; choose another directory")
+            raise RunDirError(self._occupied(flag))
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -324,8 +328,9 @@ class Outputs:
             shown = ", ".join(str(t.relative_to(self.directory)) for t in existing[:3])
             more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
             raise RunDirError(
-                f"{self.flag} {self.directory}: {shown}{more} already exist; pass --force to "
-                "replace them, or choose another directory"
+                f"{self.flag} {self.directory}: {shown}{more} already "
+                f"{'exists' if len(existing) == 1 else 'exist'}; pass --force to replace "
+                f"{'it' if len(existing) == 1 else 'them'}, or choose another directory"
             )
 
     def check(self, *names: str) -> Outputs:

@@ -190,7 +190,8 @@ def main(args) -> dict:
     try:
         coder = BitsBackCoder(model, latent_bits=args.latent_bits or 10, particles=particles)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        flag = "--latent-bits" if "latent_bits" in str(e) else "--particles"
+        raise UsageError(f"{flag}: {e}") from None
     if args.command == "encode":
         images = load_images(args, state, coder)
         start = time.perf_counter()
@@ -222,6 +223,8 @@ def main(args) -> dict:
                 f"--input {args.input}: the file uses {message.latent_bits} latent bits, "
                 f"--latent-bits says {args.latent_bits} (decode reads it from the file)"
             )
+        if message.weights != coder.weights:  # before how it was coded: not this model's file
+            raise CompressionError("the file was made with other model weights")
         coded = (message.latent_bits, message.particles)
         if coded != (coder.latent_bits, coder.particles):  # the file says how it was coded
             try:

@@ -176,7 +176,13 @@ def main(args) -> dict:
     from tqdm import tqdm
 
     from pyro_vae.checkpoints import load_checkpoint
-    from pyro_vae.data import BatchLoader, SemiSupervisedLoader, labelled_subset, training_splits
+    from pyro_vae.data import (
+        BatchLoader,
+        DataError,
+        SemiSupervisedLoader,
+        labelled_subset,
+        training_splits,
+    )
     from pyro_vae.distributed import ShardedLoader
     from pyro_vae.evaluate import semi_supervised_report
     from pyro_vae.models import SSVAE, StackedSSVAE
@@ -202,10 +208,14 @@ def main(args) -> dict:
         train_size=args.train_size,
         eval_size=args.eval_size,
     )
-    labelled_idx, unlabelled_idx = labelled_subset(train, args.labels, args.seed, NUM_CLASSES)
+    try:
+        labelled_idx, unlabelled_idx = labelled_subset(train, args.labels, args.seed, NUM_CLASSES)
+    except DataError as e:  # the flags that chose these numbers
+        raise UsageError(f"--labels {args.labels} (of --train-size images): {e}") from None
     if len(unlabelled_idx) < args.batch_size:
         raise UsageError(
-            f"{len(unlabelled_idx)} unlabelled images are fewer than one batch of {args.batch_size}"
+            f"--batch-size {args.batch_size}: {len(unlabelled_idx)} unlabelled images are "
+            "fewer than one batch"
         )
     binarize = "dynamic" if args.binarize == "dynamic" else "none"
     loader = SemiSupervisedLoader(

@@ -363,7 +363,21 @@ def main(args) -> dict:
     if not ranks.is_main:
         return report
     run.dir.write_json("evaluation.json", report)
-    save_vae_figures(vae, test_x, test.labels, trainer.history, run.dir.figures, seed=args.seed)
+    if args.elbo in ("iwae", "dreg"):
+        objective = f"training bound L_{args.num_particles} ({args.elbo})"
+    else:
+        objective = "training ELBO"
+    if args.kl_warmup or args.beta != 1:
+        objective += ", KL weighted"
+    save_vae_figures(
+        vae,
+        test_x,
+        test.labels,
+        trainer.history,
+        run.dir.figures,
+        seed=args.seed,
+        objective=objective,
+    )
 
     lines = [f"test ELBO        {report['elbo']:.2f} nats/image ({args.binarize} binarisation)"]
     if args.eval_particles:

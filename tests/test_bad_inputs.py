@@ -178,6 +178,7 @@ PATH_CASES = [
         "the model itself",
     ),
     ("compare_baselines.py", ["--z-dims", "1000", "--out", "{tmp}/b"], "--z-dims 1000: PCA"),
+    ("train_svi.py", ["--threads", "100000", "--out", "{tmp}/r"], "--threads 100000: more than"),
     (
         "train_svi.py",
         ["--train-size", "300", "--batch-size", str(10**18), "--out", "{tmp}/r"],

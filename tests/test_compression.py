@@ -114,6 +114,10 @@ def test_corrupted_files_fail_with_a_compression_error_and_never_hang(trained, k
     for case in cases:
         with pytest.raises(CompressionError):
             coder.decode(CompressedImages.from_bytes(case))
+    # a file cut inside its header says so (not that its version is unsupported)
+    with pytest.raises(CompressionError, match="truncated|no header") as info:
+        CompressedImages.from_bytes(data[:40])
+    assert "not one of the supported" not in str(info.value)
 
 
 def test_compress_script_round_trip_and_refusals(trained_run, data_dir, tmp_path):

@@ -176,7 +176,7 @@ def test_outputs_are_staged_so_a_failure_leaves_the_previous_set(tmp_path):
         raise RuntimeError("the run fails before it commits")
     assert snapshot(directory) == before
     assert not [p for p in directory.iterdir() if p.name.startswith(".staging")]
-    with pytest.raises(RunDirError, match="report.json already exist"):
+    with pytest.raises(RunDirError, match="report.json already exists; pass --force to replace it"):
         Outputs(directory).check("report.json")
     with pytest.raises(RunDirError, match="an input"):
         Outputs(directory, force=True, protect=(directory / "report.json",)).check("report.json")

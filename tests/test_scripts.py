@@ -384,6 +384,11 @@ def test_unusable_paths(data_dir, tmp_path, capsys, monkeypatch):
     status, err = run_in_process("train_svi.py", ["--out", str(existing)], capsys)
     assert status == 2 and "already holds a run" in err
     assert (existing / "checkpoint.pt").read_bytes() == b"precious"
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "notes.txt").write_text("mine")
+    status, err = run_in_process("train_svi.py", ["--out", str(others)], capsys)
+    assert status == 2 and "is not empty (notes.txt)" in err and "holds a run" not in err
     status, err = run_in_process(
         "train_svi.py", ["--data-dir", str(blocker / "d"), "--out", str(tmp_path / "r")], capsys
     )

@@ -120,7 +120,10 @@ def labelled_subset(
     for c in range(num_classes):
         idx = (data.labels == c).nonzero().squeeze(1)
         if len(idx) < per_class:
-            raise DataError(f"class {c} has {len(idx)} images, fewer than {per_class}")
+            raise DataError(
+                f"class {c} has {len(idx)} images, fewer than the {per_class} per class that "
+                f"{n} labels need"
+            )
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
     labelled = torch.cat(chosen).sort().values
     mask = torch.ones(len(data), dtype=torch.bool)
