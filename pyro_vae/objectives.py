@@ -58,7 +58,7 @@ from pyro_vae.weights import (
     trace_particles,
 )
 
-__all__ = ["DReG", "IWAE", "ObjectiveError"]
+__all__ = ["DReG", "FreeBitsELBO", "IWAE", "ObjectiveError"]
 
 
 class ObjectiveError(ValueError):
@@ -291,3 +291,46 @@ class DReG(IWAE):
     """
 
     _doubly_reparameterised = True
+
+
+class FreeBitsELBO(IWAE):
+    """The ELBO with free bits per latent site (Kingma et al. 2016, "Improved variational
+    inference with inverse autoregressive flow"): each latent site l (a layer) pays
+    max(lambda, its KL averaged over the batch) instead of its KL, so that no layer is
+    pushed below ``free_bits`` = lambda nats per image:
+
+        loss = -sum_n E log p(x_n | z) + beta sum_l max(lambda B, sum_n KL_l(x_n)),
+
+    KL_l(x_n) = log q(z_l | ...) - log p(z_l | ...) at the draws (the mean over
+    ``num_particles``), B the batch size, beta the KL weight (``KLWeight``), times N/B when
+    the data plate is subsampled.  At lambda = 0 it is the reparameterised Trace_ELBO.
+    ``free_bits`` may be changed between steps (a trainer's schedule)."""
+
+    def __init__(self, free_bits: float = 0.0, num_particles: int = 1, **kwargs) -> None:
+        super().__init__(num_particles, **kwargs)
+        if not (math.isfinite(free_bits) and free_bits >= 0):
+            raise ValueError(f"free_bits must be finite and non-negative, got {free_bits}")
+        self.free_bits = float(free_bits)
+
+    def _bound(self, model, guide, args, kwargs) -> tuple[Tensor, Tensor | None]:
+        traces = trace_particles(
+            model,
+            guide,
+            *args,
+            num_particles=self.num_particles,
+            max_plate_nesting=self.max_plate_nesting,
+            plate_name=self.plate_name,
+            **kwargs,
+        )
+        scale, beta = self._check_sites(traces)
+        model_sites = dict(traces.model_sites())
+        log_lik = traces.log_likelihood().mean(0)  # (B,)
+        batch = log_lik.shape[0]
+        penalty = log_lik.new_zeros(())
+        for name, site in traces.latent_sites():
+            log_q = site_log_prob(site, self.plate_name, self.particle_dim)
+            log_p = site_log_prob(model_sites[name], self.plate_name, self.particle_dim)
+            kl = (log_q - log_p).mean(0).sum()  # summed over the batch
+            penalty = penalty + torch.clamp(kl, min=self.free_bits * batch)
+        loss = -scale * (log_lik.sum() - beta * penalty)
+        return loss, None

@@ -13,7 +13,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.choices import LR_SCHEDULES
 
-__all__ = ["KLWeight", "kl_warmup_weight", "lr_factor"]
+__all__ = ["KLWeight", "free_bits_level", "kl_warmup_weight", "lr_factor"]
 
 # Burda et al. (2015): 3^i epochs at 10^(-i/7) times the base rate, i = 0 .. 7 (3,280 epochs)
 _BURDA_STAGES = 8
@@ -52,6 +52,29 @@ def kl_warmup_weight(epoch: int, warmup_epochs: int, start: float = 0.0) -> floa
     if warmup_epochs == 0 or epoch > warmup_epochs:
         return 1.0
     return start + (1.0 - start) * (epoch - 1) / warmup_epochs
+
+
+def free_bits_level(
+    epoch: int, free_bits: float, constant_epochs: int | None = None, cooldown_epochs: int = 0
+) -> float:
+    """The free bits (nats per image and latent layer) of (1-based) ``epoch``: ``free_bits``
+    for the first ``constant_epochs`` epochs (all of them when None), then falling linearly
+    to 0 over ``cooldown_epochs`` (Havtorn et al.: 200 epochs constant, 200 to cool)."""
+    if (
+        free_bits < 0
+        or (constant_epochs is not None and constant_epochs < 0)
+        or cooldown_epochs < 0
+    ):
+        raise ValueError(
+            f"free bits need a level >= 0 and epoch counts >= 0, got {free_bits}, "
+            f"{constant_epochs}, {cooldown_epochs}"
+        )
+    if constant_epochs is None or epoch <= constant_epochs:
+        return float(free_bits)
+    into = epoch - constant_epochs
+    if into > cooldown_epochs:
+        return 0.0
+    return free_bits * (1.0 - into / (cooldown_epochs + 1))
 
 
 class KLWeight(Messenger):

@@ -33,8 +33,8 @@ from pyro_vae.choices import (  # the names users choose from, also importable f
 )
 from pyro_vae.distributed import Ranks, all_sum, shard_bounds
 from pyro_vae.evaluate import estimate_log_px
-from pyro_vae.objectives import IWAE, DReG
-from pyro_vae.schedules import kl_warmup_weight, lr_factor
+from pyro_vae.objectives import IWAE, DReG, FreeBitsELBO
+from pyro_vae.schedules import free_bits_level, kl_warmup_weight, lr_factor
 from pyro_vae.seeding import seed_everything  # noqa: F401  (importable from here, as before)
 from pyro_vae.stepper import (  # the step's names were defined here before: still importable
     NonFiniteError,  # noqa: F401
@@ -215,6 +215,9 @@ class Trainer:
         adam_eps: float = 1e-8,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         skip_norm: float | None = None,
+        free_bits: float = 0.0,
+        free_bits_constant: int | None = None,
+        free_bits_cooldown: int = 0,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -232,6 +235,15 @@ class Trainer:
         # the model the validation ELBO scores: the pure model, when ``model`` carries terms
         # that only training adds (the semi-supervised model's auxiliary and balance terms)
         self.eval_model = model if eval_model is None else eval_model
+        free_bits_level(1, free_bits, free_bits_constant, free_bits_cooldown)  # checks them
+        if free_bits and not isinstance(elbo, FreeBitsELBO):
+            if elbo not in ("trace", "meanfield"):
+                raise ValueError(
+                    "free bits apply to the ELBO (elbo='trace'), not to an importance-weighted "
+                    f"bound or {elbo!r}"
+                )
+            elbo = FreeBitsELBO(free_bits, num_particles, max_plate_nesting=max_plate_nesting)
+        self.free_bits = (free_bits, free_bits_constant, free_bits_cooldown)
         self.elbo = (
             make_elbo(elbo, num_particles, max_plate_nesting) if isinstance(elbo, str) else elbo
         )
@@ -347,6 +359,8 @@ class Trainer:
             lr_now = self.lr * lr_factor(self.lr_schedule, epoch, epochs)
             self.stepper.set_lr(lr_now)
             self.stepper.kl_weight = kl_warmup_weight(epoch, self.kl_warmup, self.kl_start)
+            if isinstance(self.elbo, FreeBitsELBO):
+                self.elbo.free_bits = free_bits_level(epoch, *self.free_bits)
             partial = self._partial or {"total": 0.0, "count": 0, "seconds": 0.0}
             self._partial = None
             start = time.perf_counter() - partial["seconds"]
@@ -390,6 +404,8 @@ class Trainer:
             }
             if self.kl_warmup:
                 metrics["kl_weight"] = self.stepper.kl_weight
+            if isinstance(self.elbo, FreeBitsELBO):
+                metrics["free_bits"] = self.elbo.free_bits
             if val_data is not None:
                 metrics["val_elbo"] = self.evaluate_elbo(*val_data)
             metrics["seconds"] = time.perf_counter() - start

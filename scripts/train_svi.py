@@ -32,6 +32,7 @@ from pyro_vae.cli import (
     begin_run,
     hidden_sizes,
     layer_sizes,
+    nonnegative_float,
     nonnegative_int,
     optimizer_options,
     positive_float,
@@ -152,6 +153,25 @@ def build_parser() -> ArgumentParser:
         type=unit_interval,
         default=0.0,
         help="the KL weight of the first epoch of a --kl-warmup (default: 0)",
+    )
+    p.add_argument(
+        "--free-bits",
+        type=nonnegative_float,
+        default=0.0,
+        help="free bits (Kingma et al. 2016): each latent layer pays at least this many nats "
+        "per image of KL, averaged over the batch; with --elbo trace (default: 0, off)",
+    )
+    p.add_argument(
+        "--free-bits-constant",
+        type=nonnegative_int,
+        default=None,
+        help="epochs at the full --free-bits before the cool-down (default: the whole run)",
+    )
+    p.add_argument(
+        "--free-bits-cooldown",
+        type=nonnegative_int,
+        default=0,
+        help="epochs over which --free-bits then falls linearly to 0 (default: 0)",
     )
     p.add_argument(
         "--scale-link",
@@ -293,6 +313,12 @@ def main(args) -> dict:
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
         )
 
+    if args.free_bits and args.elbo not in ("trace", "meanfield"):
+        raise UsageError(
+            f"--free-bits applies to the ELBO (--elbo trace), not to --elbo {args.elbo}"
+        )
+    if (args.free_bits_constant is not None or args.free_bits_cooldown) and not args.free_bits:
+        raise UsageError("--free-bits-constant and --free-bits-cooldown apply to --free-bits")
     if args.kl_warmup and args.elbo == "jit":
         raise UsageError(
             "--kl-warmup needs an objective that reads the weight at every step; "
@@ -313,6 +339,9 @@ def main(args) -> dict:
         **optimizer_options(args),
         kl_warmup=args.kl_warmup,
         kl_start=args.kl_start,
+        free_bits=args.free_bits,
+        free_bits_constant=args.free_bits_constant,
+        free_bits_cooldown=args.free_bits_cooldown,
         validate=False,
         ranks=ranks,
     )

@@ -170,3 +170,44 @@ def test_train_svi_takes_the_options_records_them_and_resumes_a_warm_up(data_dir
         data_dir,
     )
     assert bad.returncode == 2 and "--kl-warmup" in bad.stderr
+    bad = run_script(
+        "train_svi.py", ["--free-bits", "1", "--out", str(tmp_path / "d")], data_dir
+    )  # the preset's objective is DReG
+    assert bad.returncode == 2 and "--free-bits applies to the ELBO" in bad.stderr
+
+
+def test_free_bits_hold_each_layer_at_its_floor_and_follow_their_schedule(mnist):
+    from pyro_vae.objectives import IWAE, FreeBitsELBO
+    from pyro_vae.schedules import free_bits_level
+
+    torch.manual_seed(0)
+    hvae = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)))
+    x = torch.bernoulli(torch.full((5, 784), 0.3))
+    pyro.set_rng_seed(0)
+    plain = IWAE(1).loss(hvae.model, hvae.guide, x)  # K = 1: the ELBO
+    pyro.set_rng_seed(0)
+    assert FreeBitsELBO(0.0).loss(hvae.model, hvae.guide, x) == pytest.approx(plain, rel=1e-6)
+    # a floor above every layer's KL: each layer pays the floor, and the guide's gradient
+    # comes from the likelihood alone
+    pyro.set_rng_seed(0)
+    loss = FreeBitsELBO(1000.0).differentiable_loss(hvae.model, hvae.guide, x)
+    pyro.set_rng_seed(0)
+    traces = pyro_vae_traces(hvae, x)
+    log_lik = float(traces.log_likelihood().sum())
+    assert float(loss) == pytest.approx(-log_lik + 2 * 1000.0 * 5, rel=1e-6)
+    assert [free_bits_level(e, 2.0, 2, 3) for e in range(1, 7)] == [2.0, 2.0, 1.5, 1.0, 0.5, 0.0]
+    assert free_bits_level(50, 2.0) == 2.0
+    train = mnist["train"].subset(slice(0, 256))
+    trainer = Trainer(
+        hvae.model, hvae.guide, free_bits=0.5, free_bits_constant=1, free_bits_cooldown=1
+    )
+    trainer.fit(BatchLoader(train, 128, binarize="dynamic", seed=0), 3, progress=False)
+    assert [m["free_bits"] for m in trainer.history] == [0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="free bits apply to the ELBO"):
+        Trainer(hvae.model, hvae.guide, elbo="dreg", free_bits=1.0)
+
+
+def pyro_vae_traces(model, x):
+    from pyro_vae.weights import trace_particles
+
+    return trace_particles(model.model, model.guide, x, num_particles=1)
