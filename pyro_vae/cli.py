@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 # This module imports nothing heavy at the top: the scripts parse their arguments with it
 # before torch and Pyro are loaded, so --help and a bad flag answer at once.
 
+# torch's CPU threads wait for work by spinning (OpenMP's active policy). When another
+# process keeps a core busy, spinning threads take turns with it and an epoch of the default
+# recipe took 12.5 s with two threads against 4.0 s with one; with passive waiting, 3.4 s
+# (benchmarks/threads.py, docs/results/training-speed.md). Set before torch loads; a value
+# the user gave wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __all__ = [
     "ArgumentParser",
     "ResultError",
@@ -206,7 +213,8 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads for torch (default: torch's own choice, usually one per core)",
+        help="CPU threads for torch (default: torch's own choice, one per core; idle threads "
+        "wait passively, so a busy machine does not slow them down, see OMP_WAIT_POLICY)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 

@@ -3,6 +3,7 @@ tests/test_examples.py), and bad input gives one line on stderr with exit status
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -408,3 +409,18 @@ def test_resume_refuses_settings_that_would_not_apply(tmp_path, capsys, data_dir
     status, err = run_in_process("train_svi.py", ["--resume", str(run_dir), "--lr", "0.5"], capsys)
     assert status == 2 and "--lr cannot change when resuming" in err
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+
+
+def test_the_scripts_let_idle_threads_wait_passively_unless_told_otherwise():
+    """Spinning OpenMP threads collapse on a busy machine (benchmarks/threads.py): the
+    scripts' common module sets passive waiting before torch loads; a given value wins."""
+    import subprocess
+    import sys
+
+    code = "import os, pyro_vae.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE", out.stderr
