@@ -123,6 +123,32 @@ def probability(s: str) -> float:
     return value
 
 
+def warmup_length(s: str) -> int | str:
+    """An argparse type: a number of epochs, or a share of --epochs such as '10%'."""
+    text = s.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if math.isfinite(share) and 0 <= share <= 100:
+                return f"{share:g}%"
+        else:
+            value = int(text)
+            if 0 <= value <= _LARGEST_SIZE:
+                return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{s!r} is not a number of epochs or a share such as 10%")
+
+
+def epochs_of(length: int | str, epochs: int) -> int:
+    """``warmup_length``'s value in epochs of a run of ``epochs``: a share rounded, at least
+    one epoch when the share is above zero."""
+    if isinstance(length, str):
+        share = float(length.rstrip("%")) / 100
+        return max(1, round(share * epochs)) if share > 0 else 0
+    return int(length)
+
+
 def unit_interval(s: str) -> float:
     """An argparse type: a number in [0, 1]."""
     try:
@@ -303,7 +329,15 @@ def apply_preset(
 
 
 # What runs from before a flag existed did, where that differs from the flag's default.
-LEGACY_DEFAULTS = {"preset": "classic", "lr_schedule": "constant"}
+LEGACY_DEFAULTS = {
+    "preset": "classic",
+    "lr_schedule": "constant",
+    # the training options of hierarchical VAEs, which a preset may now set
+    "kl_warmup": 0,
+    "init_output_bias": False,
+    "adam_eps": 1e-8,
+    "scale_link": "softplus",
+}
 
 # Flags a resumed run may change; everything else comes from the run's config.json.  The
 # stopping rules are among them so that a run which stopped on its budget can be given more.
@@ -514,9 +548,12 @@ def add_training_args(
     add(
         "--adam-eps",
         type=positive_float,
-        default=1e-8,
-        help="Adam's epsilon (Burda et al. and Sønderby et al. use 1e-4) (default: 1e-8)",
+        default=None,  # 1e-8 unless a preset says otherwise (the parser's late_defaults)
+        help="Adam's epsilon (Burda et al. and Sønderby et al. use 1e-4) (default: 1e-8, or "
+        "set by --preset)",
     )
+    late = getattr(parser, "late_defaults", {})
+    parser.late_defaults = {**late, "adam_eps": 1e-8}
     add(
         "--adam-betas",
         type=adam_betas,
@@ -572,13 +609,17 @@ def begin_run(
                 f"--epochs {args.epochs}: the run has trained {done} epochs already (give "
                 f"{done} or more)"
             )
-    # flags whose default is None on the parser so that a resume can tell a given value from
-    # none: their value when a new run leaves them out
-    for key, value in getattr(parser, "late_defaults", {}).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    # Flags whose default is None on the parser, so that a resume can tell a given value from
+    # none and a preset can set them: their value when neither the command line nor the
+    # preset gives one.  The model comes first, since the preset's overrides depend on it.
+    late = getattr(parser, "late_defaults", {})
+    if "model" in late and getattr(args, "model", None) is None:
+        args.model = late["model"]
     if presets is not None:
         args = apply_preset(args, presets, overrides)
+    for key, value in late.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     device = resolve_device(args.device)
     ranks, device = setup(device)
     apply_threads(args)

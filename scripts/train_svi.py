@@ -30,6 +30,7 @@ from pyro_vae.cli import (
     add_preset_arg,
     add_training_args,
     begin_run,
+    epochs_of,
     hidden_sizes,
     layer_sizes,
     nonnegative_float,
@@ -41,6 +42,7 @@ from pyro_vae.cli import (
     run,
     run_config,
     unit_interval,
+    warmup_length,
 )
 
 
@@ -66,7 +68,13 @@ def build_parser() -> ArgumentParser:
         help="vae: one stochastic layer; hvae: several (HierarchicalVAE, Burda et al.'s two "
         "layers by default) (default: vae)",
     )
-    p.late_defaults = {"model": "vae"}
+    p.late_defaults = {
+        **p.late_defaults,
+        "model": "vae",
+        "kl_warmup": 0,
+        "init_output_bias": False,
+        "scale_link": "softplus",
+    }
     p.add_argument(
         "--z-dims",
         type=hidden_sizes,
@@ -141,12 +149,13 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--kl-warmup",
-        type=nonnegative_int,
-        default=0,
+        type=warmup_length,
+        default=None,
         help="KL warm-up: the weight of the latent terms rises linearly from --kl-start to 1 "
-        "over this many epochs (a KL weight under trace, a temperature on log p(z) - log q(z) "
-        "inside each importance weight under iwae and dreg); evaluations always report the "
-        "untempered bounds (default: 0, off)",
+        "over this many epochs, or this share of --epochs (10%%) (a KL weight under trace, a "
+        "temperature on log p(z) - log q(z) inside each importance weight under iwae and "
+        "dreg); evaluations always report the untempered bounds (default: 0, off, or set by "
+        "--preset)",
     )
     p.add_argument(
         "--kl-start",
@@ -175,10 +184,11 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--scale-link",
-        default="softplus",
+        default=None,
         choices=SCALE_LINKS,
         help="how the networks' outputs become standard deviations: softplus(s) + 1e-4, "
-        "exp(s) (Burda et al.), or softclamp exp(5 tanh(s/5)) (NVAE) (default: softplus)",
+        "exp(s) (Burda et al.), or softclamp exp(5 tanh(s/5)) (NVAE) (default: softplus, or "
+        "set by --preset)",
     )
     p.add_argument(
         "--weight-norm",
@@ -188,8 +198,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--init-output-bias",
         action="store_true",
+        default=None,
         help="start the decoder's output bias at the logit of the training images' mean "
-        "(Burda et al.)",
+        "(Burda et al.) (default: off, or set by --preset)",
     )
     p.add_argument(
         "--num-particles",
@@ -337,7 +348,7 @@ def main(args) -> dict:
         elbo=args.elbo,
         num_particles=args.num_particles,
         **optimizer_options(args),
-        kl_warmup=args.kl_warmup,
+        kl_warmup=epochs_of(args.kl_warmup, args.epochs),
         kl_start=args.kl_start,
         free_bits=args.free_bits,
         free_bits_constant=args.free_bits_constant,

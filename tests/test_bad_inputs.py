@@ -32,6 +32,7 @@ BAD_BY_TYPE = {
     cli.nonnegative_float: ["-1", "x"],
     cli.hidden_sizes: ["0", "-5", "a,b", "", f"4,{2**63}"],
     cli.unit_interval: ["-0.1", "1.5", "nan", "x"],
+    cli.warmup_length: ["-1", "x", "150%", "1.5", "%"],
     cli.adam_betas: ["0.9", "0.9,1", "a,b", "0.9,0.99,0.5"],
     cli.seed_value: ["-1", "x", "1.5", str(2**32), str(2**64)],  # numpy takes 32 bits
 }
