@@ -71,6 +71,13 @@ _LARGEST_SIZE = 2**63 - 1
 _MAX_THREADS_PER_CORE = 64
 
 
+def shown(value: float, spec: str) -> str:
+    """``format(value, spec)`` without a minus sign on a figure that rounds to zero
+    ("-0.000" reads as a negative result)."""
+    text = format(value, spec)
+    return format(0.0, spec) if float(text) == 0 else text
+
+
 def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
     """An argparse type: a finite ``kind`` (int or float) above zero (or zero too, if
     ``allow_zero``); anything else is a one-line error naming what was expected."""

@@ -37,6 +37,7 @@ from pyro_vae.cli import (
     outputs_for,
     positive_int,
     run,
+    shown,
 )
 from pyro_vae.rundir import default_run_dir
 
@@ -106,8 +107,9 @@ def print_table(d: int, result) -> None:
         recon = f"{bce:7.4f} {se:7.4f}" if bce is not None else f"{'-':>7} {'-':>7}"
         trained = f"{m['train_seconds']:6.1f} s" if "train_seconds" in m else ""
         print(
-            f"  {name:<19} {recon} |          {q['confidence']:5.3f} {q['class_balance']:7.3f} "
-            f"{q['frechet_distance']:7.2f} {q['precision']:5.3f} {q['recall']:6.3f} | {trained}"
+            f"  {name:<19} {recon} |          {shown(q['confidence'], '5.3f')} "
+            f"{shown(q['class_balance'], '7.3f')} {shown(q['frechet_distance'], '7.2f')} "
+            f"{shown(q['precision'], '5.3f')} {shown(q['recall'], '6.3f')} | {trained}"
         )
 
 

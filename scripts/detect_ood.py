@@ -35,6 +35,7 @@ from pyro_vae.cli import (
     positive_int,
     resolve_device,
     run,
+    shown,
 )
 
 
@@ -275,7 +276,9 @@ def main(args) -> dict:
     if not args.quiet:
         print(f"{title}, {len(inside)} + {len(outside)} test images, K={args.num_particles}")
         if selection is not None:
-            table = ", ".join(f"{c} {r:.3f}" for c, r in selection["correlations"].items())
+            table = ", ".join(
+                f"{c} {shown(r, '.3f')}" for c, r in selection["correlations"].items()
+            )
             print(
                 f"  compressor {compressor}: corr(L(x), -log p(x)) on {len(valid)} "
                 f"{inside_name} validation images: {table} (chosen in "

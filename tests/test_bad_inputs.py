@@ -404,3 +404,9 @@ def test_one_test_image_gives_strict_json_and_every_figure(tmp_path, capsys):
     report = json.loads((out / "evaluation.json").read_text(), parse_constant=refuse)
     assert report["log_px_sem"] is None  # no standard error from one image
     assert (out / "figures" / "latent_map.png").is_file()
+
+
+def test_a_figure_that_rounds_to_zero_is_printed_without_a_minus_sign():
+    assert cli.shown(-0.0002, ".3f") == "0.000"
+    assert cli.shown(-0.0002, "7.3f") == "  0.000"
+    assert cli.shown(-0.5, ".3f") == "-0.500"
