@@ -24,6 +24,8 @@ extensions = [
     "sphinxarg.ext",
 ]
 myst_heading_anchors = 3
+# Sphinx's smart quotes turn "--preset" into an en dash: a flag copied from the page would fail
+smartquotes = False
 nb_execution_mode = "off"  # the notebooks carry the outputs of a full run
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 autodoc_member_order = "bysource"
