@@ -344,6 +344,7 @@ LEGACY_DEFAULTS = {
     "init_output_bias": False,
     "adam_eps": 1e-8,
     "scale_link": "softplus",
+    "batch_norm": False,
 }
 
 # Flags a resumed run may change; everything else comes from the run's config.json.  The

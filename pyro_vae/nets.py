@@ -18,6 +18,7 @@ __all__ = [
     "SCALE_LINKS",
     "ConvNet",
     "Decoder",
+    "FlatBatchNorm",
     "Encoder",
     "mlp",
     "scale_from",
@@ -39,20 +40,40 @@ def mlp(
     activation: str = "relu",
     final_activation: bool = False,
     weight_norm: bool = False,
+    batch_norm: bool = False,
 ) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (and after the last
     one if ``final_activation``); ``weight_norm``: every weight as g v / |v| per output unit
     (Salimans & Kingma 2016, torch's ``parametrizations.weight_norm``), as Havtorn et al.'s
-    hierarchical VAEs use."""
+    hierarchical VAEs use; ``batch_norm``: batch normalisation before each hidden activation
+    (Sønderby et al.'s ladder VAE; ``FlatBatchNorm``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = nn.Linear(n_in, n_out)
         layers.append(nn.utils.parametrizations.weight_norm(linear) if weight_norm else linear)
-        if i < len(sizes) - 2 or final_activation:
+        hidden = i < len(sizes) - 2
+        if batch_norm and hidden:
+            layers.append(FlatBatchNorm(n_out))
+        if hidden or final_activation:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+class FlatBatchNorm(nn.BatchNorm1d):
+    """Batch normalisation over every leading dimension of (..., features): the particles and
+    the images of a batch alike.  In training mode it normalises with the batch's statistics
+    and updates the running ones; in evaluation mode (``model.eval()``, which every
+    evaluation, the compressor and the OOD scores use) it uses the running statistics, so an
+    image's figures do not depend on the others in its batch.  The running statistics are
+    buffers: checkpoints carry them.  Under torchrun each process keeps its own (no
+    synchronisation: their running statistics are those of rank 0's shards in the
+    checkpoint)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, x.shape[-1])
 
 
 class ConvNet(nn.Module):
@@ -112,11 +133,14 @@ class Encoder(nn.Module):
         min_scale: float = 1e-4,
         scale_link: str = "softplus",
         weight_norm: bool = False,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if scale_link not in SCALE_LINKS:
             raise ValueError(f"unknown scale link {scale_link!r}; choose from {SCALE_LINKS}")
-        self.net = mlp([x_dim, *hidden, 2 * z_dim], activation, weight_norm=weight_norm)
+        self.net = mlp(
+            [x_dim, *hidden, 2 * z_dim], activation, weight_norm=weight_norm, batch_norm=batch_norm
+        )
         self.min_scale, self.scale_link = min_scale, scale_link
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,9 +176,15 @@ class Decoder(nn.Module):
         hidden: Sequence[int] = (400,),
         activation: str = "relu",
         weight_norm: bool = False,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.net = mlp([z_dim, *reversed(list(hidden)), x_dim], activation, weight_norm=weight_norm)
+        self.net = mlp(
+            [z_dim, *reversed(list(hidden)), x_dim],
+            activation,
+            weight_norm=weight_norm,
+            batch_norm=batch_norm,
+        )
 
     @torch.no_grad()
     def set_output_bias(self, bias: Tensor) -> None:

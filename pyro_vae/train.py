@@ -146,6 +146,20 @@ def make_elbo(
     )
 
 
+@contextlib.contextmanager
+def evaluation_mode(modules: Sequence[nn.Module]):
+    """The modules in evaluation mode (batch normalisation on its running statistics) for
+    the block, each back in the mode it had after it."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 class TrainingInterrupted(Exception):
     """Training stopped at a step boundary on request (e.g. Ctrl-C); the state is consistent."""
 
@@ -322,16 +336,17 @@ class Trainer:
         start, stop = shard_bounds(data[0].shape[0], self.ranks)
         total, count = 0.0, stop - start
         if count:
-            result = estimate_log_px(
-                self.eval_model,
-                self.guide,
-                *(t[start:stop] for t in data),
-                num_particles=num_particles,
-                ks=(),
-                psis=False,
-                max_plate_nesting=self.max_plate_nesting,
-                validate=self.validate if self.validate != "first" else False,
-            )
+            with evaluation_mode(self.modules):
+                result = estimate_log_px(
+                    self.eval_model,
+                    self.guide,
+                    *(t[start:stop] for t in data),
+                    num_particles=num_particles,
+                    ks=(),
+                    psis=False,
+                    max_plate_nesting=self.max_plate_nesting,
+                    validate=self.validate if self.validate != "first" else False,
+                )
             total = float(result.elbo.sum())
         total, count = all_sum([total, count], self.ranks)
         return total / count
@@ -355,6 +370,8 @@ class Trainer:
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         self.stop_requested = False
+        for module in self.modules:  # training mode: batch normalisation uses the batch
+            module.train()
         for epoch in range(self.epoch + 1, epochs + 1):
             lr_now = self.lr * lr_factor(self.lr_schedule, epoch, epochs)
             self.stepper.set_lr(lr_now)

@@ -196,6 +196,12 @@ def build_parser() -> ArgumentParser:
         help="weight normalisation on every linear layer (Havtorn et al.'s hierarchical VAEs)",
     )
     p.add_argument(
+        "--batch-norm",
+        action="store_true",
+        help="batch normalisation before every hidden activation (Sønderby et al.'s ladder "
+        "VAE); evaluations use the running statistics, which checkpoints carry",
+    )
+    p.add_argument(
         "--init-output-bias",
         action="store_true",
         default=None,
@@ -252,6 +258,7 @@ def build_model(args, x_dim: int, image_shape):
             covariance=args.covariance,
             scale_link=args.scale_link,
             weight_norm=args.weight_norm,
+            batch_norm=args.batch_norm,
         )
         return vae, "VAE"
     one_layer_only = {
@@ -287,6 +294,7 @@ def build_model(args, x_dim: int, image_shape):
         image_shape=image_shape,
         scale_link=args.scale_link,
         weight_norm=args.weight_norm,
+        batch_norm=args.batch_norm,
     )
     return model, "HierarchicalVAE"
 
@@ -383,6 +391,7 @@ def main(args) -> dict:
     )
     quiet = args.quiet or not ranks.is_main
     run.fit(args.epochs, val_data=(valid.images.to(device),), progress=not quiet)
+    vae.eval()  # batch normalisation, if any, on its running statistics from here on
 
     test_x = test.images.to(device)
     report: dict = {"binarize": args.binarize, "dataset": args.dataset, "units": "nats per image"}

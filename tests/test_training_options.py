@@ -141,6 +141,7 @@ def test_train_svi_takes_the_options_records_them_and_resumes_a_warm_up(data_dir
     args += ["--layer-hidden", "32/16", *TINY, "--eval-particles", "10", "--kl-warmup", "67%"]
     args += ["--kl-start", "0.2", "--init-output-bias", "--adam-eps", "1e-4", "--skip-norm"]
     args += ["1e6", "--scale-link", "softclamp", "--weight-norm", "--lr-schedule", "step"]
+    args += ["--batch-norm"]
     first = run_script("train_svi.py", [*args, "--epochs", "2", "--out", str(out)], data_dir)
     assert first.returncode == 0, first.stderr
     resumed = run_script("train_svi.py", ["--resume", str(out), "--epochs", "3"], data_dir)
@@ -213,3 +214,39 @@ def pyro_vae_traces(model, x):
     from pyro_vae.weights import trace_particles
 
     return trace_particles(model.model, model.guide, x, num_particles=1)
+
+
+def test_batch_norm_trains_on_the_batch_and_evaluates_on_running_statistics(mnist, tmp_path):
+    from pyro_vae import estimate_log_px
+    from pyro_vae.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    hvae = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)), batch_norm=True)
+    train = mnist["train"].subset(slice(0, 512))
+    val = torch.bernoulli(mnist["valid"].images[:64], generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(hvae.model, hvae.guide, elbo="dreg", num_particles=3)
+    trainer.fit(BatchLoader(train, 128, binarize="dynamic", seed=0), 2, val_data=(val,))
+    assert hvae.training  # the validation ran in evaluation mode and gave the mode back
+    bn = hvae.decoder.net[1]
+    assert bn.num_batches_tracked > 0 and not torch.equal(bn.running_mean, torch.zeros(16))
+    # in evaluation mode an image's encoding does not depend on the others in its batch
+    hvae.eval()
+    with torch.no_grad():
+        alone = hvae.estimates(val[:1])[0][0][0]
+        torch.testing.assert_close(hvae.estimates(val[:8])[0][0][0], alone)
+        hvae.train()
+        assert not torch.allclose(hvae.estimates(val[:8])[0][0][0], alone)  # the batch's
+    hvae.eval()
+    batch = estimate_log_px(hvae.model, hvae.guide, val[:8], num_particles=50, seed=3)
+    save_checkpoint(
+        tmp_path / "c.pt",
+        {
+            "model": hvae.state_dict(),
+            "model_class": "HierarchicalVAE",
+            "model_config": hvae.config(),
+        },
+    )
+    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).eval()
+    torch.testing.assert_close(loaded.decoder.net[1].running_var, bn.running_var)
+    again = estimate_log_px(loaded.model, loaded.guide, val[:8], num_particles=50, seed=3)
+    torch.testing.assert_close(again.log_px, batch.log_px)

@@ -67,6 +67,7 @@ class HierarchicalVAE(PyroModel):
         image_shape: Sequence[int] = (28, 28),
         scale_link: str = "softplus",
         weight_norm: bool = False,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.x_dim = positive_int("x_dim", x_dim)
@@ -84,9 +85,14 @@ class HierarchicalVAE(PyroModel):
             )
         self.activation, self.guide_kind = activation, guide
         self.scale_link, self.weight_norm = scale_link, bool(weight_norm)
+        self.batch_norm = bool(batch_norm)
         self.image_shape = tuple(image_shape)
         below = (self.x_dim, *self.z_dims[:-1])
-        nets = {"scale_link": scale_link, "weight_norm": self.weight_norm}
+        nets = {
+            "scale_link": scale_link,
+            "weight_norm": self.weight_norm,
+            "batch_norm": self.batch_norm,
+        }
         # inference: layer l's network reads layer l-1 (x for the first)
         self.encoders = nn.ModuleList(
             Encoder(below[i], z, h, activation, **nets)
@@ -104,7 +110,12 @@ class HierarchicalVAE(PyroModel):
             for i in range(len(self.z_dims) - 1)
         )
         self.decoder = Decoder(
-            self.z_dims[0], self.x_dim, self.hidden[0], activation, weight_norm=self.weight_norm
+            self.z_dims[0],
+            self.x_dim,
+            self.hidden[0],
+            activation,
+            weight_norm=self.weight_norm,
+            batch_norm=self.batch_norm,
         )
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
@@ -119,6 +130,7 @@ class HierarchicalVAE(PyroModel):
             "image_shape": list(self.image_shape),
             "scale_link": self.scale_link,
             "weight_norm": self.weight_norm,
+            "batch_norm": self.batch_norm,
         }
 
     def init_output_bias(self, mean: Tensor) -> None:

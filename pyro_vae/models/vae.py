@@ -60,6 +60,7 @@ class VAE(PyroModel):
         covariance: str = "diagonal",
         scale_link: str = "softplus",
         weight_norm: bool = False,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if covariance not in COVARIANCES:
@@ -89,7 +90,8 @@ class VAE(PyroModel):
                 "scale_link", f"unknown link {scale_link!r}; choose from {SCALE_LINKS}"
             )
         self.scale_link, self.weight_norm = scale_link, bool(weight_norm)
-        nets = {"weight_norm": self.weight_norm}
+        self.batch_norm = bool(batch_norm)
+        nets = {"weight_norm": self.weight_norm, "batch_norm": self.batch_norm}
         self.encoder = Encoder(x_dim, z_dim, hidden, activation, scale_link=scale_link, **nets)
         self.decoder = Decoder(z_dim, x_dim, hidden, activation, **nets)
         self.flow, self.flow_depth = flow, flow_depth
@@ -122,6 +124,7 @@ class VAE(PyroModel):
             "covariance": self.covariance,
             "scale_link": self.scale_link,
             "weight_norm": self.weight_norm,
+            "batch_norm": self.batch_norm,
         }
 
     def init_output_bias(self, mean: Tensor) -> None:
