@@ -43,7 +43,7 @@ def mlp(
     batch_norm: bool = False,
 ) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (and after the last
-    one if ``final_activation``); ``weight_norm``: every weight as g v / |v| per output unit
+    one if ``final_activation``); ``weight_norm``: every weight as ``g v / ||v||`` per output unit
     (Salimans & Kingma 2016, torch's ``parametrizations.weight_norm``), as Havtorn et al.'s
     hierarchical VAEs use; ``batch_norm``: batch normalisation before each hidden activation
     (Sønderby et al.'s ladder VAE; ``FlatBatchNorm``)."""
