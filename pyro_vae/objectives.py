@@ -140,8 +140,13 @@ class IWAE(ELBO):
             **kwargs,
         )
         scale, beta = self._check_sites(traces)
-        log_lik, log_prior, log_q = traces.log_likelihood(), traces.log_prior(), traces.log_q()
-        log_w = log_lik + beta * (log_prior - log_q)
+        log_q = traces.log_q()
+        if beta == 1:  # the model as written (summed as before: the same numbers bit for bit)
+            log_p = traces.log_p()
+            log_w = log_p - log_q
+        else:  # log p(x | z) + beta log p(z), and beta log q(z) below it
+            log_p = traces.log_likelihood() + beta * traces.log_prior()
+            log_w = log_p - beta * log_q
         if log_w.shape[0] == 1:
             log_w = log_w.expand(k_total, -1)
         k, m = self.num_particles, self.num_groups
@@ -170,9 +175,9 @@ class IWAE(ELBO):
         # the hook, which then multiplies by (1 - beta) + beta w_k, and log q is weighted by
         # beta ((1 - beta) w_k + beta w_k^2).
         log_q_direct = self._log_q_direct(traces, guide, args, kwargs)
-        path_q = w * ((1 - beta) + beta * w) * beta
-        surrogate = (w * (log_lik + beta * log_prior) - path_q * (log_q - log_q_direct)).sum()
-        return loss, -scale * surrogate / m
+        path_q = w.square() if beta == 1 else w * ((1 - beta) + beta * w) * beta
+        surrogate = -scale * (w * log_p - path_q * (log_q - log_q_direct)).sum() / m
+        return loss, surrogate
 
     def _reweighted(self, weights: dict[str, Tensor]) -> Callable[[str, dict], Tensor]:
         """The value the model sees at a guide latent: a view whose gradient is multiplied
