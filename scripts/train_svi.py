@@ -323,13 +323,13 @@ def main(args) -> dict:
         train_size=args.train_size,
         eval_size=args.eval_size,
     )
-    if args.batch_size > len(train) and args.resume is None:
-        raise UsageError(
-            f"--batch-size {args.batch_size}: more than the {len(train)} training images"
-        )
     if args.elbo == "jit" and len(train) < args.batch_size:
         raise UsageError(
             f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
+        )
+    if args.batch_size > len(train) and args.resume is None:
+        raise UsageError(
+            f"--batch-size {args.batch_size}: more than the {len(train)} training images"
         )
 
     if args.free_bits and args.elbo not in ("trace", "meanfield"):

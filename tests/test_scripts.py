@@ -366,10 +366,11 @@ BAD_INPUTS = [
     (["--binarize", "none"], "Bernoulli likelihood needs binary data"),
     (["--x-scale", "0.1"], "gaussian likelihood only"),
     (["--elbo", "jit", "--train-size", "100", "--batch-size", "128"], "full batch"),
-    (["--elbo", "iwae", "--beta", "2"], "--beta 1 only"),
-    (["--beta", "2"], "--beta 1 only"),  # the default preset trains with DReG
+    # a KL weight under an importance-weighted bound is a temperature now; free bits are not
+    (["--free-bits", "1"], "--free-bits applies to the ELBO"),  # the default preset: DReG
+    (["--elbo", "jit", "--kl-warmup", "5"], "--kl-warmup needs an objective"),
     (["--preset", "fastest"], "invalid choice"),
-    (["--lr-schedule", "step"], "invalid choice"),
+    (["--lr-schedule", "linear"], "invalid choice"),
     (["--threads", "0"], "positive integer"),
 ]
 
