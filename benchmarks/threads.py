@@ -46,7 +46,10 @@ def epoch_seconds(threads: str | None, env: dict, train_size: int) -> float:
         clean = {
             k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
         }
-        subprocess.run(cmd, check=True, env={**clean, **env}, stdout=subprocess.DEVNULL)
+        # (libgomp warns that the empty policy is invalid, then uses its default)
+        done = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-2000:]}")
         line = Path(f"{tmp}/r/metrics.jsonl").read_text().splitlines()[-1]
         return json.loads(line)["seconds"]
 
