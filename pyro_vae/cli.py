@@ -304,7 +304,11 @@ def add_preset_arg(
     maps (preset, --model) to the flags that model takes instead."""
 
     def flags_text(flags: dict) -> str:
-        return " ".join(f"--{k.replace('_', '-')} {_plain(v)}" for k, v in flags.items())
+        words = []
+        for key, value in flags.items():
+            flag = "--" + key.replace("_", "-")
+            words.append(flag if value is True else f"{flag} {_plain(value)}")
+        return " ".join(words).replace("%", "%%")  # argparse formats help with %
 
     described = "; ".join(f"{name}: {flags_text(flags)}" for name, flags in presets.items())
     for (preset, model), flags in (overrides or {}).items():

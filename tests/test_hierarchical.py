@@ -211,6 +211,12 @@ def test_the_preset_gives_two_layers_their_own_rate_unless_one_is_given():
 
     assert lr("vae") == 3e-3
     assert lr("hvae") == 1e-3
+    # and the warm-up recipe, which the one-layer preset leaves off
+    args = argparse.Namespace(preset="iw-fast", model="hvae", kl_warmup=None, adam_eps=None)
+    filled = apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES)
+    assert filled.kl_warmup == "10%" and filled.adam_eps == 1e-4
+    args = argparse.Namespace(preset="iw-fast", model="vae", kl_warmup=None)
+    assert apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES).kl_warmup is None
     assert lr("hvae", given=5e-4) == 5e-4
     args = argparse.Namespace(preset="classic", model="hvae", lr=None)
     assert apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES).lr == PRESETS["classic"]["lr"]
