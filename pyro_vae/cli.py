@@ -681,8 +681,11 @@ def _raise_terminated(signum, frame):
 _CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 
-def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+def run(
+    main: Callable[[argparse.Namespace], object], args: argparse.Namespace, *, grad: bool = True
+) -> int:
     """Call ``main(args)``; turn known errors into one line on stderr and an exit status.
+    ``grad=False``: with torch's gradients off throughout (the evaluation scripts).
 
     Under ``torchrun`` every rank meets the same errors; rank 0 alone reports them, except a
     lost process group, which each surviving rank reports with its rank.
@@ -709,6 +712,10 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     if distributed:  # torchrun ends every process when one fails: say so, in one line
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if not grad:
+            import torch
+
+            torch.set_grad_enabled(False)
         main(args)
     except ConfigError as e:  # a model's settings that do not go together: name the flag
         say(f"error: --{e.field.replace('_', '-')}: {e.message}")

@@ -264,7 +264,4 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     arguments = build_parser().parse_args()
-    import torch
-
-    torch.set_grad_enabled(False)
-    sys.exit(run(main, arguments))
+    sys.exit(run(main, arguments, grad=False))

@@ -310,7 +310,4 @@ def _npz(arrays: dict) -> bytes:
 
 if __name__ == "__main__":
     arguments = build_parser().parse_args()
-    import torch
-
-    torch.set_grad_enabled(False)
-    sys.exit(run(main, arguments))
+    sys.exit(run(main, arguments, grad=False))
