@@ -10,6 +10,7 @@ All figures are in nats per image.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from pyro_vae.choices import (
@@ -203,10 +204,11 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--init-output-bias",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="start the decoder's output bias at the logit of the training images' mean "
-        "(Burda et al.) (default: off, or set by --preset)",
+        "(Burda et al.); --no-init-output-bias undoes a preset's choice (default: off, or set "
+        "by --preset)",
     )
     p.add_argument(
         "--num-particles",

@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from exact_models import D64, LinearGaussianChain
-from helpers import TINY, run_in_process, run_script
+from helpers import TINY, load_script, run_in_process, run_script
 
 from pyro_vae import HierarchicalVAE, Trainer, estimate_log_px, load_checkpoint, make_elbo
 from pyro_vae.compression import CompressedImages
@@ -220,6 +220,17 @@ def test_the_preset_gives_two_layers_their_own_rate_unless_one_is_given():
     assert lr("hvae", given=5e-4) == 5e-4
     args = argparse.Namespace(preset="classic", model="hvae", lr=None)
     assert apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES).lr == PRESETS["classic"]["lr"]
+
+
+def test_a_preset_s_output_bias_can_be_switched_off_on_the_command_line():
+    from pyro_vae.choices import PRESET_MODEL_OVERRIDES, PRESETS
+    from pyro_vae.cli import apply_preset
+
+    parser = load_script("train_svi.py").build_parser()
+    for flags, expected in (([], True), (["--no-init-output-bias"], False)):
+        args = parser.parse_args(["--model", "hvae", *flags])
+        args.preset = args.preset or "iw-fast"
+        assert apply_preset(args, PRESETS, PRESET_MODEL_OVERRIDES).init_output_bias is expected
 
 
 @pytest.mark.slow
