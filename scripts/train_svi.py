@@ -301,6 +301,15 @@ def build_model(args, x_dim: int, image_shape):
     return model, "HierarchicalVAE"
 
 
+def curve_label(args) -> str:
+    """What the training curve shows: the objective the run optimised."""
+    if args.elbo in ("iwae", "dreg"):
+        label = f"training bound L_{args.num_particles} ({args.elbo})"
+    else:
+        label = "training ELBO"
+    return label + (", KL weighted" if args.kl_warmup or args.beta != 1 else "")
+
+
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     from tqdm import tqdm
@@ -414,12 +423,6 @@ def main(args) -> dict:
     if not ranks.is_main:
         return report
     run.dir.write_json("evaluation.json", report)
-    if args.elbo in ("iwae", "dreg"):
-        objective = f"training bound L_{args.num_particles} ({args.elbo})"
-    else:
-        objective = "training ELBO"
-    if args.kl_warmup or args.beta != 1:
-        objective += ", KL weighted"
     save_vae_figures(
         vae,
         test_x,
@@ -427,7 +430,7 @@ def main(args) -> dict:
         trainer.history,
         run.dir.figures,
         seed=args.seed,
-        objective=objective,
+        objective=curve_label(args),
     )
 
     lines = [f"test ELBO        {report['elbo']:.2f} nats/image ({args.binarize} binarisation)"]

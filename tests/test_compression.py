@@ -140,6 +140,8 @@ def test_compress_script_round_trip_and_refusals(trained_run, data_dir, tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bits per pixel" in result.stdout
+    # the first image's latents have no bits to get back: the summary says what that costs
+    assert "the start-up cost" in result.stdout and "without it" in result.stdout
     result = run_script(
         "compress.py",
         ["--checkpoint", run, "decode", "--input", str(packed), "--output", str(unpacked)],
@@ -181,6 +183,15 @@ def test_compress_script_round_trip_and_refusals(trained_run, data_dir, tmp_path
     result = run_script("compress.py", [*head[:2], "--latent-bits", "8", *decode], data_dir)
     assert result.returncode == 2 and "the file uses 6 latent bits" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "b8.npy").exists()
+    # sizes out of range name their flag
+    encode = ["encode", "--split", "test", "--count", "5", "--output", str(tmp_path / "x")]
+    for flag, args in (
+        ("--particles", [*encode, "--particles", "2000"]),
+        ("--latent-bits", ["--latent-bits", "40", *encode]),
+    ):
+        result = run_script("compress.py", ["--checkpoint", run, *args], data_dir)
+        assert result.returncode == 2 and f"error: {flag}: " in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 # -- importance-weighted bits-back (BB-IS) ------------------------------------------------------

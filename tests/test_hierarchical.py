@@ -235,7 +235,7 @@ def test_a_preset_s_output_bias_can_be_switched_off_on_the_command_line():
 
 @pytest.mark.slow
 def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_accept_or_refuse_it(
-    data_dir, tmp_path, capsys, monkeypatch
+    data_dir, trained_run, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
     args = ["--model", "hvae", "--guide", "top-down", "--z-dims", "8,4", "--layer-hidden", "32/16"]
@@ -288,6 +288,15 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
     decode = ["decode", "--input", str(tmp_path / "k3.pvbb"), "--output", str(tmp_path / "k3")]
     status, err = run_in_process("compress.py", [*head, *decode], capsys)
     assert status == 2 and "one-layer VAE" in err and len(err.strip().splitlines()) == 1, err
+    # a one-layer model's K = 3 file is another model's file: said before the particle rule
+    other = tmp_path / "other.pvbb"
+    encode = ["encode", "--split", "test", "--count", "3", "--particles", "3"]
+    encode += ["--output", str(other)]
+    assert run_in_process("compress.py", ["--checkpoint", str(trained_run), *encode], capsys)[0] == 0
+    decode = ["decode", "--input", str(other), "--output", str(tmp_path / "other.npy")]
+    status, err = run_in_process("compress.py", [*head, *decode], capsys)
+    assert status == 2 and "other model weights" in err and "one-layer" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "other.npy").exists()
     for script, extra, message in (
         (
             "compress.py",

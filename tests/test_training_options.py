@@ -6,7 +6,7 @@ import math
 import pyro
 import pytest
 import torch
-from helpers import TINY, run_script
+from helpers import TINY, load_script, run_script
 
 from pyro_vae import VAE, BatchLoader, HierarchicalVAE, Trainer, load_checkpoint
 from pyro_vae.models import model_from_checkpoint
@@ -250,3 +250,15 @@ def test_batch_norm_trains_on_the_batch_and_evaluates_on_running_statistics(mnis
     torch.testing.assert_close(loaded.decoder.net[1].running_var, bn.running_var)
     again = estimate_log_px(loaded.model, loaded.guide, val[:8], num_particles=50, seed=3)
     torch.testing.assert_close(again.log_px, batch.log_px)
+
+
+def test_the_training_curve_is_labelled_with_the_objective_the_run_optimised():
+    from argparse import Namespace
+
+    label = load_script("train_svi.py").curve_label
+    plain = dict(num_particles=5, kl_warmup=0, beta=1.0)
+    assert label(Namespace(elbo="dreg", **plain)) == "training bound L_5 (dreg)"
+    assert label(Namespace(elbo="trace", **plain)) == "training ELBO"
+    warm = {**plain, "kl_warmup": "10%"}
+    assert label(Namespace(elbo="iwae", **warm)) == "training bound L_5 (iwae), KL weighted"
+    assert label(Namespace(elbo="trace", **{**plain, "beta": 0.5})).endswith("KL weighted")
