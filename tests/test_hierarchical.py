@@ -292,7 +292,9 @@ def test_train_svi_trains_and_resumes_a_hierarchical_vae_and_the_other_scripts_a
     other = tmp_path / "other.pvbb"
     encode = ["encode", "--split", "test", "--count", "3", "--particles", "3"]
     encode += ["--output", str(other)]
-    assert run_in_process("compress.py", ["--checkpoint", str(trained_run), *encode], capsys)[0] == 0
+    assert (
+        run_in_process("compress.py", ["--checkpoint", str(trained_run), *encode], capsys)[0] == 0
+    )
     decode = ["decode", "--input", str(other), "--output", str(tmp_path / "other.npy")]
     status, err = run_in_process("compress.py", [*head, *decode], capsys)
     assert status == 2 and "other model weights" in err and "one-layer" not in err, err
