@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from _machine import Quietness
 
-from pyro_vae import estimate_log_px, load_checkpoint, load_dataset, model_from_checkpoint
+from pyro_vae import Run, estimate_log_px
 from pyro_vae.compression import BitsBackCoder, CompressedImages
-from pyro_vae.data import heldout_split
 
 
 def generic(images: np.ndarray) -> dict[str, int]:
@@ -64,11 +63,9 @@ def generic(images: np.ndarray) -> dict[str, int]:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
-    state = load_checkpoint(args.checkpoint)
-    vae = model_from_checkpoint(state).eval()
-    config = state["config"]
-    splits = load_dataset(config["dataset"], config.get("data_dir"))
-    x = heldout_split(splits, "test", config["binarize"], config["seed"]).images[: args.eval_size]
+    trained = Run.load(args.checkpoint)
+    vae = trained.model
+    x = trained.heldout("test", args.eval_size, what="--eval-size").images
     n, pixels = x.shape
     images = x.reshape(n, *vae.image_shape).numpy()
     rows = []

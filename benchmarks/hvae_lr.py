@@ -43,14 +43,12 @@ def layer_stats(run: Path, images: int = 2000, draws: int = 20) -> dict:
     spread of the means, active units."""
     import torch
 
-    from pyro_vae.checkpoints import load_checkpoint
-    from pyro_vae.data import heldout_split, load_dataset
-    from pyro_vae.models import model_from_checkpoint
+    from pyro_vae.runs import Run
     from pyro_vae.weights import trace_particles
 
     torch.manual_seed(0)
-    model = model_from_checkpoint(load_checkpoint(run / "checkpoint.pt")).eval()
-    x = heldout_split(load_dataset("mnist"), "valid", "dynamic", 0).images[:images]
+    trained = Run.load(run)
+    model, x = trained.model, trained.heldout("valid", images).images
     out = {}
     with torch.no_grad():
         t = trace_particles(model.model, model.guide, x, num_particles=draws)

@@ -25,8 +25,7 @@ import time
 import torch
 from _machine import Quietness
 
-from pyro_vae import estimate_log_px, load_checkpoint, load_dataset, model_from_checkpoint
-from pyro_vae.data import heldout_split
+from pyro_vae import Run, estimate_log_px
 from pyro_vae.evaluate import DEFAULT_MAX_ROWS
 
 
@@ -76,11 +75,9 @@ def pythae_model(vae):
 
 def main(args):
     torch.set_num_threads(args.threads)
-    state = load_checkpoint(args.checkpoint)
-    vae = model_from_checkpoint(state).eval()
-    config = state["config"]
-    splits = load_dataset(config["dataset"], config.get("data_dir"))
-    x = heldout_split(splits, "test", config["binarize"], config["seed"]).images[: args.eval_size]
+    trained = Run.load(args.checkpoint)
+    vae = trained.model
+    x = trained.heldout("test", args.eval_size, what="--eval-size").images
     k = args.num_particles
 
     def ours(xb):

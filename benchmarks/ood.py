@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
 from pyro_vae.data import heldout_images
-from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
     COMPRESSORS,
     MADE,
@@ -38,11 +36,12 @@ from pyro_vae.ood import (
     made_images,
     ood_scores,
 )
+from pyro_vae.runs import Run, RunData
 
 
-def images(name: str, config: dict, split: str, n: int | None) -> torch.Tensor:
-    binarize, seed = config.get("binarize", "dynamic"), config.get("seed", 0)
-    return heldout_images(name, config.get("data_dir"), split, binarize, seed, n)
+def images(name: str, data: RunData, split: str, n: int | None) -> torch.Tensor:
+    """The first ``n`` images of data set ``name``'s split, prepared as a run's own."""
+    return heldout_images(name, data.data_dir, split, data.binarize, data.seed, n)
 
 
 def made_pairs(vae, inside: torch.Tensor, num_particles: int) -> dict:
@@ -73,13 +72,10 @@ def main(args) -> int:
         (args.mnist, "mnist", "fashion-mnist"),
         (args.fashion, "fashion-mnist", "mnist"),
     ):
-        state = load_checkpoint(resolve_checkpoint(Path(run)))
-        vae = model_from_checkpoint(state).eval()
-        config = state.get("config", {})
-        if config.get("dataset", "mnist") != own:
-            print(
-                f"error: {run} was trained on {config.get('dataset')}, not {own}", file=sys.stderr
-            )
+        trained = Run.load(run)
+        vae, config = trained.model, trained.data
+        if config.dataset != own:
+            print(f"error: {run} was trained on {config.dataset}, not {own}", file=sys.stderr)
             return 2
         inside = images(own, config, "test", args.images)
         outside = images(other, config, "test", args.images)

@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 from ood import images
 
-from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
-from pyro_vae.models import model_from_checkpoint
 from pyro_vae.ood import (
     BACKGROUND_SCORE,
     MADE,
@@ -44,6 +42,7 @@ from pyro_vae.ood import (
     made_images,
     ood_scores,
 )
+from pyro_vae.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 PERTURB, EPOCHS = 0.2, 10
@@ -63,11 +62,6 @@ def background_run(out: Path, dataset: str, threads: int) -> Path:
     return out
 
 
-def load(run: Path):
-    state = load_checkpoint(resolve_checkpoint(run))
-    return model_from_checkpoint(state).eval(), state.get("config", {})
-
-
 def main(args) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -78,14 +72,14 @@ def main(args) -> int:
         (args.fashion, args.background_fashion, "fashion-mnist", "mnist"),
         (args.mnist, args.background_mnist, "mnist", "fashion-mnist"),
     ):
-        vae, config = load(Path(run))
-        if config.get("dataset", "mnist") != own:
-            print(
-                f"error: {run} was trained on {config.get('dataset')}, not {own}", file=sys.stderr
-            )
+        trained = Run.load(run)
+        vae, config = trained.model, trained.data
+        if config.dataset != own:
+            print(f"error: {run} was trained on {config.dataset}, not {own}", file=sys.stderr)
             return 2
         bg_dir = Path(background) if background else out / f"background-{own}"
-        bg, bg_config = load(background_run(bg_dir, own, args.threads))
+        background_model = Run.load(background_run(bg_dir, own, args.threads))
+        bg, bg_config = background_model.model, background_model.config
         valid = images(own, config, "valid", args.images)
         log_px_valid = log_px_per_image(vae, valid, num_particles=args.num_particles, seed=2)
         chosen, _ = choose_compressor(log_px_valid, valid, vae.image_shape)

@@ -54,6 +54,8 @@ _PUBLIC: dict[str, str] = {
     "Outputs": "pyro_vae.rundir",
     "RunDir": "pyro_vae.rundir",
     "RunDirError": "pyro_vae.rundir",
+    "Run": "pyro_vae.runs",
+    "RunData": "pyro_vae.runs",
     "TrainingRun": "pyro_vae.runs",
     "seed_everything": "pyro_vae.seeding",
     "KLWeight": "pyro_vae.schedules",
@@ -61,8 +63,8 @@ _PUBLIC: dict[str, str] = {
     "lr_factor": "pyro_vae.schedules",
     "PRESETS": "pyro_vae.choices",
     "EarlyStopping": "pyro_vae.train",
-    "NonFiniteError": "pyro_vae.train",
-    "ParamClashError": "pyro_vae.train",
+    "NonFiniteError": "pyro_vae.stepper",
+    "ParamClashError": "pyro_vae.stepper",
     "Trainer": "pyro_vae.train",
     "TrainingInterrupted": "pyro_vae.train",
     "make_elbo": "pyro_vae.train",
@@ -123,13 +125,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.nets import ConvNet, Decoder, Encoder, mlp  # noqa: F401
     from pyro_vae.objectives import IWAE, DReG, ObjectiveError  # noqa: F401
     from pyro_vae.rundir import Outputs, RunDir, RunDirError  # noqa: F401
-    from pyro_vae.runs import TrainingRun  # noqa: F401
+    from pyro_vae.runs import Run, RunData, TrainingRun  # noqa: F401
     from pyro_vae.schedules import KLWeight, kl_warmup_weight, lr_factor  # noqa: F401
     from pyro_vae.seeding import seed_everything  # noqa: F401
+    from pyro_vae.stepper import NonFiniteError, ParamClashError  # noqa: F401
     from pyro_vae.train import (  # noqa: F401
         EarlyStopping,
-        NonFiniteError,
-        ParamClashError,
         Trainer,
         TrainingInterrupted,
         make_elbo,

@@ -29,33 +29,41 @@ __all__ = [
     "METHODS",
     "MODEL_KINDS",
     "PRESETS",
+    "PRESET_MODEL_OVERRIDES",
     "SCALE_LINKS",
 ]
 
+#: the data sets that load offline (``load_dataset``)
 DATASETS = ("mnist", "fashion-mnist")
+#: dynamic: a fresh Bernoulli draw per epoch; static: one draw, seeded; none: grey pixels
 BINARIZATIONS = ("dynamic", "static", "none")
+#: hidden activations of the networks
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu")
+#: p(x|z): Bernoulli pixels, or a Gaussian (grey images)
 LIKELIHOODS = ("bernoulli", "gaussian")
-# Normalizing flows on top of the encoder's Gaussian: "iaf" (inverse autoregressive,
-# invertible, so every objective can use it) and "planar" (no inverse, so not with DReG).
+#: Normalizing flows on top of the encoder's Gaussian: "iaf" (inverse autoregressive,
+#: invertible, so every objective can use it) and "planar" (no inverse, so not with DReG).
 FLOWS = ("iaf", "planar")
+#: the Gaussian guide's covariance: diagonal, or full (a Cholesky factor)
 COVARIANCES = ("diagonal", "full")
+#: the semi-supervised model's classifier q(y|x)
 CLASSIFIERS = ("mlp", "conv")
-# the model train_svi.py trains: one stochastic layer, or several (HierarchicalVAE)
+#: the model train_svi.py trains: one stochastic layer, or several (HierarchicalVAE)
 MODEL_KINDS = ("vae", "hvae")
-# the hierarchical VAE's guides: Burda et al.'s bottom-up chain, or the ladder's top-down merge
-# and the deterministic bottom-up path with independent layers (Havtorn et al.'s)
+#: the hierarchical VAE's guides: Burda et al.'s bottom-up chain, or the ladder's top-down merge
+#: and the deterministic bottom-up path with independent layers (Havtorn et al.'s)
 HVAE_GUIDES = ("bottom-up", "top-down", "deterministic")
-# how a network output becomes a standard deviation (pyro_vae.nets)
+#: how a network output becomes a standard deviation (pyro_vae.nets)
 SCALE_LINKS = ("softplus", "exp", "softclamp")
-# trace: Trace_ELBO, meanfield: TraceMeanField_ELBO, jit: JitTrace_ELBO, enum:
-# TraceEnum_ELBO, iwae / dreg: the importance-weighted bound and its DReG gradient
+#: trace: Trace_ELBO, meanfield: TraceMeanField_ELBO, jit: JitTrace_ELBO, enum:
+#: TraceEnum_ELBO, iwae / dreg: the importance-weighted bound and its DReG gradient
 ELBO_NAMES = ("trace", "meanfield", "jit", "enum", "iwae", "dreg")
-# the objectives whose num_particles is the K of an importance-weighted bound
+#: the objectives whose num_particles is the K of an importance-weighted bound
 IMPORTANCE_WEIGHTED = ("iwae", "dreg")
+#: the learning rate over the epochs (``pyro_vae.schedules.lr_factor``)
 LR_SCHEDULES = ("constant", "cosine", "step")
-# Named training recipes for the VAE on binarised MNIST (train_svi.py --preset); the results
-# pages say what each reaches in how much time.
+#: Named training recipes for the VAE on binarised MNIST (train_svi.py --preset); the results
+#: pages say what each reaches in how much time.
 PRESETS: dict[str, dict[str, Any]] = {
     # the single-sample ELBO of Pyro's example, one hidden layer
     "classic": {
@@ -80,12 +88,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 70,
     },
 }
+#: the recipe ``train_svi.py`` uses without ``--preset``
 DEFAULT_PRESET = "iw-fast"
-# Where a model needs another value than its preset's: at 3e-3 the two-layer model's first
-# latent layer drifts in scale and its bound stalls; 1e-3 trains it (benchmarks/hvae_lr.py).
-# The two-layer model also takes the warm-up recipe: a KL warm-up over the first tenth of the
-# epochs, the output bias at the data's logit and Adam's eps 1e-4 (one calibrated hour:
-# docs/results/hierarchical-training.md).
+#: Where a model needs another value than its preset's: at 3e-3 the two-layer model's first
+#: latent layer drifts in scale and its bound stalls; 1e-3 trains it (benchmarks/hvae_lr.py).
+#: The two-layer model also takes the warm-up recipe: a KL warm-up over the first tenth of the
+#: epochs, the output bias at the data's logit and Adam's eps 1e-4 (one calibrated hour:
+#: docs/results/hierarchical-training.md).
 PRESET_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("iw-fast", "hvae"): {
         "lr": 1e-3,
@@ -94,15 +103,15 @@ PRESET_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
         "adam_eps": 1e-4,
     },
 }
-# The gap decomposition's families of q*
+#: The gap decomposition's families of q*
 FAMILIES = ("own", "diagonal", "full")
-# generic compressors of the input-complexity OOD score
+#: generic compressors of the input-complexity OOD score
 COMPRESSORS = ("png", "zlib", "bz2", "lzma")
-# OOD sets made from the in-distribution images
+#: OOD sets made from the in-distribution images
 MADE = ("noise", "flipped")
-# the latent-variable models compared by compare_baselines.py
+#: the latent-variable models compared by compare_baselines.py
 METHODS = ("PCA", "linear autoencoder", "autoencoder", "VAE", "GAN")
-# what each of them can do at all: reconstruct an image (an encoder), score log p(x), sample
+#: what each of them can do at all: reconstruct an image (an encoder), score log p(x), sample
 CAPABILITIES = {
     "PCA": {"reconstruct": True, "log p(x)": False, "sample": True},
     "linear autoencoder": {"reconstruct": True, "log p(x)": False, "sample": True},
@@ -110,6 +119,7 @@ CAPABILITIES = {
     "VAE": {"reconstruct": True, "log p(x)": True, "sample": True},
     "GAN": {"reconstruct": False, "log p(x)": False, "sample": True},
 }
-# the evaluator's bound-vs-K points, and log weights held at once (particles x datapoints)
+#: the evaluator's bound-vs-K points
 DEFAULT_KS = (1, 5, 50, 500, 5000)
+#: particles x images the evaluator holds at once
 DEFAULT_MAX_ROWS = 1 << 15

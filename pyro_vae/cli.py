@@ -697,7 +697,8 @@ def run(
         from pyro_vae.checks import ConfigError
         from pyro_vae.data import DataError
         from pyro_vae.distributed import DistributedError, RendezvousError, is_lost_peer, teardown
-        from pyro_vae.train import NonFiniteError, TrainingInterrupted
+        from pyro_vae.stepper import NonFiniteError
+        from pyro_vae.train import TrainingInterrupted
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

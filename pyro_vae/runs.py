@@ -1,36 +1,52 @@
-"""A training run tied to a run directory: a checkpoint after every epoch, metrics, exact
-resume, and Ctrl-C that saves before it stops.
+"""Runs: a training run tied to its directory, and a trained run read back.
 
-Scripts and notebooks build the model, trainer and loader and hand them to
-``TrainingRun.open``, which starts the run, or restores it from a checkpoint on the freshly
-built pieces; then ``fit``.  ``keep_best(metric)`` keeps ``best.pt``, the weights of the epoch
-with the best validation metric so far.
+``TrainingRun`` writes a checkpoint after every epoch, metrics, resumes exactly, and saves
+before a Ctrl-C stops it.  Scripts and notebooks build the model, trainer and loader and hand
+them to ``TrainingRun.open``, which starts the run, or restores it from a checkpoint on the
+freshly built pieces; then ``fit``.  ``keep_best(metric)`` keeps ``best.pt``, the weights of
+the epoch with the best validation metric so far.
+
+``Run.load(path)`` reads a trained run back for every later job (evaluation, compression,
+OOD scores, the gap decomposition): its model in evaluation mode, its config, and its
+held-out images prepared exactly as in training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from pyro_vae.checkpoints import (
     CheckpointError,
-    RunDir,
     get_rng_state,
+    load_checkpoint,
     remove_stale_temporaries,
+    resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from pyro_vae.data import BatchLoader, SemiSupervisedLoader
+from pyro_vae.choices import BINARIZATIONS
+from pyro_vae.data import (
+    BatchLoader,
+    Dataset,
+    SemiSupervisedLoader,
+    first_rows,
+    heldout_split,
+    load_dataset,
+)
 from pyro_vae.distributed import all_gather_objects
 from pyro_vae.faults import pause_point
+from pyro_vae.rundir import RunDir
 from pyro_vae.seeding import child_seed, seed_everything
 from pyro_vae.stepper import NonFiniteError
 from pyro_vae.train import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
 
-__all__ = ["TrainingRun"]
+__all__ = ["Run", "RunData", "TrainingRun"]
 
 
 class TrainingRun:
@@ -230,3 +246,107 @@ class TrainingRun:
             except NonFiniteError as e:
                 e.run_dir = self.dir.path  # where the last checkpoint is, if any
                 raise
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Which images a run was trained on and how they were prepared, as its config records
+    them: the held-out splits of a later job are made from these alone."""
+
+    dataset: str
+    binarize: str
+    seed: int
+    data_dir: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None, where: Path | str) -> RunData:
+        """The data settings of a run's ``config`` (every run directory has written these
+        keys since the first release); a ``CheckpointError`` naming the key that is missing
+        or wrong, never a silent default."""
+        if not isinstance(config, Mapping):
+            raise CheckpointError(
+                f"{where}: holds a model but no run config, so which data it was trained on is "
+                "unknown (save runs with TrainingRun, or evaluate the model from Python)"
+            )
+        for key in ("dataset", "binarize", "seed"):
+            if key not in config:
+                raise CheckpointError(f"{where}: the run's config has no {key!r}")
+        dataset, binarize, seed = config["dataset"], config["binarize"], config["seed"]
+        data_dir = config.get("data_dir")  # None: the default place of the data sets
+        if not isinstance(dataset, str) or not dataset:
+            raise CheckpointError(f"{where}: the run's config has dataset {dataset!r}")
+        if binarize not in BINARIZATIONS:
+            raise CheckpointError(f"{where}: the run's config has binarize {binarize!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise CheckpointError(f"{where}: the run's config has seed {seed!r}")
+        if data_dir is not None and not isinstance(data_dir, str):
+            raise CheckpointError(f"{where}: the run's config has data_dir {data_dir!r}")
+        return cls(dataset=dataset, binarize=binarize, seed=seed, data_dir=data_dir)
+
+
+class Run:
+    """A trained run read back: ``Run.load(path)``.
+
+    ``model`` is the checkpoint's model in evaluation mode (batch normalisation on its running
+    statistics), ``config`` the run's config as saved in the checkpoint (the source of truth;
+    ``config.json`` is its copy), ``data`` its data settings and ``heldout(split)`` its
+    validation or test images prepared as training prepared them.
+    """
+
+    def __init__(self, path: Path, state: dict[str, Any], model: nn.Module) -> None:
+        self.path, self.state, self.model = path, state, model
+        self.config: dict[str, Any] | None = state.get("config")
+
+    @classmethod
+    def load(cls, path: Path | str, *, device: str | torch.device = "cpu") -> Run:
+        """The run in ``path`` (a run directory or a checkpoint file), its model on
+        ``device``.  One-line ``CheckpointError`` when there is none or it cannot be read."""
+        from pyro_vae.models import model_from_checkpoint
+
+        checkpoint = resolve_checkpoint(path)
+        state = load_checkpoint(checkpoint, map_location=device)
+        model = model_from_checkpoint(state).to(device).eval()
+        return cls(checkpoint, state, model)
+
+    @property
+    def directory(self) -> Path:
+        """The run directory (where later jobs write their reports by default)."""
+        return self.path.parent
+
+    @property
+    def epoch(self) -> int | None:
+        """Epochs trained, when the checkpoint says."""
+        epoch = self.state.get("trainer", {}).get("epoch", self.state.get("epoch"))
+        return None if epoch is None else int(epoch)
+
+    @property
+    def data(self) -> RunData:
+        """The run's data settings (``CheckpointError`` for a checkpoint without a config)."""
+        return RunData.from_config(self.config, self.path)
+
+    def heldout(
+        self,
+        split: str = "test",
+        size: int | None = None,
+        *,
+        data_dir: Path | str | None = None,
+        what: str = "size",
+    ) -> Dataset:
+        """The first ``size`` images (all when None) of the ``valid`` or ``test`` split of the
+        run's data set, binarised as evaluation binarises them (once, from the run's seed);
+        ``data_dir`` in place of the recorded one; ``what`` names ``size`` in errors (a flag).
+        A one-line ``DataError`` when the images do not fit the model."""
+        from pyro_vae.data import DataError
+
+        data = self.data
+        splits = load_dataset(data.dataset, data_dir or data.data_dir)
+        images = first_rows(
+            heldout_split(splits, split, data.binarize, data.seed), size, what, split
+        )
+        x_dim = getattr(self.model, "x_dim", None)
+        if x_dim is not None and images.images.shape[1] != x_dim:
+            raise DataError(
+                f"the checkpoint's model expects {x_dim} pixels, {data.dataset} has "
+                f"{images.images.shape[1]}"
+            )
+        return images

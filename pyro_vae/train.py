@@ -24,27 +24,13 @@ from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMea
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pyro_vae.choices import (  # the names users choose from, also importable from here
-    DEFAULT_PRESET,  # noqa: F401
-    ELBO_NAMES,
-    IMPORTANCE_WEIGHTED,
-    LR_SCHEDULES,
-    PRESETS,  # noqa: F401
-)
+from pyro_vae.choices import ELBO_NAMES, IMPORTANCE_WEIGHTED, LR_SCHEDULES
+from pyro_vae.deprecation import moved_name
 from pyro_vae.distributed import Ranks, all_sum, shard_bounds
 from pyro_vae.evaluate import estimate_log_px
 from pyro_vae.objectives import IWAE, DReG, FreeBitsELBO
 from pyro_vae.schedules import free_bits_level, kl_warmup_weight, lr_factor
-from pyro_vae.seeding import seed_everything  # noqa: F401  (importable from here, as before)
-from pyro_vae.stepper import (  # the step's names were defined here before: still importable
-    NonFiniteError,  # noqa: F401
-    ParamClashError,  # noqa: F401
-    StepInfo,  # noqa: F401
-    Stepper,  # noqa: F401
-    SVIStepper,
-    nonfinite_sites,  # noqa: F401
-    owner_modules,  # noqa: F401
-)
+from pyro_vae.stepper import SVIStepper
 
 __all__ = [
     "ELBOS",
@@ -52,10 +38,28 @@ __all__ = [
     "StopRule",
     "Trainer",
     "TrainingInterrupted",
-    "lr_factor",
     "make_elbo",
     "stop_on_sigint",
 ]
+
+# Names this module held before they moved to modules of their own: still importable from
+# here for one release, with a DeprecationWarning that names their home.
+_MOVED = {
+    "DEFAULT_PRESET": "pyro_vae.choices",
+    "PRESETS": "pyro_vae.choices",
+    "seed_everything": "pyro_vae.seeding",
+    "NonFiniteError": "pyro_vae.stepper",
+    "ParamClashError": "pyro_vae.stepper",
+    "StepInfo": "pyro_vae.stepper",
+    "Stepper": "pyro_vae.stepper",
+    "nonfinite_sites": "pyro_vae.stepper",
+    "owner_modules": "pyro_vae.stepper",
+}
+
+
+def __getattr__(name: str) -> Any:
+    return moved_name(__name__, name, _MOVED)
+
 
 ELBOS: dict[str, type[ELBO]] = dict(
     zip(

@@ -136,22 +136,16 @@ def check_output(args, checkpoint: Path) -> None:
         raise UsageError(f"--output {output}: already exists; pass --force to replace it")
 
 
-def load_images(args, state, coder) -> torch.Tensor:
+def load_images(args, trained, coder) -> torch.Tensor:
     import numpy as np
     import torch
 
-    from pyro_vae.data import first_rows, heldout_split, load_dataset
+    from pyro_vae.data import first_rows
 
     if (args.input is None) == (args.split is None):
         raise UsageError("encode needs exactly one of --input and --split")
     if args.split is not None:
-        config = state.get("config", {})
-        splits = load_dataset(
-            config.get("dataset", "mnist"), args.data_dir or config.get("data_dir")
-        )
-        images = heldout_split(
-            splits, args.split, config.get("binarize", "dynamic"), config.get("seed", 0)
-        ).images
+        images = trained.heldout(args.split, data_dir=args.data_dir).images
     else:
         try:
             images = torch.from_numpy(np.load(args.input, allow_pickle=False))
@@ -176,16 +170,15 @@ def main(args) -> dict:
     import numpy as np
     import torch
 
-    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.checkpoints import resolve_checkpoint
     from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
-    from pyro_vae.models import model_from_checkpoint
+    from pyro_vae.runs import Run
 
-    device = torch.device("cpu")  # the coder runs on the CPU in float64
     apply_threads(args)
     checkpoint = resolve_checkpoint(args.checkpoint)
     check_output(args, checkpoint)
-    state = load_checkpoint(checkpoint, map_location=device)
-    model = model_from_checkpoint(state).eval()
+    trained = Run.load(checkpoint)  # the coder runs on the CPU in float64
+    model = trained.model
     particles = getattr(args, "particles", 1)
     try:
         coder = BitsBackCoder(model, latent_bits=args.latent_bits or 10, particles=particles)
@@ -193,7 +186,7 @@ def main(args) -> dict:
         flag = "--latent-bits" if "latent_bits" in str(e) else "--particles"
         raise UsageError(f"{flag}: {e}") from None
     if args.command == "encode":
-        images = load_images(args, state, coder)
+        images = load_images(args, trained, coder)
         start = time.perf_counter()
         trace: list = []
         message = coder.encode(images, trace)

@@ -115,9 +115,8 @@ def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     import torch
 
-    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
+    from pyro_vae.checkpoints import resolve_checkpoint
     from pyro_vae.data import as_dataset, heldout_images
-    from pyro_vae.models import model_from_checkpoint
     from pyro_vae.ood import (
         choose_compressor,
         detection_metrics,
@@ -127,59 +126,54 @@ def main(args) -> dict:
         roc,
     )
     from pyro_vae.plots import plot_ood_histograms, plot_roc
+    from pyro_vae.runs import Run
     from pyro_vae.seeding import seed_everything
 
     device = resolve_device(args.device)
     apply_threads(args)
-    path = resolve_checkpoint(args.checkpoint)
-    state = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(state).to(device).eval()
+    trained = Run.load(args.checkpoint, device=device)
+    model, path, data = trained.model, trained.path, trained.data
     if getattr(model, "likelihood_name", None) != "bernoulli":
         raise UsageError("OOD scores here need a VAE checkpoint with a Bernoulli likelihood")
-    config = state.get("config", {})
-    binarize = config.get("binarize", "dynamic")
-    if binarize == "none":
+    if data.binarize == "none":
         raise UsageError("the checkpoint was trained on grey images; OOD scores need binary ones")
-    inside_name = args.inside or config.get("dataset", "mnist")
+    inside_name = args.inside or data.dataset
     if inside_name == args.outside:
         raise UsageError(f"--in and --ood are both {args.outside}: nothing to tell apart")
     background, background_info = None, None
     if args.background is not None:
-        bg_path = resolve_checkpoint(args.background)
-        if bg_path.resolve() == path.resolve():
+        if resolve_checkpoint(args.background).resolve() == path.resolve():
             raise UsageError(
                 "--background is the model itself: the ratio would be zero for every image"
             )
-        bg_state = load_checkpoint(bg_path, map_location=device)
-        background = model_from_checkpoint(bg_state).to(device).eval()
-        bg_config = bg_state.get("config", {})
+        other = Run.load(args.background, device=device)
+        background = other.model
         if getattr(background, "likelihood_name", None) != "bernoulli":
             raise UsageError("--background needs a VAE checkpoint with a Bernoulli likelihood")
         if background.x_dim != model.x_dim:
             raise UsageError(f"--background has {background.x_dim} pixels, the model {model.x_dim}")
-        if bg_config.get("dataset", "mnist") != config.get("dataset", "mnist"):
+        if other.data.dataset != data.dataset:
             raise UsageError(
-                f"--background was trained on {bg_config.get('dataset', 'mnist')}, the model on "
-                f"{config.get('dataset', 'mnist')}: a likelihood ratio needs the same data"
+                f"--background was trained on {other.data.dataset}, the model on "
+                f"{data.dataset}: a likelihood ratio needs the same data"
             )
-        if (
-            all(
-                torch.equal(a, b)
-                for a, b in zip(bg_state["model"].values(), state["model"].values(), strict=False)
-            )
-            and bg_state["model"].keys() == state["model"].keys()
-        ):
+        weights, own = other.state["model"], trained.state["model"]
+        if weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own):
             raise UsageError(
                 "--background has the model's own weights: the ratio would be zero for every image"
             )
-        background_info = {"checkpoint": str(bg_path), "perturb": bg_config.get("perturb", 0.0)}
+        background_info = {"checkpoint": str(other.path), "perturb": other.config.get("perturb")}
     tag = f"ood_{inside_name}_vs_{args.outside}"
     outputs = outputs_for(
-        output_dir(args.out or path.parent), args, f"{tag}.json", f"{tag}.npz", protect=(path,)
+        output_dir(args.out or trained.directory),
+        args,
+        f"{tag}.json",
+        f"{tag}.npz",
+        protect=(path,),
     )
     seed_everything(args.seed)
-    data_dir = args.data_dir or config.get("data_dir")
-    seed = config.get("seed", 0)
+    data_dir = args.data_dir or data.data_dir
+    binarize, seed = data.binarize, data.seed
     inside = heldout_images(inside_name, data_dir, "test", binarize, seed, args.images)
     if args.outside in MADE:
         outside = as_dataset(made_images(args.outside, inside, args.seed)).images
@@ -259,7 +253,7 @@ def main(args) -> dict:
         "units": "scores in nats per image, higher = more like the training data",
     }
     curves = {s: (*roc(scores_in[s], scores_out[s]), metrics[s]["auroc"]) for s in names}
-    title = f"model trained on {config.get('dataset', 'mnist')}: {inside_name} vs {args.outside}"
+    title = f"model trained on {data.dataset}: {inside_name} vs {args.outside}"
     arrays = {f"{s}_in": scores_in[s].numpy() for s in names}
     arrays |= {f"{s}_out": scores_out[s].numpy() for s in names}
     with outputs:

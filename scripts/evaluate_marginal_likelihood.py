@@ -75,25 +75,21 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
-    from pyro_vae.data import first_rows, heldout_split, load_dataset
     from pyro_vae.distributed import all_gather_objects, setup, sharded_log_px
-    from pyro_vae.models import model_from_checkpoint
     from pyro_vae.plots import save_marginal_likelihood_figures
-    from pyro_vae.train import seed_everything
+    from pyro_vae.runs import Run
+    from pyro_vae.seeding import seed_everything
 
     device = resolve_device(args.device)
     ranks, device = setup(device)
     apply_threads(args)
-    path = resolve_checkpoint(args.checkpoint)
-    state = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(state).to(device).eval()
-    config = state.get("config", {})
+    trained = Run.load(args.checkpoint, device=device)
+    model, path = trained.model, trained.path
     name = f"marginal_likelihood_k{args.num_particles}"
     outputs, problem = None, None
     if ranks.is_main:  # refused before the work, not after it
         try:
-            out = output_dir(args.out or path.parent)
+            out = output_dir(args.out or trained.directory)
             outputs = outputs_for(out, args, f"{name}.json", protect=(path,))
         except RunDirError as e:
             problem = str(e)
@@ -101,16 +97,8 @@ def main(args) -> dict:
     if problem:
         raise UsageError(problem)
     seed_everything(args.seed)
-    binarize = config.get("binarize", "dynamic")
-    splits = load_dataset(config.get("dataset", "mnist"), args.data_dir or config.get("data_dir"))
-    data = heldout_split(
-        splits, "valid" if args.split == "valid" else "test", binarize, config.get("seed", 0)
-    )
-    data = first_rows(data, args.eval_size, "--eval-size", args.split)
-    if data.images.shape[1] != getattr(model, "x_dim", data.images.shape[1]):
-        raise UsageError(
-            f"the checkpoint's model expects {model.x_dim} pixels, the data have {data.images.shape[1]}"
-        )
+    data = trained.heldout(args.split, args.eval_size, data_dir=args.data_dir, what="--eval-size")
+    binarize = trained.data.binarize
 
     # Every rank scores a share of the images (whole chunks, each seeded by --seed and its
     # position): the per-image values are those of a single process, bit for bit.
@@ -132,9 +120,9 @@ def main(args) -> dict:
         **result.summary(),
         "split": args.split,
         "binarize": binarize,
-        "dataset": config.get("dataset", "mnist"),
+        "dataset": trained.data.dataset,
         "checkpoint": str(path),
-        "epoch": state.get("trainer", {}).get("epoch"),
+        "epoch": trained.epoch,
         "units": "nats per image",
     }
     with outputs:

@@ -87,29 +87,23 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
-    from pyro_vae.data import first_rows, heldout_split, load_dataset
     from pyro_vae.gaps import GapFitError, inference_gaps
-    from pyro_vae.models import model_from_checkpoint
     from pyro_vae.plots import plot_gaps
+    from pyro_vae.runs import Run
     from pyro_vae.seeding import seed_everything
 
     apply_threads(args)
-    path = resolve_checkpoint(args.checkpoint)
-    state = load_checkpoint(path)
-    model = model_from_checkpoint(state).eval()
+    trained = Run.load(args.checkpoint)
+    model, path = trained.model, trained.path
     if not hasattr(model, "posterior_parameters"):
         raise UsageError("the gap decomposition needs a VAE or hierarchical VAE checkpoint")
-    config = state.get("config", {})
     name = f"inference_gaps_{args.family}"
     outputs = outputs_for(
-        output_dir(args.out or path.parent), args, f"{name}.json", protect=(path,)
+        output_dir(args.out or trained.directory), args, f"{name}.json", protect=(path,)
     )
     seed_everything(args.seed)
-    splits = load_dataset(config.get("dataset", "mnist"), args.data_dir or config.get("data_dir"))
-    binarize = config.get("binarize", "dynamic")
-    x = heldout_split(splits, args.split, binarize, config.get("seed", 0)).images
-    x = first_rows(x, args.images, "--images", args.split)
+    x = trained.heldout(args.split, args.images, data_dir=args.data_dir, what="--images").images
+    binarize = trained.data.binarize
     report = inference_gaps(
         model.model,
         model.guide,

@@ -150,18 +150,17 @@ def build_parser() -> ArgumentParser:
 
 def load_m1(path: Path, dataset: str) -> VAE:
     """The trained VAE at ``path``, checked to be one M2 can stand on."""
-    from pyro_vae.checkpoints import load_checkpoint, resolve_checkpoint
-    from pyro_vae.models import VAE, model_from_checkpoint
+    from pyro_vae.models import VAE
+    from pyro_vae.runs import Run
 
-    state = load_checkpoint(resolve_checkpoint(path))
-    vae = model_from_checkpoint(state)
+    m1 = Run.load(path)
+    vae = m1.model
     if not isinstance(vae, VAE):
-        raise UsageError(f"--m1 {path}: holds a {state['model_class']}, not a VAE")
-    config = state.get("config", {})
-    if vae.likelihood_name != "bernoulli" or config.get("binarize") == "none":
+        raise UsageError(f"--m1 {path}: holds a {type(vae).__name__}, not a VAE")
+    if vae.likelihood_name != "bernoulli" or m1.data.binarize == "none":
         raise UsageError(f"--m1 {path}: M1 must be a Bernoulli VAE trained on binary images")
-    if config.get("dataset", dataset) != dataset:
-        raise UsageError(f"--m1 {path}: trained on {config['dataset']}, not on --dataset {dataset}")
+    if m1.data.dataset != dataset:
+        raise UsageError(f"--m1 {path}: trained on {m1.data.dataset}, not on --dataset {dataset}")
     return vae
 
 

@@ -417,3 +417,21 @@ def test_a_figure_that_rounds_to_zero_is_printed_without_a_minus_sign():
     assert cli.shown(-0.0002, ".3f") == "0.000"
     assert cli.shown(-0.0002, "7.3f") == "  0.000"
     assert cli.shown(-0.5, ".3f") == "-0.500"
+
+
+@pytest.mark.parametrize("script", sorted(REQUIRED))
+def test_a_checkpoint_without_a_run_config_is_refused_before_any_work(script, tmp_path, capsys):
+    """A model saved by hand says nothing of the data it was trained on: every script that
+    scores held-out images refuses it in one line rather than guess MNIST."""
+    from pyro_vae import save_checkpoint
+
+    vae = VAE(x_dim=784, z_dim=2, hidden=(8,))
+    state = {"model_class": "VAE", "model_config": vae.config(), "model": vae.state_dict()}
+    (tmp_path / "bare").mkdir()
+    save_checkpoint(tmp_path / "bare" / "checkpoint.pt", state)
+    args = [a.replace("{run}", str(tmp_path / "bare")) for a in REQUIRED[script]]
+    if script == "compress.py":
+        args += ["encode", "--split", "test", "--output", str(tmp_path / "c.pvbb")]
+    status, err = run_in_process(script, args, capsys)
+    assert status == 2 and "no run config" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["checkpoint.pt"]

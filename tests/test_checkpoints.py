@@ -166,3 +166,58 @@ def test_a_full_covariance_guide_round_trips_through_a_checkpoint(tmp_path):
     x = torch.bernoulli(torch.full((4, 12), 0.5))
     z = torch.randn(4, 3)
     assert torch.allclose(vae.posterior(x).log_prob(z), again.posterior(x).log_prob(z))
+
+
+# -- a trained run read back --------------------------------------------------------------------
+
+
+def test_a_trained_run_reads_back_its_model_config_and_held_out_images(trained_run, mnist):
+    import json
+
+    from pyro_vae import Run
+    from pyro_vae.data import heldout_split
+
+    run = Run.load(trained_run)
+    assert run.path == trained_run / "checkpoint.pt" and run.directory == trained_run
+    assert not run.model.training  # evaluation mode: batch norm on its running statistics
+    saved = json.loads((trained_run / "config.json").read_text())
+    assert run.config == saved and run.epoch == 1
+    assert (run.data.dataset, run.data.binarize, run.data.seed) == ("mnist", "dynamic", 0)
+    # the images evaluation scores: the split binarised once from the run's seed
+    expected = heldout_split(mnist, "test", "dynamic", 0).images[:10]
+    assert torch.equal(run.heldout("test", 10).images, expected)
+    assert torch.equal(Run.load(trained_run / "checkpoint.pt").heldout("test", 10).images, expected)
+    from pyro_vae import DataError
+
+    with pytest.raises(DataError, match="--images 10001: the test split has only 10000"):
+        run.heldout("test", 10001, what="--images")
+
+
+def test_a_run_config_that_lacks_or_garbles_the_data_settings_is_refused_by_name(
+    tmp_path, trained_run
+):
+    from pyro_vae import Run
+
+    vae = VAE(x_dim=784, z_dim=2, hidden=(5,))
+    path = save_checkpoint(tmp_path / "bare.pt", vae_state(vae))
+    bare = Run.load(path)  # a model saved by hand loads, but which data it saw is unknown
+    assert isinstance(bare.model, VAE) and bare.epoch is None
+    with pytest.raises(CheckpointError, match="no run config"):
+        bare.heldout("test", 5)
+    state = load_checkpoint(trained_run)
+    for key, value, message in (
+        ("binarize", None, "has no 'binarize'"),
+        ("binarize", "grey", "binarize 'grey'"),
+        ("seed", -1, "seed -1"),
+        ("seed", True, "seed True"),
+        ("dataset", None, "has no 'dataset'"),
+        ("data_dir", 3, "data_dir 3"),
+    ):
+        config = dict(state["config"])
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+        path = save_checkpoint(tmp_path / f"{key}.pt", {**state, "config": config})
+        with pytest.raises(CheckpointError, match=message):
+            _ = Run.load(path).data

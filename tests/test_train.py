@@ -131,7 +131,7 @@ def test_plain_function_model_and_guide_with_pyro_params():
 
 
 def test_cosine_schedule_sets_each_epochs_rate_and_constant_leaves_it():
-    from pyro_vae.train import lr_factor
+    from pyro_vae.schedules import lr_factor
 
     assert [lr_factor("constant", e, 4) for e in (1, 4)] == [1.0, 1.0]
     assert [round(lr_factor("cosine", e, 4), 6) for e in (1, 2, 3, 4)] == [

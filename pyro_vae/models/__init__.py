@@ -14,6 +14,7 @@ from pyro_vae.models.vae import VAE
 
 __all__ = ["MODELS", "SSVAE", "VAE", "HierarchicalVAE", "StackedSSVAE", "model_from_checkpoint"]
 
+#: the model classes a checkpoint may name (its ``model_class``)
 MODELS: dict[str, type[nn.Module]] = {
     "VAE": VAE,
     "HierarchicalVAE": HierarchicalVAE,

@@ -1,0 +1,87 @@
+"""The package's layers: every module imports only from its own layer or the layers below
+(docs/guides/architecture.md), and names that moved still import, with a warning."""
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
+
+# lowest first; a module may import from its own layer and every layer before it
+LAYERS = {
+    "foundation": [
+        "choices", "checks", "deprecation", "faults", "seeding", "rundir", "checkpoints",
+    ],
+    "data": ["data"],
+    "networks": ["nets", "distributions"],
+    "models": ["models"],
+    "inference": ["weights", "objectives", "evaluate", "schedules"],
+    "training": ["stepper", "distributed", "train", "runs"],
+    "applications": ["gaps", "ood", "compression", "baselines", "sample_metrics", "plots"],
+    "command line": ["cli"],
+}  # fmt: skip
+LAYER_OF = {module: i for i, modules in enumerate(LAYERS.values()) for module in modules}
+
+
+def imports_of(path: Path) -> set[str]:
+    """The pyro_vae modules ``path`` imports (anywhere in it), by their first name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found |= {n.split(".")[1] for n in names if n.startswith("pyro_vae.")}
+    return found
+
+
+def layer_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    modules = sorted(
+        p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE
+    )
+    problems = []
+    for path in modules:
+        own = layer_of(path)
+        assert own in LAYER_OF, f"{path.relative_to(PACKAGE)} belongs to no layer of LAYERS"
+        for target in imports_of(path):
+            if LAYER_OF[target] > LAYER_OF[own]:
+                problems.append(f"{own} imports {target}")
+    assert not problems, problems
+
+
+MOVED = [
+    ("pyro_vae.train", "NonFiniteError", "pyro_vae.stepper"),
+    ("pyro_vae.train", "ParamClashError", "pyro_vae.stepper"),
+    ("pyro_vae.train", "seed_everything", "pyro_vae.seeding"),
+    ("pyro_vae.train", "PRESETS", "pyro_vae.choices"),
+    ("pyro_vae.checkpoints", "RunDir", "pyro_vae.rundir"),
+]
+
+
+@pytest.mark.parametrize("old,name,home", MOVED)
+def test_a_moved_name_still_imports_from_its_old_module_with_a_warning(old, name, home):
+    import importlib
+
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {home}"):
+        value = getattr(module, name)
+    assert value is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        module.nothing  # noqa: B018
+
+
+def test_the_public_names_import_without_a_warning():
+    import pyro_vae
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for name in pyro_vae.__all__:
+            assert getattr(pyro_vae, name) is not None, name
