@@ -147,15 +147,6 @@ def warmup_length(s: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{s!r} is not a number of epochs or a share such as 10%")
 
 
-def epochs_of(length: int | str, epochs: int) -> int:
-    """``warmup_length``'s value in epochs of a run of ``epochs``: a share rounded, at least
-    one epoch when the share is above zero."""
-    if isinstance(length, str):
-        share = float(length.rstrip("%")) / 100
-        return max(1, round(share * epochs)) if share > 0 else 0
-    return int(length)
-
-
 def unit_interval(s: str) -> float:
     """An argparse type: a number in [0, 1]."""
     try:

@@ -30,7 +30,9 @@ from pyro_vae.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
+from pyro_vae.checks import ConfigError
 from pyro_vae.choices import BINARIZATIONS
+from pyro_vae.config import TrainConfig
 from pyro_vae.data import (
     BatchLoader,
     Dataset,
@@ -318,6 +320,20 @@ class Run:
         """Epochs trained, when the checkpoint says."""
         epoch = self.state.get("trainer", {}).get("epoch", self.state.get("epoch"))
         return None if epoch is None else int(epoch)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The run's settings, typed (a ``train_svi.py`` run of the VAE or the hierarchical
+        VAE; older runs migrated); a one-line ``CheckpointError`` naming a key that is unknown,
+        missing or wrong."""
+        if self.state.get("model_class") not in ("VAE", "HierarchicalVAE"):
+            raise CheckpointError(
+                f"{self.path}: a {self.state.get('model_class')} run, not one of train_svi.py"
+            )
+        try:
+            return TrainConfig.from_dict(self.config)
+        except ConfigError as e:
+            raise CheckpointError(f"{self.path}: its config: {e}") from None
 
     @property
     def data(self) -> RunData:

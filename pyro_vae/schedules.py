@@ -13,7 +13,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.choices import LR_SCHEDULES
 
-__all__ = ["KLWeight", "free_bits_level", "kl_warmup_weight", "lr_factor"]
+__all__ = ["KLWeight", "free_bits_level", "kl_warmup_weight", "lr_factor", "warmup_epochs"]
 
 # Burda et al. (2015): 3^i epochs at 10^(-i/7) times the base rate, i = 0 .. 7 (3,280 epochs)
 _BURDA_STAGES = 8
@@ -98,3 +98,12 @@ class KLWeight(Messenger):
     def _process_message(self, msg: dict) -> None:
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
             msg["scale"] = msg["scale"] * self.weight
+
+
+def warmup_epochs(length: int | str, epochs: int) -> int:
+    """A warm-up's length in epochs of a run of ``epochs``: ``length`` epochs, or a share such
+    as ``"10%"`` rounded, at least one epoch when the share is above zero."""
+    if isinstance(length, str):
+        share = float(length.rstrip("%")) / 100
+        return max(1, round(share * epochs)) if share > 0 else 0
+    return int(length)

@@ -31,12 +31,10 @@ from pyro_vae.cli import (
     add_preset_arg,
     add_training_args,
     begin_run,
-    epochs_of,
     hidden_sizes,
     layer_sizes,
     nonnegative_float,
     nonnegative_int,
-    optimizer_options,
     positive_float,
     positive_int,
     probability,
@@ -228,41 +226,27 @@ HVAE_DEFAULTS = {
 }
 
 
-def build_model(args, x_dim: int, image_shape):
-    """(model, model class name) for the flags: the one-layer VAE or the hierarchical one.
-
-    A flag of the other model is refused in one line rather than ignored.  (A resumed run's
+def check_model_flags(args) -> None:
+    """Refuse, in one line, a flag of the other model that the user gave (a flag left at its
+    default is not refused), and fill the hierarchical model's defaults.  (A resumed run's
     flags come from its config.json, checked when it started; runs from before the
     hierarchical flags defaulted to None hold their old defaults there.)"""
-    from pyro_vae.models import VAE, HierarchicalVAE
-
-    checked = args.resume is None
+    if args.resume is not None:
+        if args.model == "hvae":
+            for key, value in HVAE_DEFAULTS.items():
+                if getattr(args, key) is None:
+                    setattr(args, key, value)
+        return
     if args.model == "vae":
         for key in HVAE_DEFAULTS:
-            if checked and getattr(args, key) is not None:
+            if getattr(args, key) is not None:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} applies to --model hvae, not to the one-layer VAE")
-        if checked and args.flow_depth is not None and args.flow is None:
+        if args.flow_depth is not None and args.flow is None:
             raise UsageError("--flow-depth applies to a --flow (iaf or planar)")
         if args.flow is not None and args.flow_depth is None:
             args.flow_depth = 2
-        vae = VAE(
-            x_dim=x_dim,
-            z_dim=args.z_dim,
-            hidden=args.hidden,
-            activation=args.activation,
-            likelihood=args.likelihood,
-            x_scale=args.x_scale,
-            beta=args.beta,
-            image_shape=image_shape,
-            flow=args.flow,
-            flow_depth=args.flow_depth or 2,
-            covariance=args.covariance,
-            scale_link=args.scale_link,
-            weight_norm=args.weight_norm,
-            batch_norm=args.batch_norm,
-        )
-        return vae, "VAE"
+        return
     one_layer_only = {
         "--flow": (args.flow, None),
         "--flow-depth": (args.flow_depth, None),
@@ -274,7 +258,7 @@ def build_model(args, x_dim: int, image_shape):
         "--hidden": (args.hidden, PRESETS[args.preset]["hidden"]),
     }
     for flag, (value, default) in one_layer_only.items():
-        if checked and value != default:
+        if value != default:
             hint = {"--z-dim": " (its layers are --z-dims)", "--hidden": " (see --layer-hidden)"}
             raise UsageError(
                 f"{flag} applies to --model vae, not to the hierarchical VAE{hint.get(flag, '')}"
@@ -282,162 +266,40 @@ def build_model(args, x_dim: int, image_shape):
     for key, value in HVAE_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if len(args.layer_hidden) != len(args.z_dims):
-        raise UsageError(
-            f"--layer-hidden: needs one list of sizes per stochastic layer of --z-dims "
-            f"({len(args.z_dims)}), got {len(args.layer_hidden)}"
-        )
-    model = HierarchicalVAE(
-        x_dim=x_dim,
-        z_dims=args.z_dims,
-        hidden=args.layer_hidden,
-        activation=args.activation,
-        guide=args.guide,
-        image_shape=image_shape,
-        scale_link=args.scale_link,
-        weight_norm=args.weight_norm,
-        batch_norm=args.batch_norm,
-    )
-    return model, "HierarchicalVAE"
-
-
-def curve_label(args) -> str:
-    """What the training curve shows: the objective the run optimised."""
-    if args.elbo in ("iwae", "dreg"):
-        label = f"training bound L_{args.num_particles} ({args.elbo})"
-    else:
-        label = "training ELBO"
-    return label + (", KL weighted" if args.kl_warmup or args.beta != 1 else "")
 
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     from tqdm import tqdm
 
-    from pyro_vae.data import BatchLoader, training_splits
-    from pyro_vae.distributed import ShardedLoader, sharded_log_px
-    from pyro_vae.plots import save_vae_figures
-    from pyro_vae.runs import TrainingRun
-    from pyro_vae.train import Trainer
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.jobs import train_vae
 
     args, state, out, device, ranks = begin_run(
         args, build_parser(), "vae", PRESETS, PRESET_MODEL_OVERRIDES
     )
-    if args.flow == "planar" and args.elbo == "dreg":
-        raise UsageError("--flow planar has no inverse, which --elbo dreg needs; use iaf or iwae")
-    train, valid, test = training_splits(
-        args.dataset,
-        args.data_dir,
-        likelihood=args.likelihood,
-        binarize=args.binarize,
-        seed=args.seed,
-        train_size=args.train_size,
-        eval_size=args.eval_size,
-    )
-    if args.elbo == "jit" and len(train) < args.batch_size:
-        raise UsageError(
-            f"--elbo jit needs at least one full batch: {len(train)} < {args.batch_size}"
-        )
-    if args.batch_size > len(train) and args.resume is None:
-        raise UsageError(
-            f"--batch-size {args.batch_size}: more than the {len(train)} training images"
-        )
-
-    if args.free_bits and args.elbo not in ("trace", "meanfield"):
-        raise UsageError(
-            f"--free-bits applies to the ELBO (--elbo trace), not to --elbo {args.elbo}"
-        )
-    if (args.free_bits_constant is not None or args.free_bits_cooldown) and not args.free_bits:
-        raise UsageError("--free-bits-constant and --free-bits-cooldown apply to --free-bits")
-    if args.kl_warmup and args.elbo == "jit":
-        raise UsageError(
-            "--kl-warmup needs an objective that reads the weight at every step; "
-            "--elbo jit compiles it once (use trace)"
-        )
-    vae, model_class = build_model(args, train.images.shape[1], train.image_shape)
-    if args.init_output_bias and state is None:  # a resumed run restores its weights
-        vae.init_output_bias(train.images.mean(0))
-    vae = vae.to(device)
-    # The data were checked above, so Pyro's per-step argument checks are switched off.
-    trainer = Trainer(
-        vae.model,
-        vae.guide,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        elbo=args.elbo,
-        num_particles=args.num_particles,
-        **optimizer_options(args),
-        kl_warmup=epochs_of(args.kl_warmup, args.epochs),
-        kl_start=args.kl_start,
-        free_bits=args.free_bits,
-        free_bits_constant=args.free_bits_constant,
-        free_bits_cooldown=args.free_bits_cooldown,
-        validate=False,
-        ranks=ranks,
-    )
-    loader = BatchLoader(
-        train,
-        args.batch_size,
-        shuffle=True,
-        binarize="dynamic" if args.binarize == "dynamic" else "none",
-        # JitTrace_ELBO caches its trace by argument count, not shape: no short last batch.
-        drop_last=args.elbo == "jit",
-        seed=args.seed,
-        device=device,
-        perturb=args.perturb,
-    )
-    config = run_config(
-        args, out=out, model_class=model_class, model_config=vae.config(), device=device
-    )
-    run = TrainingRun.open(
+    check_model_flags(args)
+    # every setting checked in one place (a ConfigError names the flag), then one call
+    config = TrainConfig.from_dict(run_config(args))
+    result = train_vae(
+        config,
         out,
-        model=vae,
-        trainer=trainer,
-        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
-        config=config,
-        model_class=model_class,
         state=state,
         new=args.resume is None,  # a resumed run may not have finished its first epoch
+        device=device,
+        ranks=ranks,
+        progress=not args.quiet,
         log=None if args.quiet else tqdm.write,
+        record=run_config(args, out=out, device=device),
     )
-    quiet = args.quiet or not ranks.is_main
-    run.fit(args.epochs, val_data=(valid.images.to(device),), progress=not quiet)
-    vae.eval()  # batch normalisation, if any, on its running statistics from here on
-
-    test_x = test.images.to(device)
-    report: dict = {"binarize": args.binarize, "dataset": args.dataset, "units": "nats per image"}
-    if args.eval_particles:
-        result = sharded_log_px(
-            vae.model,
-            vae.guide,
-            test_x,
-            ranks=ranks,
-            num_particles=args.eval_particles,
-            seed=args.seed,
-            progress=not quiet,
-            validate=False,  # checked by check_images above
-        )
-        report.update(result.summary())
-    else:
-        report["elbo"] = trainer.evaluate_elbo(test_x, num_particles=10)
+    report = result.report
     if not ranks.is_main:
         return report
-    run.dir.write_json("evaluation.json", report)
-    save_vae_figures(
-        vae,
-        test_x,
-        test.labels,
-        trainer.history,
-        run.dir.figures,
-        seed=args.seed,
-        objective=curve_label(args),
-    )
-
-    lines = [f"test ELBO        {report['elbo']:.2f} nats/image ({args.binarize} binarisation)"]
-    if args.eval_particles:
+    lines = [f"test ELBO        {report['elbo']:.2f} nats/image ({config.binarize} binarisation)"]
+    if config.eval_particles:
         lines += [
             f"test log p(x)    {report['log_px']:.2f} ± {report['log_px_sem']:.2f} nats/image"
-            f" (K={args.eval_particles})",
+            f" (K={config.eval_particles})",
             f"gap (KL to posterior) {report['gap']:.2f} nats/image",
         ]
     print("\n".join([*lines, f"run directory    {out}"]))

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 # lowest first; a module may import from its own layer and every layer before it
 LAYERS = {
     "foundation": [
-        "choices", "checks", "deprecation", "faults", "seeding", "rundir", "checkpoints",
+        "choices", "checks", "config", "deprecation", "faults", "seeding", "rundir", "checkpoints",
     ],
     "data": ["data"],
     "networks": ["nets", "distributions"],
@@ -20,6 +20,7 @@ LAYERS = {
     "inference": ["weights", "objectives", "evaluate", "schedules"],
     "training": ["stepper", "distributed", "train", "runs"],
     "applications": ["gaps", "ood", "compression", "baselines", "sample_metrics", "plots"],
+    "jobs": ["jobs"],
     "command line": ["cli"],
 }  # fmt: skip
 LAYER_OF = {module: i for i, modules in enumerate(LAYERS.values()) for module in modules}

@@ -367,8 +367,8 @@ BAD_INPUTS = [
     (["--x-scale", "0.1"], "gaussian likelihood only"),
     (["--elbo", "jit", "--train-size", "100", "--batch-size", "128"], "full batch"),
     # a KL weight under an importance-weighted bound is a temperature now; free bits are not
-    (["--free-bits", "1"], "--free-bits applies to the ELBO"),  # the default preset: DReG
-    (["--elbo", "jit", "--kl-warmup", "5"], "--kl-warmup needs an objective"),
+    (["--free-bits", "1"], "--free-bits: applies to the ELBO"),  # the default preset: DReG
+    (["--elbo", "jit", "--kl-warmup", "5"], "--kl-warmup: needs an objective"),
     (["--preset", "fastest"], "invalid choice"),
     (["--lr-schedule", "linear"], "invalid choice"),
     (["--threads", "0"], "positive integer"),

@@ -185,3 +185,38 @@ def test_stop_rules_are_asked_after_each_epoch_and_decide_nothing_else(small):
     history = trainer.fit(loader, 5, stop_rules=[AfterTwo()], progress=False)
     assert len(history) == 2 and trainer.epoch == 2
     assert trainer.stop_reason == "two epochs are enough"
+
+
+def test_one_library_call_trains_resumes_and_evaluates_a_run_without_argparse(data_dir, tmp_path):
+    """train_vae(config, directory): the run a notebook makes is the script's run; resumed
+    from its checkpoint it continues bit for bit; the same seed gives the same numbers."""
+    import json
+
+    from pyro_vae import Run, TrainConfig, load_checkpoint, train_vae
+    from pyro_vae.rundir import strict_json
+
+    config = TrainConfig(
+        z_dim=4, hidden=(16,), epochs=2, batch_size=128, train_size=512, eval_size=128,
+        eval_particles=20, data_dir=str(data_dir),
+    )  # fmt: skip
+    whole = train_vae(config, tmp_path / "whole", progress=False)
+    assert whole.run.epoch == 2 and whole.run.train_config == config
+    assert whole.report["log_px"] >= whole.report["elbo"]
+    written = json.loads((tmp_path / "whole" / "evaluation.json").read_text())
+    assert written == json.loads(strict_json(whole.report))  # inf written as null
+    assert (tmp_path / "whole" / "figures" / "elbo_curves.png").is_file()
+    # one epoch, then resumed from the checkpoint for the second
+    train_vae(config.replace(epochs=1), tmp_path / "halves", progress=False).training.close()
+    state = load_checkpoint(tmp_path / "halves")
+    halves = train_vae(config, tmp_path / "halves", state=state, new=False, progress=False)
+    metrics = [
+        [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+        for lines in (
+            (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            for name in ("whole", "halves")
+        )
+    ]
+    assert metrics[0] == metrics[1]
+    assert strict_json(halves.report) == strict_json(whole.report)
+    again = Run.load(tmp_path / "whole")
+    assert again.heldout("test", 128).images.shape == (128, 784)

@@ -1,0 +1,313 @@
+"""Typed, validated run configs: what a training run is, checked in one place, saved as the
+run's ``config.json`` and read back typed.
+
+``TrainConfig`` is a run of ``scripts/train_svi.py`` (the one-layer and the hierarchical VAE):
+the model, the objective and optimiser with their schedules, the data and the evaluation.
+Every value is checked when the config is made (``ConfigError`` naming the setting, which the
+scripts print as its flag), and ``TrainConfig.from_dict`` reads a saved config back: a key it
+does not know, or one it needs and cannot migrate, is an error naming the key; keys that runs
+saved before a setting existed take the value those runs had (``MIGRATIONS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyro_vae.checks import ConfigError
+from pyro_vae.choices import (
+    ACTIVATIONS,
+    BINARIZATIONS,
+    COVARIANCES,
+    DATASETS,
+    ELBO_NAMES,
+    FLOWS,
+    HVAE_GUIDES,
+    LIKELIHOODS,
+    LR_SCHEDULES,
+    MODEL_KINDS,
+    PRESETS,
+    SCALE_LINKS,
+)
+
+__all__ = ["MIGRATIONS", "RUNTIME_KEYS", "TrainConfig"]
+
+# torch's sizes are int64
+_LARGEST_SIZE = 2**63 - 1
+
+# Keys of a saved config that describe one invocation, not the run (where it was written, on
+# which device, how many threads, how chatty): kept in config.json, not part of the config.
+RUNTIME_KEYS = ("out", "resume", "device", "threads", "quiet", "model_class", "model_config")
+
+#: What runs saved before a setting existed did, where that differs from its default.
+MIGRATIONS: dict[str, Any] = {
+    "preset": "classic",
+    "lr_schedule": "constant",
+    "kl_warmup": 0,
+    "kl_start": 0.0,
+    "init_output_bias": False,
+    "adam_eps": 1e-8,
+    "adam_betas": (0.9, 0.999),
+    "skip_norm": None,
+    "scale_link": "softplus",
+    "batch_norm": False,
+    "weight_norm": False,
+    "free_bits": 0.0,
+    "free_bits_constant": None,
+    "free_bits_cooldown": 0,
+    "perturb": 0.0,
+    "model": "vae",
+    "z_dims": None,
+    "layer_hidden": None,
+    "guide": None,
+    "flow": None,
+    "flow_depth": None,
+    "covariance": "diagonal",
+}
+
+
+# -- value checks: each returns the value normalised (lists from JSON become tuples) -----------
+
+
+def _integer(low: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(name, f"must be a whole number, got {value!r}")
+        if not low <= value <= _LARGEST_SIZE:
+            raise ConfigError(name, f"must be a whole number from {low} to 2**63 - 1, got {value}")
+        return int(value)
+
+    return check
+
+
+def _number(low: float, high: float = math.inf, *, open_low=False, open_high=False):
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(name, f"must be a number, got {value!r}")
+        value = float(value)
+        above = value > low if open_low else value >= low
+        below = value < high if open_high or math.isinf(high) else value <= high
+        if not (math.isfinite(value) and above and below):
+            left, right = "(" if open_low else "[", ")" if open_high or math.isinf(high) else "]"
+            raise ConfigError(
+                name, f"must be a number in {left}{low:g}, {high:g}{right}, got {value}"
+            )
+        return value
+
+    return check
+
+
+def _choice(choices) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(name, f"{value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+
+    return check
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _sizes(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(
+            name, f"must be a non-empty list of sizes such as [200, 200], got {value!r}"
+        )
+    return tuple(_integer(1)(name, v) for v in value)
+
+
+def _layer_sizes(name: str, value: Any) -> tuple[tuple[int, ...], ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(name, f"must be one list of sizes per layer, got {value!r}")
+    return tuple(_sizes(name, v) for v in value)
+
+
+def _betas(name: str, value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(
+            name, f"must be two numbers in [0, 1) such as (0.9, 0.999), got {value!r}"
+        )
+    return tuple(_number(0.0, 1.0, open_high=True)(name, b) for b in value)  # type: ignore[return-value]
+
+
+def _warmup(name: str, value: Any) -> int | str:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            share = float(text[:-1]) if text.endswith("%") else math.nan
+        except ValueError:
+            share = math.nan
+        if not (math.isfinite(share) and 0 <= share <= 100):
+            raise ConfigError(name, f"{value!r} is not a number of epochs or a share such as 10%")
+        return f"{share:g}%"
+    return _integer(0)(name, value)
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _text(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(name, f"must be a path, got {value!r}")
+    return value
+
+
+def _setting(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+_IW_FAST = PRESETS["iw-fast"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run of the VAE or the hierarchical VAE: every setting, checked.
+
+    The defaults are the default recipe (``train_svi.py`` with no flags: the ``iw-fast``
+    preset). ``TrainConfig(lr=0)`` raises ``ConfigError("lr", ...)``; settings that do not go
+    together (``flow="planar"`` with ``elbo="dreg"``) are refused naming one of them.
+    """
+
+    # the model
+    model: str = _setting("vae", _choice(MODEL_KINDS), "vae (one stochastic layer) or hvae")
+    z_dim: int = _setting(50, _integer(1), "latent dimensions of the VAE")
+    hidden: tuple[int, ...] = _setting(_IW_FAST["hidden"], _sizes, "the VAE's hidden sizes")
+    activation: str = _setting(_IW_FAST["activation"], _choice(ACTIVATIONS), "hidden activation")
+    z_dims: tuple[int, ...] | None = _setting(None, _optional(_sizes), "hvae: layer sizes")
+    layer_hidden: tuple[tuple[int, ...], ...] | None = _setting(
+        None, _optional(_layer_sizes), "hvae: hidden sizes per layer"
+    )
+    guide: str | None = _setting(None, _optional(_choice(HVAE_GUIDES)), "hvae: the guide")
+    likelihood: str = _setting("bernoulli", _choice(LIKELIHOODS), "p(x|z)")
+    x_scale: float | None = _setting(None, _optional(_number(0, open_low=True)), "Gaussian std")
+    beta: float = _setting(1.0, _number(0, open_low=True), "weight of the KL term")
+    flow: str | None = _setting(None, _optional(_choice(FLOWS)), "a flow on the guide")
+    flow_depth: int | None = _setting(None, _optional(_integer(1)), "steps of the flow")
+    covariance: str = _setting("diagonal", _choice(COVARIANCES), "the guide's covariance")
+    scale_link: str = _setting("softplus", _choice(SCALE_LINKS), "output -> standard deviation")
+    weight_norm: bool = _setting(False, _flag, "weight normalisation")
+    batch_norm: bool = _setting(False, _flag, "batch normalisation")
+    init_output_bias: bool = _setting(False, _flag, "output bias at the data's logit")
+    # the objective, the optimiser and their schedules
+    elbo: str = _setting(_IW_FAST["elbo"], _choice(ELBO_NAMES), "the training objective")
+    num_particles: int = _setting(_IW_FAST["num_particles"], _integer(1), "K per datapoint")
+    epochs: int = _setting(_IW_FAST["epochs"], _integer(1), "passes over the training images")
+    batch_size: int = _setting(_IW_FAST["batch_size"], _integer(1), "images per step")
+    lr: float = _setting(_IW_FAST["lr"], _number(0, open_low=True), "Adam's learning rate")
+    lr_schedule: str = _setting(_IW_FAST["lr_schedule"], _choice(LR_SCHEDULES), "rate per epoch")
+    adam_eps: float = _setting(1e-8, _number(0, open_low=True), "Adam's epsilon")
+    adam_betas: tuple[float, float] = _setting((0.9, 0.999), _betas, "Adam's betas")
+    clip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "clip")
+    skip_nonfinite: bool = _setting(False, _flag, "skip steps that are not finite")
+    skip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "skip above")
+    kl_warmup: int | str = _setting(0, _warmup, "KL warm-up: epochs, or a share such as 10%")
+    kl_start: float = _setting(0.0, _number(0.0, 1.0), "the warm-up's first weight")
+    free_bits: float = _setting(0.0, _number(0.0), "free nats per latent layer")
+    free_bits_constant: int | None = _setting(None, _optional(_integer(0)), "epochs at full")
+    free_bits_cooldown: int = _setting(0, _integer(0), "epochs to cool free bits to 0")
+    # the data
+    dataset: str = _setting("mnist", _choice(DATASETS), "the data set")
+    data_dir: str | None = _setting(None, _text, "where the data sets live")
+    binarize: str = _setting("dynamic", _choice(BINARIZATIONS), "how pixels become binary")
+    seed: int = _setting(0, _integer(0), "the seed of every random draw")
+    train_size: int | None = _setting(None, _optional(_integer(1)), "first N training images")
+    eval_size: int | None = _setting(None, _optional(_integer(1)), "first N held-out images")
+    perturb: float = _setting(0.0, _number(0.0, 1.0, open_high=True), "pixel noise in training")
+    # evaluation and the record
+    eval_particles: int = _setting(500, _integer(0), "K for the test log p(x) (0: skip)")
+    preset: str | None = _setting("iw-fast", _optional(_choice(tuple(PRESETS))), "the recipe")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        if self.seed >= 2**32:
+            raise ConfigError("seed", f"must be below 2**32, got {self.seed}")
+        if self.flow == "planar" and self.elbo == "dreg":
+            raise ConfigError(
+                "flow", "planar has no inverse, which elbo dreg needs; use iaf or iwae"
+            )
+        if self.free_bits and self.elbo not in ("trace", "meanfield"):
+            raise ConfigError(
+                "free_bits", f"applies to the ELBO (elbo trace), not to elbo {self.elbo}"
+            )
+        if (self.free_bits_constant is not None or self.free_bits_cooldown) and not self.free_bits:
+            raise ConfigError(
+                "free_bits_constant", "free_bits_constant and free_bits_cooldown apply to free_bits"
+            )
+        if self.kl_warmup and self.elbo == "jit":
+            raise ConfigError(
+                "kl_warmup",
+                "needs an objective that reads the weight at every step; elbo jit compiles it "
+                "once (use trace)",
+            )
+        if self.model == "vae":
+            for name in ("z_dims", "layer_hidden", "guide"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, "applies to model hvae, not to the one-layer VAE")
+            if self.flow_depth is not None and self.flow is None:
+                raise ConfigError("flow_depth", "applies to a flow (iaf or planar)")
+        else:
+            for name in ("flow", "flow_depth", "x_scale"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
+            for name, value in (
+                ("likelihood", "bernoulli"),
+                ("covariance", "diagonal"),
+                ("beta", 1.0),
+            ):
+                if getattr(self, name) != value:
+                    raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
+            if self.z_dims and self.layer_hidden and len(self.layer_hidden) != len(self.z_dims):
+                raise ConfigError(
+                    "layer_hidden",
+                    f"needs one list of sizes per stochastic layer of z_dims ({len(self.z_dims)}), "
+                    f"got {len(self.layer_hidden)}",
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON values (tuples as lists), for ``config.json``."""
+
+        def plain(value: Any) -> Any:
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> TrainConfig:
+        """A saved config read back typed: runtime keys (``RUNTIME_KEYS``) set aside, keys
+        older runs lack migrated (``MIGRATIONS``); an unknown key, or a missing key that has no
+        migration, is a ``ConfigError`` naming it."""
+        if not isinstance(saved, Mapping):
+            raise ConfigError(
+                "config", f"must be a mapping of settings, got {type(saved).__name__}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - names - set(RUNTIME_KEYS))
+        if unknown:
+            raise ConfigError(unknown[0], "is not a setting of a train_svi.py run")
+        values = {}
+        if saved.get("model", MIGRATIONS["model"]) == "vae":
+            # one-layer runs saved before the hierarchical settings defaulted to None hold
+            # their defaults then; they mean nothing to a one-layer model
+            saved = {k: v for k, v in saved.items() if k not in ("z_dims", "layer_hidden", "guide")}
+        for name in sorted(names):
+            if name in saved:
+                values[name] = saved[name]
+            elif name in MIGRATIONS:
+                values[name] = MIGRATIONS[name]
+            else:
+                raise ConfigError(name, "is missing from the saved config")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``, checked like a new config."""
+        return dataclasses.replace(self, **changes)
