@@ -41,7 +41,8 @@ from pyro_vae.data import (
     heldout_split,
     load_dataset,
 )
-from pyro_vae.distributed import all_gather_objects
+from pyro_vae.distributed import Ranks, all_gather_objects, sharded_log_px
+from pyro_vae.evaluate import MarginalLikelihood
 from pyro_vae.faults import pause_point
 from pyro_vae.rundir import RunDir
 from pyro_vae.seeding import child_seed, seed_everything
@@ -366,3 +367,50 @@ class Run:
                 f"{images.images.shape[1]}"
             )
         return images
+
+    def log_px(
+        self,
+        split: str = "test",
+        size: int | None = None,
+        *,
+        num_particles: int = 5000,
+        seed: int = 0,
+        max_rows: int | None = None,
+        psis: bool = True,
+        progress: bool = False,
+        data_dir: Path | str | None = None,
+        ranks: Ranks | None = None,
+        what: str = "size",
+    ) -> MarginalLikelihood:
+        """Importance-weighted log p(x) (nats per image) of the first ``size`` images of the
+        held-out ``split`` at K = ``num_particles``: the ELBO, the bound against K, ESS and
+        PSIS k̂ beside it.  The same ``seed`` gives the same numbers whatever ``max_rows``
+        (memory) and however many processes (``ranks``) share the images; ``what`` names
+        ``size`` in errors."""
+        images = self.heldout(split, size, data_dir=data_dir, what=what).images
+        device = next(self.model.parameters()).device
+        return sharded_log_px(
+            self.model.model,
+            self.model.guide,
+            images.to(device),
+            ranks=ranks or Ranks(),
+            num_particles=num_particles,
+            seed=seed,
+            max_rows=max_rows,
+            psis=psis,
+            progress=progress,
+            validate=False,  # the images were prepared here, for the run's own model
+        )
+
+    def log_px_report(self, result: MarginalLikelihood, split: str = "test") -> dict[str, Any]:
+        """``result`` (from ``log_px``) as the report the evaluation script writes: its summary,
+        where the images came from, the checkpoint and its epoch, the units."""
+        return {
+            **result.summary(),
+            "split": split,
+            "binarize": self.data.binarize,
+            "dataset": self.data.dataset,
+            "checkpoint": str(self.path),
+            "epoch": self.epoch,
+            "units": "nats per image",
+        }

@@ -75,7 +75,7 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.distributed import all_gather_objects, setup, sharded_log_px
+    from pyro_vae.distributed import all_gather_objects, setup
     from pyro_vae.plots import save_marginal_likelihood_figures
     from pyro_vae.runs import Run
     from pyro_vae.seeding import seed_everything
@@ -84,7 +84,7 @@ def main(args) -> dict:
     ranks, device = setup(device)
     apply_threads(args)
     trained = Run.load(args.checkpoint, device=device)
-    model, path = trained.model, trained.path
+    path = trained.path
     name = f"marginal_likelihood_k{args.num_particles}"
     outputs, problem = None, None
     if ranks.is_main:  # refused before the work, not after it
@@ -97,34 +97,24 @@ def main(args) -> dict:
     if problem:
         raise UsageError(problem)
     seed_everything(args.seed)
-    data = trained.heldout(args.split, args.eval_size, data_dir=args.data_dir, what="--eval-size")
-    binarize = trained.data.binarize
-
     # Every rank scores a share of the images (whole chunks, each seeded by --seed and its
     # position): the per-image values are those of a single process, bit for bit.
-    result = sharded_log_px(
-        model.model,
-        model.guide,
-        data.images.to(device),
-        ranks=ranks,
+    result = trained.log_px(
+        args.split,
+        args.eval_size,
         num_particles=args.num_particles,
         seed=args.seed,
         max_rows=args.max_rows,
         psis=not args.no_psis,
         progress=not args.quiet and ranks.is_main,
-        validate=False,  # the data were binarised here; the checkpoint's model is ours
+        data_dir=args.data_dir,
+        ranks=ranks,
+        what="--eval-size",
     )
     if not ranks.is_main:
         return {}
-    report = {
-        **result.summary(),
-        "split": args.split,
-        "binarize": binarize,
-        "dataset": trained.data.dataset,
-        "checkpoint": str(path),
-        "epoch": trained.epoch,
-        "units": "nats per image",
-    }
+    report = trained.log_px_report(result, args.split)
+    binarize = report["binarize"]
     with outputs:
         outputs.write_json(f"{name}.json", report)
         save_marginal_likelihood_figures(result, outputs.directory_path("figures"), f"{name}_")

@@ -221,3 +221,17 @@ def test_a_run_config_that_lacks_or_garbles_the_data_settings_is_refused_by_name
         path = save_checkpoint(tmp_path / f"{key}.pt", {**state, "config": config})
         with pytest.raises(CheckpointError, match=message):
             _ = Run.load(path).data
+
+
+def test_a_loaded_run_scores_its_held_out_images_as_the_evaluator_does(trained_run):
+    from pyro_vae import Run, estimate_log_px
+
+    run = Run.load(trained_run)
+    result = run.log_px("test", 20, num_particles=30, seed=4, max_rows=70)
+    x = run.heldout("test", 20).images
+    direct = estimate_log_px(run.model.model, run.model.guide, x, num_particles=30, seed=4)
+    assert torch.equal(result.log_px, direct.log_px) and torch.equal(result.elbo, direct.elbo)
+    report = run.log_px_report(result)
+    assert report["log_px"] == direct.summary()["log_px"] and report["epoch"] == 1
+    assert (report["dataset"], report["binarize"], report["split"]) == ("mnist", "dynamic", "test")
+    assert report["units"] == "nats per image"
