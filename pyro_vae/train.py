@@ -284,6 +284,44 @@ class Trainer:
             adam_betas=adam_betas,
             skip_norm=skip_norm,
         )
+        self._start_loop(kl_warmup, kl_start)
+
+    @classmethod
+    def around(
+        cls,
+        stepper: SVIStepper,
+        *,
+        lr_schedule: str = "constant",
+        kl_warmup: int = 0,
+        kl_start: float = 0.0,
+        eval_model: Callable | None = None,
+    ) -> Trainer:
+        """The loop around a stepper built by hand: the step's options (objective, rate,
+        clipping, Adam's settings, processes) are the stepper's, given once; the trainer adds
+        the epochs, the learning-rate schedule (on the stepper's rate), the KL warm-up,
+        validation and the history.  Free bits come with the objective
+        (``FreeBitsELBO``), their schedule fixed at the level it holds."""
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown learning-rate schedule {lr_schedule!r}; choose from {LR_SCHEDULES}"
+            )
+        kl_warmup_weight(1, kl_warmup, kl_start)  # checks both
+        if kl_warmup and isinstance(stepper.elbo, JitTrace_ELBO):
+            raise ValueError(
+                "a KL warm-up needs an objective that reads the weight at every step; "
+                "JitTrace_ELBO compiles it once (use trace)"
+            )
+        self = cls.__new__(cls)
+        self.model, self.guide, self.stepper = stepper.model, stepper.guide, stepper
+        self.eval_model = stepper.model if eval_model is None else eval_model
+        self.elbo, self.lr, self.lr_schedule = stepper.elbo, stepper.lr, lr_schedule
+        self.max_plate_nesting = stepper.max_plate_nesting
+        level = getattr(stepper.elbo, "free_bits", 0.0)
+        self.free_bits = (level, None, 0)  # a constant level: the objective's own
+        self._start_loop(kl_warmup, kl_start)
+        return self
+
+    def _start_loop(self, kl_warmup: int, kl_start: float) -> None:
         # The KL weight of each epoch is a function of the epoch only, like the rate.
         self.kl_warmup, self.kl_start = kl_warmup, kl_start
         self.ranks = self.stepper.ranks

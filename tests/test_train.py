@@ -43,6 +43,30 @@ def test_same_seed_same_numbers(small):
     assert ha[-1]["train_loss"] != hc[-1]["train_loss"]
 
 
+def test_the_loop_around_a_hand_built_stepper_trains_as_the_one_trainer_builds(small):
+    """Trainer.around(stepper): the step's options given once, on the stepper; the same
+    numbers, bit for bit, as the Trainer that builds the same stepper from its keywords."""
+    from pyro_vae.stepper import SVIStepper
+
+    options = dict(clip_norm=50.0, adam_eps=1e-4, skip_norm=1e6)
+    _, _, built = fit(
+        small, seed=3, lr_schedule="cosine", elbo="dreg", num_particles=3, kl_warmup=1, **options
+    )
+    train, valid = small
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    vae = VAE(z_dim=8, hidden=(64,))
+    stepper = SVIStepper(vae.model, vae.guide, make_elbo("dreg", 3), lr=3e-3, **options)
+    trainer = Trainer.around(stepper, lr_schedule="cosine", kl_warmup=1)
+    loader = BatchLoader(train, 128, shuffle=True, binarize="dynamic", seed=3)
+    val = torch.bernoulli(valid.images, generator=torch.Generator().manual_seed(0))
+    around = trainer.fit(loader, 2, val_data=(val,), progress=False)
+    strip = [[{k: v for k, v in m.items() if k != "seconds"} for m in h] for h in (built, around)]
+    assert strip[0] == strip[1] and trainer.stepper is stepper
+    with pytest.raises(ValueError, match="learning-rate schedule"):
+        Trainer.around(stepper, lr_schedule="linear")
+
+
 @pytest.mark.parametrize("elbo", ["meanfield", "jit"])
 def test_other_objectives_train(small, elbo):
     _, trainer, history = fit(small, epochs=2, elbo=elbo)
