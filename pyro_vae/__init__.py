@@ -63,7 +63,9 @@ _PUBLIC: dict[str, str] = {
     "lr_factor": "pyro_vae.schedules",
     "PRESETS": "pyro_vae.choices",
     "TrainResult": "pyro_vae.jobs",
+    "train_ssvae": "pyro_vae.jobs",
     "train_vae": "pyro_vae.jobs",
+    "SSVAEConfig": "pyro_vae.config",
     "TrainConfig": "pyro_vae.config",
     "EarlyStopping": "pyro_vae.train",
     "NonFiniteError": "pyro_vae.stepper",
@@ -95,7 +97,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae import plots  # noqa: F401
     from pyro_vae.checkpoints import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
     from pyro_vae.choices import PRESETS  # noqa: F401
-    from pyro_vae.config import TrainConfig  # noqa: F401
+    from pyro_vae.config import SSVAEConfig, TrainConfig  # noqa: F401
     from pyro_vae.data import (  # noqa: F401
         BatchLoader,
         DataError,
@@ -119,7 +121,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         psis_khat,
         semi_supervised_report,
     )
-    from pyro_vae.jobs import TrainResult, train_vae  # noqa: F401
+    from pyro_vae.jobs import TrainResult, train_ssvae, train_vae  # noqa: F401
     from pyro_vae.models import (  # noqa: F401
         SSVAE,
         VAE,

@@ -16,12 +16,13 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pyro_vae.checks import ConfigError
 from pyro_vae.choices import (
     ACTIVATIONS,
     BINARIZATIONS,
+    CLASSIFIERS,
     COVARIANCES,
     DATASETS,
     ELBO_NAMES,
@@ -34,7 +35,14 @@ from pyro_vae.choices import (
     SCALE_LINKS,
 )
 
-__all__ = ["MIGRATIONS", "RUNTIME_KEYS", "TrainConfig"]
+__all__ = [
+    "MIGRATIONS",
+    "RUNTIME_KEYS",
+    "SSVAE_MIGRATIONS",
+    "RunConfig",
+    "SSVAEConfig",
+    "TrainConfig",
+]
 
 # torch's sizes are int64
 _LARGEST_SIZE = 2**63 - 1
@@ -151,6 +159,13 @@ def _warmup(name: str, value: Any) -> int | str:
     return _integer(0)(name, value)
 
 
+def _degrees(name: str, value: Any) -> float:
+    try:
+        return _number(0.0, 180.0)(name, value)
+    except ConfigError:
+        raise ConfigError(name, f"is an angle in degrees in [0, 180], got {value!r}") from None
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -169,8 +184,84 @@ _IW_FAST = PRESETS["iw-fast"]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A training run of the VAE or the hierarchical VAE: every setting, checked.
+class RunConfig:
+    """What every training run has: the optimiser and its schedule, the data, the seed.
+    Subclasses add their model's settings; ``__post_init__`` checks every value (its field's
+    check) and then the settings that must go together (``check_together``)."""
+
+    # the objective's optimiser and its schedule
+    epochs: int = _setting(_IW_FAST["epochs"], _integer(1), "passes over the training images")
+    batch_size: int = _setting(_IW_FAST["batch_size"], _integer(1), "images per step")
+    lr: float = _setting(_IW_FAST["lr"], _number(0, open_low=True), "Adam's learning rate")
+    lr_schedule: str = _setting(_IW_FAST["lr_schedule"], _choice(LR_SCHEDULES), "rate per epoch")
+    adam_eps: float = _setting(1e-8, _number(0, open_low=True), "Adam's epsilon")
+    adam_betas: tuple[float, float] = _setting((0.9, 0.999), _betas, "Adam's betas")
+    clip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "clip")
+    skip_nonfinite: bool = _setting(False, _flag, "skip steps that are not finite")
+    skip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "skip above")
+    # the data
+    dataset: str = _setting("mnist", _choice(DATASETS), "the data set")
+    data_dir: str | None = _setting(None, _text, "where the data sets live")
+    binarize: str = _setting("dynamic", _choice(BINARIZATIONS), "how pixels become binary")
+    seed: int = _setting(0, _integer(0), "the seed of every random draw")
+    train_size: int | None = _setting(None, _optional(_integer(1)), "first N training images")
+    eval_size: int | None = _setting(None, _optional(_integer(1)), "first N held-out images")
+    # the script the settings are flags of, and what its saved configs hold besides them
+    script: ClassVar[str] = "a training"
+    recorded: ClassVar[tuple[str, ...]] = RUNTIME_KEYS
+    migrations: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        if self.seed >= 2**32:
+            raise ConfigError("seed", f"must be below 2**32, got {self.seed}")
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Settings that are fine alone and not together: a ``ConfigError`` naming one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON values (tuples as lists), for ``config.json``."""
+
+        def plain(value: Any) -> Any:
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> RunConfig:
+        """A saved config read back typed: what it records besides the settings (the run
+        directory, the device, the model's own config: ``recorded``) set aside, keys older
+        runs lack migrated (``migrations``); an unknown key, or a missing key that has no
+        migration, is a ``ConfigError`` naming it."""
+        if not isinstance(saved, Mapping):
+            raise ConfigError(
+                "config", f"must be a mapping of settings, got {type(saved).__name__}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - names - set(cls.recorded))
+        if unknown:
+            raise ConfigError(unknown[0], f"is not a setting of a {cls.script} run")
+        values = {}
+        for name in sorted(names):
+            if name in saved:
+                values[name] = saved[name]
+            elif name in cls.migrations:
+                values[name] = cls.migrations[name]
+            else:
+                raise ConfigError(name, "is missing from the saved config")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes``, checked like a new config."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """A training run of the VAE or the hierarchical VAE (``train_svi.py``): every setting,
+    checked.
 
     The defaults are the default recipe (``train_svi.py`` with no flags: the ``iw-fast``
     preset). ``TrainConfig(lr=0)`` raises ``ConfigError("lr", ...)``; settings that do not go
@@ -197,40 +288,23 @@ class TrainConfig:
     weight_norm: bool = _setting(False, _flag, "weight normalisation")
     batch_norm: bool = _setting(False, _flag, "batch normalisation")
     init_output_bias: bool = _setting(False, _flag, "output bias at the data's logit")
-    # the objective, the optimiser and their schedules
+    # the objective and its schedules
     elbo: str = _setting(_IW_FAST["elbo"], _choice(ELBO_NAMES), "the training objective")
     num_particles: int = _setting(_IW_FAST["num_particles"], _integer(1), "K per datapoint")
-    epochs: int = _setting(_IW_FAST["epochs"], _integer(1), "passes over the training images")
-    batch_size: int = _setting(_IW_FAST["batch_size"], _integer(1), "images per step")
-    lr: float = _setting(_IW_FAST["lr"], _number(0, open_low=True), "Adam's learning rate")
-    lr_schedule: str = _setting(_IW_FAST["lr_schedule"], _choice(LR_SCHEDULES), "rate per epoch")
-    adam_eps: float = _setting(1e-8, _number(0, open_low=True), "Adam's epsilon")
-    adam_betas: tuple[float, float] = _setting((0.9, 0.999), _betas, "Adam's betas")
-    clip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "clip")
-    skip_nonfinite: bool = _setting(False, _flag, "skip steps that are not finite")
-    skip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "skip above")
     kl_warmup: int | str = _setting(0, _warmup, "KL warm-up: epochs, or a share such as 10%")
     kl_start: float = _setting(0.0, _number(0.0, 1.0), "the warm-up's first weight")
     free_bits: float = _setting(0.0, _number(0.0), "free nats per latent layer")
     free_bits_constant: int | None = _setting(None, _optional(_integer(0)), "epochs at full")
     free_bits_cooldown: int = _setting(0, _integer(0), "epochs to cool free bits to 0")
-    # the data
-    dataset: str = _setting("mnist", _choice(DATASETS), "the data set")
-    data_dir: str | None = _setting(None, _text, "where the data sets live")
-    binarize: str = _setting("dynamic", _choice(BINARIZATIONS), "how pixels become binary")
-    seed: int = _setting(0, _integer(0), "the seed of every random draw")
-    train_size: int | None = _setting(None, _optional(_integer(1)), "first N training images")
-    eval_size: int | None = _setting(None, _optional(_integer(1)), "first N held-out images")
     perturb: float = _setting(0.0, _number(0.0, 1.0, open_high=True), "pixel noise in training")
     # evaluation and the record
     eval_particles: int = _setting(500, _integer(0), "K for the test log p(x) (0: skip)")
     preset: str | None = _setting("iw-fast", _optional(_choice(tuple(PRESETS))), "the recipe")
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
-        if self.seed >= 2**32:
-            raise ConfigError("seed", f"must be below 2**32, got {self.seed}")
+    script: ClassVar[str] = "train_svi.py"
+    migrations: ClassVar[dict[str, Any]] = MIGRATIONS
+
+    def check_together(self) -> None:
         if self.flow == "planar" and self.elbo == "dreg":
             raise ConfigError(
                 "flow", "planar has no inverse, which elbo dreg needs; use iaf or iwae"
@@ -255,59 +329,88 @@ class TrainConfig:
                     raise ConfigError(name, "applies to model hvae, not to the one-layer VAE")
             if self.flow_depth is not None and self.flow is None:
                 raise ConfigError("flow_depth", "applies to a flow (iaf or planar)")
-        else:
-            for name in ("flow", "flow_depth", "x_scale"):
-                if getattr(self, name) is not None:
-                    raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
-            for name, value in (
-                ("likelihood", "bernoulli"),
-                ("covariance", "diagonal"),
-                ("beta", 1.0),
-            ):
-                if getattr(self, name) != value:
-                    raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
-            if self.z_dims and self.layer_hidden and len(self.layer_hidden) != len(self.z_dims):
-                raise ConfigError(
-                    "layer_hidden",
-                    f"needs one list of sizes per stochastic layer of z_dims ({len(self.z_dims)}), "
-                    f"got {len(self.layer_hidden)}",
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON values (tuples as lists), for ``config.json``."""
-
-        def plain(value: Any) -> Any:
-            return [plain(v) for v in value] if isinstance(value, tuple) else value
-
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+            return
+        for name in ("flow", "flow_depth", "x_scale"):
+            if getattr(self, name) is not None:
+                raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
+        for name, value in (("likelihood", "bernoulli"), ("covariance", "diagonal"), ("beta", 1.0)):
+            if getattr(self, name) != value:
+                raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
+        if self.z_dims and self.layer_hidden and len(self.layer_hidden) != len(self.z_dims):
+            raise ConfigError(
+                "layer_hidden",
+                f"needs one list of sizes per stochastic layer of z_dims ({len(self.z_dims)}), "
+                f"got {len(self.layer_hidden)}",
+            )
 
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any]) -> TrainConfig:
-        """A saved config read back typed: runtime keys (``RUNTIME_KEYS``) set aside, keys
-        older runs lack migrated (``MIGRATIONS``); an unknown key, or a missing key that has no
-        migration, is a ``ConfigError`` naming it."""
-        if not isinstance(saved, Mapping):
-            raise ConfigError(
-                "config", f"must be a mapping of settings, got {type(saved).__name__}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(saved) - names - set(RUNTIME_KEYS))
-        if unknown:
-            raise ConfigError(unknown[0], "is not a setting of a train_svi.py run")
-        values = {}
-        if saved.get("model", MIGRATIONS["model"]) == "vae":
+        if isinstance(saved, Mapping) and saved.get("model", MIGRATIONS["model"]) == "vae":
             # one-layer runs saved before the hierarchical settings defaulted to None hold
             # their defaults then; they mean nothing to a one-layer model
             saved = {k: v for k, v in saved.items() if k not in ("z_dims", "layer_hidden", "guide")}
-        for name in sorted(names):
-            if name in saved:
-                values[name] = saved[name]
-            elif name in MIGRATIONS:
-                values[name] = MIGRATIONS[name]
-            else:
-                raise ConfigError(name, "is missing from the saved config")
-        return cls(**values)
+        return super().from_dict(saved)  # type: ignore[return-value]
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes``, checked like a new config."""
-        return dataclasses.replace(self, **changes)
+
+#: What semi-supervised runs saved before a setting existed did (its "off" value).
+SSVAE_MIGRATIONS: dict[str, Any] = {
+    "lr_schedule": "constant",
+    "adam_eps": 1e-8,
+    "adam_betas": (0.9, 0.999),
+    "skip_norm": None,
+    "classifier": "mlp",
+    "balance": 0.0,
+    "label_shift": 0,
+    "label_rotate": 0.0,
+    "label_shear": 0.0,
+    "patience": 0,
+    "max_minutes": None,
+    "likelihood_size": 1000,
+    "m1": None,
+}
+
+
+@dataclass(frozen=True)
+class SSVAEConfig(RunConfig):
+    """A training run of the semi-supervised M2, or of M1+M2 on a trained VAE's codes
+    (``train_ssvae.py``): every setting, checked; the defaults are the script's."""
+
+    epochs: int = _setting(30, _integer(1), "passes over the unlabelled images")
+    batch_size: int = _setting(200, _integer(1), "unlabelled images per step")
+    lr: float = _setting(1e-3, _number(0, open_low=True), "Adam's learning rate")
+    lr_schedule: str = _setting("constant", _choice(LR_SCHEDULES), "rate per epoch")
+    # the model
+    z_dim: int = _setting(50, _integer(1), "latent dimensions")
+    hidden: tuple[int, ...] = _setting((500,), _sizes, "encoder and decoder hidden sizes")
+    activation: str = _setting("softplus", _choice(ACTIVATIONS), "hidden activation")
+    classifier_hidden: tuple[int, ...] = _setting((500,), _sizes, "classifier hidden sizes")
+    classifier: str = _setting("mlp", _choice(CLASSIFIERS), "q(y|x): mlp or conv")
+    aux_weight: float = _setting(50.0, _number(0.0), "alpha, the weight of log q(y|x)")
+    beta: float = _setting(3.0, _number(0, open_low=True), "weight of KL(q(z|x,y) || p(z))")
+    balance: float = _setting(0.0, _number(0.0), "gamma, the weight of the label balance")
+    m1: str | None = _setting(None, _text, "a trained VAE whose codes M2 learns on")
+    # the labels
+    labels: int = _setting(100, _integer(1), "labelled training images, class-balanced")
+    labelled_every: int = _setting(5, _integer(1), "a labelled batch after every N")
+    label_shift: int = _setting(0, _integer(0), "pixels a labelled image moves")
+    label_rotate: float = _setting(0.0, _degrees, "degrees a labelled image turns")
+    label_shear: float = _setting(0.0, _degrees, "degrees a labelled image slants")
+    # stopping and evaluation
+    patience: int = _setting(0, _integer(0), "epochs without a better validation accuracy")
+    max_minutes: float | None = _setting(
+        None, _optional(_number(0, open_low=True)), "stop once the epochs took this long"
+    )
+    eval_particles: int = _setting(100, _integer(0), "K per class for the test log p(x)")
+    likelihood_size: int = _setting(1000, _integer(1), "test images scored for log p(x)")
+
+    script: ClassVar[str] = "train_ssvae.py"
+    recorded: ClassVar[tuple[str, ...]] = (*RUNTIME_KEYS, "labelled_indices")
+    migrations: ClassVar[dict[str, Any]] = SSVAE_MIGRATIONS
+
+    def check_together(self) -> None:
+        if self.m1 is not None and self.balance > 0:
+            raise ConfigError("balance", "is for M2 on pixels; the stack (m1) does not take it")
+        if self.m1 is not None and self.classifier != "mlp":
+            raise ConfigError(
+                "classifier", "conv classifies pixels; with m1, q(y|z1) is an MLP on codes"
+            )

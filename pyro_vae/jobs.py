@@ -1,7 +1,8 @@
 """One library call per job: ``train_vae(config, directory)`` trains a VAE or a hierarchical VAE
 from a ``TrainConfig`` into a run directory (checkpoint every epoch, exact resume, the test
-evaluation and the standard figures) and returns the trained run; ``scripts/train_svi.py``
-only parses flags into the config, calls it and prints.
+evaluation and the standard figures) and returns the trained run; ``train_ssvae`` does the same
+for the semi-supervised model from an ``SSVAEConfig``.  The training scripts only parse flags
+into the config, call one of them and print.
 
     from pyro_vae import TrainConfig, train_vae
 
@@ -13,24 +14,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pyro_vae.checkpoints import load_checkpoint
 from pyro_vae.checks import ConfigError
-from pyro_vae.config import TrainConfig
-from pyro_vae.data import BatchLoader, training_splits
+from pyro_vae.config import SSVAEConfig, TrainConfig
+from pyro_vae.data import (
+    BatchLoader,
+    DataError,
+    SemiSupervisedLoader,
+    labelled_subset,
+    training_splits,
+)
 from pyro_vae.distributed import Ranks, ShardedLoader, sharded_log_px
-from pyro_vae.models import VAE, HierarchicalVAE
-from pyro_vae.plots import save_vae_figures
+from pyro_vae.evaluate import predict_labels, semi_supervised_report
+from pyro_vae.models import SSVAE, VAE, HierarchicalVAE, StackedSSVAE
+from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves, save_vae_figures
 from pyro_vae.runs import Run, TrainingRun
 from pyro_vae.schedules import warmup_epochs
 from pyro_vae.seeding import child_seed, seed_everything
-from pyro_vae.train import Trainer
+from pyro_vae.train import EarlyStopping, Trainer
 
-__all__ = ["TrainResult", "build_model", "curve_label", "train_vae"]
+__all__ = [
+    "TrainResult",
+    "accuracy",
+    "build_model",
+    "curve_label",
+    "load_m1",
+    "train_ssvae",
+    "train_vae",
+]
 
 
 def build_model(config: TrainConfig, x_dim: int, image_shape) -> tuple[nn.Module, str]:
@@ -217,3 +235,211 @@ def train_vae(
     )
     # the run as a later job reads it: the checkpoint the last epoch wrote
     return TrainResult(Run.load(training.dir.path, device=device), report, training)
+
+
+NUM_CLASSES = 10  # the classes of MNIST and Fashion-MNIST
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The share of images whose most probable class under ``model.classify`` is ``y``."""
+    return float((predict_labels(model.classify, x) == y).double().mean())
+
+
+def load_m1(path: Path | str, dataset: str, device: str | torch.device = "cpu") -> VAE:
+    """The trained VAE at ``path``, checked to be one M2 can stand on (``ConfigError`` naming
+    ``m1`` otherwise)."""
+    m1 = Run.load(path, device=device)
+    vae = m1.model
+    if not isinstance(vae, VAE):
+        raise ConfigError("m1", f"{path} holds a {type(vae).__name__}, not a VAE")
+    if vae.likelihood_name != "bernoulli" or m1.data.binarize == "none":
+        raise ConfigError("m1", f"{path}: M1 must be a Bernoulli VAE trained on binary images")
+    if m1.data.dataset != dataset:
+        raise ConfigError("m1", f"{path} was trained on {m1.data.dataset}, not on {dataset}")
+    return vae
+
+
+def train_ssvae(
+    config: SSVAEConfig,
+    directory: Path | str,
+    *,
+    state: dict[str, Any] | None = None,
+    new: bool = True,
+    device: str | torch.device = "cpu",
+    ranks: Ranks | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    record: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train the semi-supervised M2 (or M1+M2 on ``config.m1``'s codes) into ``directory``:
+    a checkpoint every epoch and ``best.pt`` at the best validation accuracy (with
+    ``config.patience`` / ``config.max_minutes`` as stopping rules), then the test report
+    of the best weights (``evaluation.json``) and the figures.  The arguments are
+    ``train_vae``'s; the report is rank 0's (other ranks get ``run=None`` and ``{}``)."""
+    device = torch.device(device)
+    ranks = ranks or Ranks()
+    seed_everything(config.seed if ranks.is_main else child_seed(config.seed, f"rank-{ranks.rank}"))
+    # M1 is checked before the data load; a resumed run has its weights in the checkpoint
+    m1 = load_m1(config.m1, config.dataset) if config.m1 is not None and state is None else None
+    train_set, valid, test = training_splits(
+        config.dataset,
+        config.data_dir,
+        likelihood="bernoulli",
+        binarize=config.binarize,
+        seed=config.seed,
+        train_size=config.train_size,
+        eval_size=config.eval_size,
+    )
+    try:
+        labelled, unlabelled = labelled_subset(train_set, config.labels, config.seed, NUM_CLASSES)
+    except DataError as e:  # the settings that chose these numbers
+        raise ConfigError("labels", f"{config.labels} (of the training images): {e}") from None
+    if len(unlabelled) < config.batch_size:
+        raise ConfigError(
+            "batch_size",
+            f"{config.batch_size}, but the {len(unlabelled)} unlabelled images are fewer than "
+            "one batch",
+        )
+    binarize = "dynamic" if config.binarize == "dynamic" else "none"
+    loader = SemiSupervisedLoader(
+        BatchLoader(
+            train_set.subset(unlabelled),
+            config.batch_size,
+            shuffle=True,
+            binarize=binarize,
+            seed=config.seed,
+            device=device,
+        ),
+        BatchLoader(
+            train_set.subset(labelled),
+            min(config.batch_size, config.labels),
+            shuffle=True,
+            binarize=binarize,
+            labels=True,
+            seed=config.seed,
+            stream="labelled-train",
+            device=device,
+            shift=config.label_shift,
+            rotate=config.label_rotate,
+            shear=config.label_shear,
+        ),
+        labelled_every=config.labelled_every,
+    )
+    m2 = dict(
+        z_dim=config.z_dim,
+        num_classes=NUM_CLASSES,
+        hidden=config.hidden,
+        classifier_hidden=config.classifier_hidden,
+        activation=config.activation,
+        aux_weight=config.aux_weight,
+        beta=config.beta,
+        image_shape=train_set.image_shape,
+    )
+    model_class = "SSVAE" if config.m1 is None else "StackedSSVAE"
+    x_dim = train_set.images.shape[1]
+    if config.m1 is None:
+        model = SSVAE(x_dim=x_dim, classifier=config.classifier, balance=config.balance, **m2)
+    elif state is not None:  # resumed: M1's weights are in the checkpoint
+        model = StackedSSVAE(state["model_config"]["m1"], **m2)
+    else:
+        if m1.x_dim != x_dim:
+            raise ConfigError("m1", f"{config.m1}: M1 takes {m1.x_dim} pixels, the data {x_dim}")
+        model = StackedSSVAE.from_vae(m1, **m2)
+    model = model.to(device)
+    trainer = Trainer(
+        partial(model.model, aux=True),
+        partial(model.guide, aux=True),
+        lr=config.lr,
+        lr_schedule=config.lr_schedule,
+        elbo="enum",
+        adam_eps=config.adam_eps,
+        adam_betas=config.adam_betas,
+        skip_norm=config.skip_norm,
+        clip_norm=config.clip_norm,
+        skip_nonfinite=config.skip_nonfinite,
+        validate=False,  # the data were checked when they were loaded
+        ranks=ranks,
+        # without the auxiliary term a labelled batch leaves the classifier out
+        find_unused_parameters=config.aux_weight == 0,
+        eval_model=model.model,  # the validation ELBO without the training-only terms
+    )
+    saved = dict(record) if record is not None else {**config.to_dict(), "device": str(device)}
+    saved |= {
+        "model_class": model_class,
+        "model_config": model.config(),
+        "labelled_indices": labelled.tolist(),
+    }
+    training = TrainingRun.open(
+        directory,
+        model=model,
+        trainer=trainer,
+        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
+        config=saved,
+        model_class=model_class,
+        state=state,
+        new=new,
+        log=log,
+    )
+    valid_x, valid_y = valid.images.to(device), valid.labels.to(device)
+
+    def val_accuracy(trainer: Trainer, metrics: dict) -> None:
+        metrics["val_accuracy"] = accuracy(model, valid_x, valid_y)
+
+    quiet = not progress or not ranks.is_main
+    stopper = EarlyStopping(
+        "val_accuracy",
+        patience=config.patience,
+        max_seconds=None if config.max_minutes is None else 60 * config.max_minutes,
+    )
+    stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
+    if stopped is None and trainer.epoch < config.epochs:
+        # val_elbo: the pure model on unlabelled images, y drawn from q(y|x).
+        training.fit(
+            config.epochs,
+            val_data=(valid_x,),
+            callbacks=[val_accuracy, training.keep_best("val_accuracy")],
+            stop_rules=[stopper],
+            progress=not quiet,
+        )
+        stopped = trainer.stop_reason
+    if stopped is not None and log is not None and ranks.is_main:
+        log(f"stopped after epoch {trainer.epoch}: {stopped}")
+    if not ranks.is_main:  # the test evaluation is rank 0's (the labelled test set is small)
+        return TrainResult(None, {}, training)
+
+    # Model selection by validation accuracy, then the test split, once.
+    best = load_checkpoint(training.best_path)
+    model.load_state_dict(best["model"])
+    model.eval()
+    test_x, test_y = test.images.to(device), test.labels.to(device)
+    report, confusion = semi_supervised_report(
+        model,
+        test_x,
+        test_y,
+        NUM_CLASSES,
+        num_particles=config.eval_particles,
+        likelihood_size=config.likelihood_size,
+        validate=False,  # the data were checked when they were loaded
+    )
+    report.update(
+        model=model_class,
+        labels=config.labels,
+        epochs_trained=trainer.epoch,
+        stopped=stopped,
+        best_epoch=best["epoch"],
+        val_accuracy=max(m["val_accuracy"] for m in trainer.history),
+        binarize=config.binarize,
+    )
+    training.dir.write_json("evaluation.json", report)
+    figures = training.dir.figures
+    error = 1 - report["test_accuracy"]
+    plot_confusion(
+        confusion,
+        figures / "confusion.png",
+        title=f"test error {error:.2%} with {config.labels} labels",
+    )
+    plot_analogies(
+        test_x[:10], model.analogies(test_x[:10]), model.image_shape, figures / "style_content.png"
+    )
+    plot_curves(trainer.history, figures / "elbo_curves.png")
+    return TrainResult(Run.load(training.best_path, device=device), report, training)

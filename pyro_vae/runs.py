@@ -32,7 +32,7 @@ from pyro_vae.checkpoints import (
 )
 from pyro_vae.checks import ConfigError
 from pyro_vae.choices import BINARIZATIONS
-from pyro_vae.config import TrainConfig
+from pyro_vae.config import SSVAEConfig, TrainConfig
 from pyro_vae.data import (
     BatchLoader,
     Dataset,
@@ -49,7 +49,15 @@ from pyro_vae.seeding import child_seed, seed_everything
 from pyro_vae.stepper import NonFiniteError
 from pyro_vae.train import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
 
-__all__ = ["Run", "RunData", "TrainingRun"]
+__all__ = ["CONFIG_CLASSES", "Run", "RunData", "TrainingRun"]
+
+#: the config class of each model class's training runs
+CONFIG_CLASSES = {
+    "VAE": TrainConfig,
+    "HierarchicalVAE": TrainConfig,
+    "SSVAE": SSVAEConfig,
+    "StackedSSVAE": SSVAEConfig,
+}
 
 
 class TrainingRun:
@@ -323,16 +331,17 @@ class Run:
         return None if epoch is None else int(epoch)
 
     @property
-    def train_config(self) -> TrainConfig:
-        """The run's settings, typed (a ``train_svi.py`` run of the VAE or the hierarchical
-        VAE; older runs migrated); a one-line ``CheckpointError`` naming a key that is unknown,
-        missing or wrong."""
-        if self.state.get("model_class") not in ("VAE", "HierarchicalVAE"):
+    def train_config(self) -> TrainConfig | SSVAEConfig:
+        """The run's settings, typed: a ``TrainConfig`` for a run of the VAE or the
+        hierarchical VAE, an ``SSVAEConfig`` for a semi-supervised one (older runs migrated);
+        a one-line ``CheckpointError`` naming a key that is unknown, missing or wrong."""
+        kind = CONFIG_CLASSES.get(self.state.get("model_class"))
+        if kind is None:
             raise CheckpointError(
-                f"{self.path}: a {self.state.get('model_class')} run, not one of train_svi.py"
+                f"{self.path}: a {self.state.get('model_class')} run has no training config"
             )
         try:
-            return TrainConfig.from_dict(self.config)
+            return kind.from_dict(self.config)
         except ConfigError as e:
             raise CheckpointError(f"{self.path}: its config: {e}") from None
 

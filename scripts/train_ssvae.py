@@ -18,32 +18,21 @@ config.json, metrics.jsonl, checkpoint.pt, best.pt, evaluation.json and figures/
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyro_vae.choices import CLASSIFIERS
 from pyro_vae.cli import (
     ArgumentParser,
-    UsageError,
     add_training_args,
     begin_run,
     hidden_sizes,
     nonnegative_float,
     nonnegative_int,
-    optimizer_options,
     positive_float,
     positive_int,
     run,
     run_config,
 )
-
-if TYPE_CHECKING:
-    import torch
-
-    from pyro_vae.models import SSVAE, VAE, StackedSSVAE
-
-NUM_CLASSES = 10
 
 
 def build_parser() -> ArgumentParser:
@@ -148,228 +137,44 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def load_m1(path: Path, dataset: str) -> VAE:
-    """The trained VAE at ``path``, checked to be one M2 can stand on."""
-    from pyro_vae.models import VAE
-    from pyro_vae.runs import Run
-
-    m1 = Run.load(path)
-    vae = m1.model
-    if not isinstance(vae, VAE):
-        raise UsageError(f"--m1 {path}: holds a {type(vae).__name__}, not a VAE")
-    if vae.likelihood_name != "bernoulli" or m1.data.binarize == "none":
-        raise UsageError(f"--m1 {path}: M1 must be a Bernoulli VAE trained on binary images")
-    if m1.data.dataset != dataset:
-        raise UsageError(f"--m1 {path}: trained on {m1.data.dataset}, not on --dataset {dataset}")
-    return vae
-
-
-def accuracy(model: SSVAE | StackedSSVAE, x: torch.Tensor, y: torch.Tensor) -> float:
-    from pyro_vae.evaluate import predict_labels
-
-    return float((predict_labels(model.classify, x) == y).double().mean())
-
-
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     from tqdm import tqdm
 
-    from pyro_vae.checkpoints import load_checkpoint
-    from pyro_vae.data import (
-        BatchLoader,
-        DataError,
-        SemiSupervisedLoader,
-        labelled_subset,
-        training_splits,
-    )
-    from pyro_vae.distributed import ShardedLoader
-    from pyro_vae.evaluate import semi_supervised_report
-    from pyro_vae.models import SSVAE, StackedSSVAE
-    from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves
-    from pyro_vae.runs import TrainingRun
-    from pyro_vae.train import EarlyStopping, Trainer
+    from pyro_vae.config import SSVAEConfig
+    from pyro_vae.jobs import train_ssvae
 
     args, state, out, device, ranks = begin_run(args, build_parser(), "ssvae")
-    if args.m1 is not None and args.balance > 0:
-        raise UsageError("--balance is for M2 on pixels; the stack does not take it")
-    if args.m1 is not None and args.classifier != "mlp":
-        raise UsageError(
-            "--classifier conv classifies pixels; with --m1 q(y|z1) is an MLP on codes"
-        )
-    # M1 is checked before the data load; a resumed run has its weights in the checkpoint
-    m1 = load_m1(args.m1, args.dataset) if args.m1 is not None and state is None else None
-    train, valid, test = training_splits(
-        args.dataset,
-        args.data_dir,
-        likelihood="bernoulli",
-        binarize=args.binarize,
-        seed=args.seed,
-        train_size=args.train_size,
-        eval_size=args.eval_size,
-    )
-    try:
-        labelled_idx, unlabelled_idx = labelled_subset(train, args.labels, args.seed, NUM_CLASSES)
-    except DataError as e:  # the flags that chose these numbers
-        raise UsageError(f"--labels {args.labels} (of --train-size images): {e}") from None
-    if len(unlabelled_idx) < args.batch_size:
-        raise UsageError(
-            f"--batch-size {args.batch_size}: {len(unlabelled_idx)} unlabelled images are "
-            "fewer than one batch"
-        )
-    binarize = "dynamic" if args.binarize == "dynamic" else "none"
-    loader = SemiSupervisedLoader(
-        BatchLoader(
-            train.subset(unlabelled_idx),
-            args.batch_size,
-            shuffle=True,
-            binarize=binarize,
-            seed=args.seed,
-            device=device,
-        ),
-        BatchLoader(
-            train.subset(labelled_idx),
-            min(args.batch_size, args.labels),
-            shuffle=True,
-            binarize=binarize,
-            labels=True,
-            seed=args.seed,
-            stream="labelled-train",
-            device=device,
-            shift=args.label_shift,
-            rotate=args.label_rotate,
-            shear=args.label_shear,
-        ),
-        labelled_every=args.labelled_every,
-    )
-
-    m2 = dict(
-        z_dim=args.z_dim,
-        num_classes=NUM_CLASSES,
-        hidden=args.hidden,
-        classifier_hidden=args.classifier_hidden,
-        activation=args.activation,
-        aux_weight=args.aux_weight,
-        beta=args.beta,
-        image_shape=train.image_shape,
-    )
-    model_class = "SSVAE" if args.m1 is None else "StackedSSVAE"
-    if args.m1 is None:
-        model = SSVAE(
-            x_dim=train.images.shape[1], classifier=args.classifier, balance=args.balance, **m2
-        )
-    elif state is not None:  # resumed: M1's weights are in the checkpoint
-        model = StackedSSVAE(state["model_config"]["m1"], **m2)
-    else:
-        if m1.x_dim != train.images.shape[1]:
-            raise UsageError(
-                f"--m1 {args.m1}: M1 takes {m1.x_dim} pixels, the data have {train.images.shape[1]}"
-            )
-        model = StackedSSVAE.from_vae(m1, **m2)
-    model = model.to(device)
-    trainer = Trainer(
-        partial(model.model, aux=True),
-        partial(model.guide, aux=True),
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        elbo="enum",
-        **optimizer_options(args),
-        validate=False,  # data checked above
-        ranks=ranks,
-        # without the auxiliary term a labelled batch leaves the classifier out
-        find_unused_parameters=args.aux_weight == 0,
-        eval_model=model.model,  # the validation ELBO without the training-only terms
-    )
-    config = run_config(
-        args,
-        out=out,
-        model_class=model_class,
-        model_config=model.config(),
-        device=device,
-        labelled_indices=labelled_idx.tolist(),
-    )
-    run_ = TrainingRun.open(
+    # every setting checked in one place (a ConfigError names the flag), then one call
+    config = SSVAEConfig.from_dict(run_config(args))
+    result = train_ssvae(
+        config,
         out,
-        model=model,
-        trainer=trainer,
-        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
-        config=config,
-        model_class=model_class,
         state=state,
         new=args.resume is None,  # a resumed run may not have finished its first epoch
+        device=device,
+        ranks=ranks,
+        progress=not args.quiet,
         log=None if args.quiet else tqdm.write,
+        record=run_config(args, out=out, device=device),
     )
-    valid_x, valid_y = valid.images.to(device), valid.labels.to(device)
-
-    def val_accuracy(trainer: Trainer, metrics: dict) -> None:
-        metrics["val_accuracy"] = accuracy(model, valid_x, valid_y)
-
-    quiet = args.quiet or not ranks.is_main
-    stopper = EarlyStopping(
-        "val_accuracy",
-        patience=args.patience,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-    )
-    stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
-    if stopped is None and trainer.epoch < args.epochs:
-        # val_elbo: the pure model on unlabelled images, y drawn from q(y|x).
-        run_.fit(
-            args.epochs,
-            val_data=(valid_x,),
-            callbacks=[val_accuracy, run_.keep_best("val_accuracy")],
-            stop_rules=[stopper],
-            progress=not quiet,
-        )
-        stopped = trainer.stop_reason
-    if stopped is not None and not quiet:
-        print(f"stopped after epoch {trainer.epoch}: {stopped}")
-    if not ranks.is_main:  # the test evaluation is rank 0's (the labelled test set is small)
-        return {}
-
-    # Model selection by validation accuracy, then the test split, once.
-    best = load_checkpoint(run_.best_path)
-    model.load_state_dict(best["model"])
-    test_x, test_y = test.images.to(device), test.labels.to(device)
-    report, confusion = semi_supervised_report(
-        model,
-        test_x,
-        test_y,
-        NUM_CLASSES,
-        num_particles=args.eval_particles,
-        likelihood_size=args.likelihood_size,
-        validate=False,  # data checked above
-    )
-    report.update(
-        model=model_class,
-        labels=args.labels,
-        epochs_trained=trainer.epoch,
-        stopped=stopped,
-        best_epoch=best["epoch"],
-        val_accuracy=max(m["val_accuracy"] for m in trainer.history),
-        binarize=args.binarize,
-    )
-    test_accuracy = report["test_accuracy"]
-    run_.dir.write_json("evaluation.json", report)
-    figures = run_.dir.figures
-    plot_confusion(
-        confusion,
-        figures / "confusion.png",
-        title=f"test error {1 - test_accuracy:.2%} with {args.labels} labels",
-    )
-    plot_analogies(
-        test_x[:10], model.analogies(test_x[:10]), model.image_shape, figures / "style_content.png"
-    )
-    plot_curves(trainer.history, figures / "elbo_curves.png")
-
+    report = result.report
+    if not ranks.is_main:
+        return report
+    error = 1 - report["test_accuracy"]
     lines = [
-        f"test accuracy    {test_accuracy:.2%} (error {1 - test_accuracy:.2%}) with {args.labels} labels, best epoch {best['epoch']}",
+        f"test accuracy    {report['test_accuracy']:.2%} (error {error:.2%}) with "
+        f"{config.labels} labels, best epoch {report['best_epoch']}",
     ]
-    if args.eval_particles:
+    if config.eval_particles:
         lines.append(
-            f"test log p(x)    {report['log_px']:.2f} nats/image (y summed out, K={args.eval_particles} per class, {report['likelihood_images']} images)"
+            f"test log p(x)    {report['log_px']:.2f} nats/image (y summed out, "
+            f"K={config.eval_particles} per class, {report['likelihood_images']} images)"
         )
         lines.append(f"test log p(x,y)  {report['log_pxy']:.2f};  ELBO {report['elbo']:.2f}")
         lines.append(
-            f"argmax_y p(x,y)  {report['generative_accuracy']:.2%} accuracy (the model's own classifier)"
+            f"argmax_y p(x,y)  {report['generative_accuracy']:.2%} accuracy (the model's own "
+            "classifier)"
         )
     print("\n".join([*lines, f"run directory    {out}"]))
     return report

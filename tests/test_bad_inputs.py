@@ -118,15 +118,15 @@ PATH_CASES = [
         ["--model", "hvae", "--z-dims", "10", "--layer-hidden", "20/30", "--out", "{tmp}/r"],
         "--layer-hidden: needs one list of sizes per stochastic layer",
     ),
-    ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier conv"),
+    ("train_ssvae.py", ["--m1", "{run}", "--classifier", "conv"], "--classifier: conv"),
     ("train_ssvae.py", ["--m1", "{run}", "--balance", "5"], "--balance"),
     ("train_ssvae.py", ["--label-rotate", "200", "--out", "{tmp}/r"], "in degrees in [0, 180]"),
     # numbers that the data cannot give name the flags that chose them
-    ("train_ssvae.py", ["--labels", "15", "--out", "{tmp}/r"], "--labels 15"),
+    ("train_ssvae.py", ["--labels", "15", "--out", "{tmp}/r"], "--labels: 15"),
     (
         "train_ssvae.py",
         ["--train-size", "300", "--labels", "100", "--batch-size", "250", "--out", "{tmp}/r"],
-        "--batch-size 250: 200 unlabelled images are fewer than one batch",
+        "--batch-size: 250, but the 200 unlabelled images are fewer than one batch",
     ),
     # sizes larger than the split, or than the machine can hold
     ("train_svi.py", ["--train-size", "50001", "--out", "{tmp}/r"], "has only 50000 images"),

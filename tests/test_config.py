@@ -106,3 +106,47 @@ def test_a_run_written_by_train_svi_reads_back_as_the_config_it_was_trained_with
     )
     with pytest.raises(CheckpointError, match="its config: lr: must be a number"):
         _ = Run.load(path).train_config
+
+
+@pytest.mark.parametrize("script", ["train_svi.py", "train_ssvae.py"])
+def test_a_config_s_defaults_are_its_script_s_defaults(script, tmp_path):
+    """The script with no flags and the config with no arguments are the same run."""
+    from helpers import load_script
+
+    from pyro_vae.choices import PRESET_MODEL_OVERRIDES, PRESETS
+    from pyro_vae.cli import begin_run, run_config
+    from pyro_vae.config import SSVAEConfig
+
+    module = load_script(script)
+    parser = module.build_parser()
+    args = parser.parse_args(["--out", str(tmp_path / "run")])
+    if script == "train_svi.py":
+        args = begin_run(args, parser, "vae", PRESETS, PRESET_MODEL_OVERRIDES)[0]
+        module.check_model_flags(args)
+        assert TrainConfig.from_dict(run_config(args)) == TrainConfig()
+    else:
+        args = begin_run(args, parser, "ssvae")[0]
+        assert SSVAEConfig.from_dict(run_config(args)) == SSVAEConfig()
+
+
+@pytest.mark.parametrize(
+    "changes,setting,message",
+    [
+        ({"m1": "runs/vae", "balance": 1.0}, "balance", "the stack (m1) does not take it"),
+        ({"m1": "runs/vae", "classifier": "conv"}, "classifier", "conv classifies pixels"),
+        ({"label_rotate": 200}, "label_rotate", "an angle in degrees in [0, 180]"),
+        ({"labels": 0}, "labels", "from 1"),
+        ({"classifier": "svm"}, "classifier", "'svm' is not one of"),
+    ],
+)
+def test_a_bad_semi_supervised_setting_is_refused_naming_it(changes, setting, message):
+    from pyro_vae.config import SSVAEConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        SSVAEConfig(**changes)
+    assert caught.value.field == setting
+    config = SSVAEConfig(labels=200, m1="runs/vae")
+    saved = {**config.to_dict(), "labelled_indices": [1, 2], "model_class": "StackedSSVAE"}
+    assert SSVAEConfig.from_dict(saved) == config
+    older = {k: v for k, v in saved.items() if k not in ("balance", "classifier", "patience")}
+    assert SSVAEConfig.from_dict(older) == config  # the settings' "off" values

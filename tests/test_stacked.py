@@ -219,5 +219,10 @@ def test_a_stacked_run_resumes_without_the_m1_directory(data_dir, trained_run, t
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["model_class"] == "StackedSSVAE" and state["trainer"]["epoch"] == 2
     stack = model_from_checkpoint(state)
+    from pyro_vae import Run, SSVAEConfig
+
+    settings = Run.load(out).train_config  # the run's settings, typed
+    assert isinstance(settings, SSVAEConfig) and settings.m1 == str(m1)
+    assert (settings.labels, settings.epochs, settings.hidden) == (100, 2, (32,))
     original = model_from_checkpoint(load_checkpoint(trained_run))
     assert all(torch.equal(a, b) for a, b in zip(stack.m1.parameters(), original.parameters()))
