@@ -217,8 +217,10 @@ class BitsBackCoder:
             (torch.arange(self.buckets, dtype=torch.float64) + 0.5) / self.buckets
         )
         self.weights = model_hash(vae)
-        self._static = None  # a bottom-up hierarchical model's fixed buckets, once computed
         self._stream = _constriction()
+        # how this latent structure is coded: one small scheme per structure
+        scheme = _Layers if self.layers > 1 else _Particles if particles > 1 else _OneLayer
+        self._scheme = scheme(self)
 
     # -- the three models, in float64 on one thread ---------------------------------------
 
@@ -233,7 +235,7 @@ class BitsBackCoder:
         z = self.centres[torch.as_tensor(buckets, dtype=torch.long)]
         return torch.sigmoid(nets.decode(z)).numpy()
 
-    # -- coding ---------------------------------------------------------------------------
+    # -- the pieces every scheme shares ---------------------------------------------------
 
     @staticmethod
     def _first_buckets(table: np.ndarray) -> np.ndarray:
@@ -263,32 +265,6 @@ class BitsBackCoder:
         w = np.exp(log_w - log_w.max())
         return w / w.sum()
 
-    def encode(self, images: Tensor, trace: list | None = None) -> CompressedImages:
-        """Compress binary images (N, H*W) into one message.  With a list as ``trace``,
-        appends (message length in bits, buckets of z) after each image (with K > 1 the
-        buckets of all K particles, (K, z_dim), and the chosen index)."""
-        x = _check_binary(images, self.vae.x_dim)
-        if self.layers > 1:
-            return self._encode_layers(x, trace)
-        if self.particles > 1:
-            return self._encode_particles(x, trace)
-        categorical, bernoulli, uniform = self._models()
-        coder = self._stream.stack.AnsCoder()
-        with _Float64Networks(self.vae) as nets:
-            for start in range(0, x.shape[0], _CHUNK):
-                tables = self._posterior_tables(nets, x[start : start + _CHUNK])
-                for i in range(start, min(start + _CHUNK, x.shape[0])):
-                    if i == 0:  # clean start: nothing to take bits from yet
-                        z = self._first_buckets(tables[0])
-                    else:
-                        z = coder.decode(categorical, tables[i - start])
-                    probs = self._pixel_probs(nets, z[None])[0]
-                    coder.encode_reverse(x[i].numpy().astype(np.int32), bernoulli, probs)
-                    coder.encode_reverse(z, uniform)
-                    if trace is not None:
-                        trace.append((coder.num_valid_bits(), z))
-        return self._message(coder, x.shape[0])
-
     def _message(self, coder, count: int) -> CompressedImages:
         return CompressedImages(
             coder.get_compressed().astype(np.uint32),
@@ -299,65 +275,14 @@ class BitsBackCoder:
             self.particles,
         )
 
-    def _encode_particles(self, x: Tensor, trace: list | None) -> CompressedImages:
-        """BB-IS (see the module docstring) for K = ``self.particles`` > 1."""
-        k = self.particles
-        categorical, bernoulli, uniform = self._models()
-        index_uniform = self._stream.model.Uniform(k)
-        coder = self._stream.stack.AnsCoder()
-        with _Float64Networks(self.vae) as nets:
-            for start in range(0, x.shape[0], _CHUNK):
-                tables = self._posterior_tables(nets, x[start : start + _CHUNK])
-                for i in range(start, min(start + _CHUNK, x.shape[0])):
-                    table = tables[i - start]
-                    repeated = np.repeat(table[None], k, axis=0).reshape(-1, self.buckets)
-                    if i == 0:  # clean start: nothing to take bits from yet
-                        z = np.repeat(self._first_buckets(table)[None], k, axis=0)
-                        j = 0
-                    else:
-                        z = coder.decode(categorical, repeated).reshape(k, -1)
-                        probs_j = self._index_probs(self._log_weights(nets, x[i].numpy(), z, table))
-                        j = int(coder.decode(categorical, probs_j[None])[0])
-                    others = np.delete(np.arange(k), j)
-                    coder.encode_reverse(
-                        z[others].reshape(-1), categorical, repeated[: (k - 1) * z.shape[1]]
-                    )
-                    probs = self._pixel_probs(nets, z[j][None])[0]
-                    coder.encode_reverse(x[i].numpy().astype(np.int32), bernoulli, probs)
-                    coder.encode_reverse(z[j], uniform)
-                    coder.encode_reverse(np.array([j], dtype=np.int32), index_uniform)
-                    if trace is not None:
-                        trace.append((coder.num_valid_bits(), z, j))
-        return self._message(coder, x.shape[0])
+    # -- coding: each call goes to the scheme of the model's latent structure -------------
 
-    def _decode_particles(self, message: CompressedImages) -> Tensor:
-        k = self.particles
-        categorical, bernoulli, uniform = self._models()
-        index_uniform = self._stream.model.Uniform(k)
-        coder = self._stream.stack.AnsCoder(message.words.copy())
-        out = np.empty((message.count, self.vae.x_dim), dtype=np.float32)
-        with _Float64Networks(self.vae) as nets:
-            for i in reversed(range(message.count)):
-                j = int(coder.decode(index_uniform, 1)[0])
-                z_j = coder.decode(uniform, self.vae.z_dim)
-                probs = self._pixel_probs(nets, z_j[None])[0]
-                x = coder.decode(bernoulli, probs)
-                out[i] = x
-                table = self._posterior_tables(nets, torch.as_tensor(x[None], dtype=torch.float64))[
-                    0
-                ]
-                repeated = np.repeat(table[None], k, axis=0).reshape(-1, self.buckets)
-                others = coder.decode(categorical, repeated[: (k - 1) * len(z_j)])
-                z = np.insert(others.reshape(k - 1, -1), j, z_j, axis=0)
-                if i > 0:  # the bits back: the index, then the K latents
-                    probs_j = self._index_probs(self._log_weights(nets, x, z, table))
-                    coder.encode_reverse(np.array([j], dtype=np.int32), categorical, probs_j[None])
-                    coder.encode_reverse(z.reshape(-1), categorical, repeated)
-                elif j != 0 or not (z == self._first_buckets(table)[None]).all():
-                    raise CompressionError("the first image does not decode consistently")
-        if not coder.is_empty():
-            raise CompressionError("the message does not decode to the images it claims to hold")
-        return torch.from_numpy(out)
+    def encode(self, images: Tensor, trace: list | None = None) -> CompressedImages:
+        """Compress binary images (N, H*W) into one message.  With a list as ``trace``,
+        appends (message length in bits, buckets of z) after each image (with K > 1 the
+        buckets of all K particles, (K, z_dim), and the chosen index; with several layers a
+        tuple of buckets, layer 1 first)."""
+        return self._scheme.encode(_check_binary(images, self.vae.x_dim), trace)
 
     def decode(self, message: CompressedImages) -> Tensor:
         """The images of ``message``, (N, H*W) float32 in {0, 1}; raises
@@ -374,30 +299,12 @@ class BitsBackCoder:
             raise CompressionError(
                 f"the file uses {message.particles} particles, this coder {self.particles}"
             )
-        if self.particles > 1 or self.layers > 1:
-            decode = self._decode_particles if self.particles > 1 else self._decode_layers
-            try:
-                return decode(message)
-            except (ValueError, IndexError) as e:  # a corrupt message can fail inside the coder
-                raise CompressionError(f"the message does not decode: {e}") from None
-        categorical, bernoulli, uniform = self._models()
-        coder = self._stream.stack.AnsCoder(message.words.copy())
-        out = np.empty((message.count, self.vae.x_dim), dtype=np.float32)
-        with _Float64Networks(self.vae) as nets:
-            for i in reversed(range(message.count)):
-                z = coder.decode(uniform, self.vae.z_dim)
-                probs = self._pixel_probs(nets, z[None])[0]
-                x = coder.decode(bernoulli, probs)
-                out[i] = x
-                x64 = torch.as_tensor(x[None], dtype=torch.float64)
-                table = self._posterior_tables(nets, x64)[0]
-                if i > 0:
-                    coder.encode_reverse(z, categorical, table)  # the bits back
-                elif not np.array_equal(z, self._first_buckets(table)):
-                    raise CompressionError("the first image does not decode consistently")
-        if not coder.is_empty():
-            raise CompressionError("the message does not decode to the images it claims to hold")
-        return torch.from_numpy(out)
+        try:
+            return self._scheme.decode(message)
+        except CompressionError:
+            raise
+        except (ValueError, IndexError) as e:  # a corrupt message can fail inside the coder
+            raise CompressionError(f"the message does not decode: {e}") from None
 
     def information(
         self, images: Tensor, buckets: np.ndarray | None = None, seed: int = 0
@@ -407,32 +314,164 @@ class BitsBackCoder:
         ``-log2 (mean_k w_k)`` for K particles (N, K, z_dim), the importance-weighted
         estimate's; by default ẑ is drawn from ``Q(·|x)``.  Its mean over draws is the
         discretised model's -ELBO (K = 1) or -log p̂_K(x) (K > 1), in bits."""
-        x = _check_binary(images, self.vae.x_dim)
-        if self.layers > 1:
-            return self._information_layers(x, buckets, seed)
-        k = self.particles
+        return self._scheme.information(_check_binary(images, self.vae.x_dim), buckets, seed)
+
+
+class _Scheme:
+    """How one latent structure is coded: ``encode`` (checked images) -> message, ``decode``
+    (a message whose header fits) -> images, ``information`` -> bits per image.  A scheme
+    reads the coder's shared pieces (its float64 networks, buckets and the file header)."""
+
+    def __init__(self, shared: BitsBackCoder) -> None:
+        self.shared = shared  # the coder whose networks, buckets and header the scheme uses
+
+    def encode(self, x: Tensor, trace: list | None) -> CompressedImages:
+        raise NotImplementedError
+
+    def decode(self, message: CompressedImages) -> Tensor:
+        raise NotImplementedError
+
+    def information(self, x: Tensor, buckets, seed: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _OneLayer(_Scheme):
+    """One stochastic layer, one particle: pop z from Q(z|x), push x with p(x|z) and z with
+    its uniform prior buckets (the format of the first release)."""
+
+    def encode(self, x: Tensor, trace: list | None) -> CompressedImages:
+        c = self.shared
+        categorical, bernoulli, uniform = c._models()
+        coder = c._stream.stack.AnsCoder()
+        with _Float64Networks(c.vae) as nets:
+            for start in range(0, x.shape[0], _CHUNK):
+                tables = c._posterior_tables(nets, x[start : start + _CHUNK])
+                for i in range(start, min(start + _CHUNK, x.shape[0])):
+                    if i == 0:  # clean start: nothing to take bits from yet
+                        z = c._first_buckets(tables[0])
+                    else:
+                        z = coder.decode(categorical, tables[i - start])
+                    probs = c._pixel_probs(nets, z[None])[0]
+                    coder.encode_reverse(x[i].numpy().astype(np.int32), bernoulli, probs)
+                    coder.encode_reverse(z, uniform)
+                    if trace is not None:
+                        trace.append((coder.num_valid_bits(), z))
+        return c._message(coder, x.shape[0])
+
+    def decode(self, message: CompressedImages) -> Tensor:
+        c = self.shared
+        categorical, bernoulli, uniform = c._models()
+        coder = c._stream.stack.AnsCoder(message.words.copy())
+        out = np.empty((message.count, c.vae.x_dim), dtype=np.float32)
+        with _Float64Networks(c.vae) as nets:
+            for i in reversed(range(message.count)):
+                z = coder.decode(uniform, c.vae.z_dim)
+                probs = c._pixel_probs(nets, z[None])[0]
+                x = coder.decode(bernoulli, probs)
+                out[i] = x
+                x64 = torch.as_tensor(x[None], dtype=torch.float64)
+                table = c._posterior_tables(nets, x64)[0]
+                if i > 0:
+                    coder.encode_reverse(z, categorical, table)  # the bits back
+                elif not np.array_equal(z, c._first_buckets(table)):
+                    raise CompressionError("the first image does not decode consistently")
+        if not coder.is_empty():
+            raise CompressionError("the message does not decode to the images it claims to hold")
+        return torch.from_numpy(out)
+
+    def information(self, x: Tensor, buckets, seed: int) -> np.ndarray:
+        """-log2 of the mean weight of the K = ``particles`` buckets of each image (bits)."""
+        c = self.shared
+        k = c.particles
         out = np.empty(x.shape[0])
         gen = np.random.default_rng(seed)
-        with _Float64Networks(self.vae) as nets:
+        with _Float64Networks(c.vae) as nets:
             for start in range(0, x.shape[0], _CHUNK):
                 xs = x[start : start + _CHUNK]
-                tables = self._posterior_tables(nets, xs)
+                tables = c._posterior_tables(nets, xs)
                 tables = tables / tables.sum(-1, keepdims=True)
                 for n in range(len(xs)):
                     if buckets is None:
                         u = gen.random((k, tables.shape[1], 1))
-                        z = (tables[n].cumsum(-1) < u).sum(-1).clip(max=self.buckets - 1)
+                        z = (tables[n].cumsum(-1) < u).sum(-1).clip(max=c.buckets - 1)
                     else:
                         z = np.asarray(buckets[start + n]).reshape(k, -1)
-                    log_w = self._log_weights(nets, xs[n].numpy(), z, tables[n])
+                    log_w = c._log_weights(nets, xs[n].numpy(), z, tables[n])
                     top = log_w.max()
                     log_mean = top + math.log(np.exp(log_w - top).mean())
                     out[start + n] = -log_mean / math.log(2)
         return out
 
-    # -- several stochastic layers (``HierarchicalVAE``), one particle ----------------------
-    #
-    # The layers are chained: for each image the coder pops every layer from the guide, in
+
+class _Particles(_OneLayer):
+    """One stochastic layer, K > 1 particles (BB-IS, see the module docstring); the
+    information is the one-layer scheme's, which takes any K."""
+
+    def encode(self, x: Tensor, trace: list | None) -> CompressedImages:
+        """BB-IS (see the module docstring) for K = the coder's ``particles`` > 1."""
+        c = self.shared
+        k = c.particles
+        categorical, bernoulli, uniform = c._models()
+        index_uniform = c._stream.model.Uniform(k)
+        coder = c._stream.stack.AnsCoder()
+        with _Float64Networks(c.vae) as nets:
+            for start in range(0, x.shape[0], _CHUNK):
+                tables = c._posterior_tables(nets, x[start : start + _CHUNK])
+                for i in range(start, min(start + _CHUNK, x.shape[0])):
+                    table = tables[i - start]
+                    repeated = np.repeat(table[None], k, axis=0).reshape(-1, c.buckets)
+                    if i == 0:  # clean start: nothing to take bits from yet
+                        z = np.repeat(c._first_buckets(table)[None], k, axis=0)
+                        j = 0
+                    else:
+                        z = coder.decode(categorical, repeated).reshape(k, -1)
+                        probs_j = c._index_probs(c._log_weights(nets, x[i].numpy(), z, table))
+                        j = int(coder.decode(categorical, probs_j[None])[0])
+                    others = np.delete(np.arange(k), j)
+                    coder.encode_reverse(
+                        z[others].reshape(-1), categorical, repeated[: (k - 1) * z.shape[1]]
+                    )
+                    probs = c._pixel_probs(nets, z[j][None])[0]
+                    coder.encode_reverse(x[i].numpy().astype(np.int32), bernoulli, probs)
+                    coder.encode_reverse(z[j], uniform)
+                    coder.encode_reverse(np.array([j], dtype=np.int32), index_uniform)
+                    if trace is not None:
+                        trace.append((coder.num_valid_bits(), z, j))
+        return c._message(coder, x.shape[0])
+
+    def decode(self, message: CompressedImages) -> Tensor:
+        c = self.shared
+        k = c.particles
+        categorical, bernoulli, uniform = c._models()
+        index_uniform = c._stream.model.Uniform(k)
+        coder = c._stream.stack.AnsCoder(message.words.copy())
+        out = np.empty((message.count, c.vae.x_dim), dtype=np.float32)
+        with _Float64Networks(c.vae) as nets:
+            for i in reversed(range(message.count)):
+                j = int(coder.decode(index_uniform, 1)[0])
+                z_j = coder.decode(uniform, c.vae.z_dim)
+                probs = c._pixel_probs(nets, z_j[None])[0]
+                x = coder.decode(bernoulli, probs)
+                out[i] = x
+                table = c._posterior_tables(nets, torch.as_tensor(x[None], dtype=torch.float64))[0]
+                repeated = np.repeat(table[None], k, axis=0).reshape(-1, c.buckets)
+                others = coder.decode(categorical, repeated[: (k - 1) * len(z_j)])
+                z = np.insert(others.reshape(k - 1, -1), j, z_j, axis=0)
+                if i > 0:  # the bits back: the index, then the K latents
+                    probs_j = c._index_probs(c._log_weights(nets, x, z, table))
+                    coder.encode_reverse(np.array([j], dtype=np.int32), categorical, probs_j[None])
+                    coder.encode_reverse(z.reshape(-1), categorical, repeated)
+                elif j != 0 or not (z == c._first_buckets(table)[None]).all():
+                    raise CompressionError("the first image does not decode consistently")
+        if not coder.is_empty():
+            raise CompressionError("the message does not decode to the images it claims to hold")
+        return torch.from_numpy(out)
+
+
+class _Layers(_Scheme):
+    """Several stochastic layers (``HierarchicalVAE``), one particle."""
+
+    #    # The layers are chained: for each image the coder pops every layer from the guide, in
     # the guide's order (z_1 first for the bottom-up guide, z_L first for the top-down one),
     # each given the layers already popped; then pushes x with p(x | z_1), each z_l with
     # p(z_l | z_{l+1}) and z_L with its uniform prior buckets.  Decoding pops the model's
@@ -455,6 +494,13 @@ class BitsBackCoder:
     #   both sides compute the same grid; deeper layers follow the conditional means).
     # P and Q are then differences of Gaussian CDFs at the same edges, so the bucket widths
     # cancel in the code length, which approaches -ELBO as for one layer.
+
+    def __init__(self, shared: BitsBackCoder) -> None:
+        super().__init__(shared)
+        self.vae, self.layers, self.latent_bits = shared.vae, shared.layers, shared.latent_bits
+        self.buckets, self.edges, self.centres = shared.buckets, shared.edges, shared.centres
+        self._stream = shared._stream
+        self._static = None  # a bottom-up model's fixed buckets, once computed
 
     def _guide_order(self) -> list[int]:
         """0-based layers in the order the guide draws them."""
@@ -535,15 +581,15 @@ class BitsBackCoder:
     def _pixels(self, net, values: dict) -> np.ndarray:
         return torch.sigmoid(net.decoder(values[0][None]))[0].numpy()
 
-    def _encode_layers(self, x: Tensor, trace: list | None) -> CompressedImages:
-        categorical, bernoulli, uniform = self._models()
+    def encode(self, x: Tensor, trace: list | None) -> CompressedImages:
+        categorical, bernoulli, uniform = self.shared._models()
         coder = self._stream.stack.AnsCoder()
         top = self.layers - 1
         with _Float64Networks(self.vae) as nets:
             net = nets.net
             for i in range(x.shape[0]):
                 if i == 0:  # clean start: nothing to take bits from yet
-                    pick = lambda layer, table: self._first_buckets(table)  # noqa: E731
+                    pick = lambda layer, table: self.shared._first_buckets(table)  # noqa: E731
                 else:
                     pick = lambda layer, table: coder.decode(categorical, table)  # noqa: E731
                 z, values, grids, _ = self._guide_pass(net, x[i : i + 1], pick)
@@ -559,10 +605,10 @@ class BitsBackCoder:
                 coder.encode_reverse(z[top], uniform)
                 if trace is not None:
                     trace.append((coder.num_valid_bits(), tuple(z[n] for n in range(self.layers))))
-        return self._message(coder, x.shape[0])
+        return self.shared._message(coder, x.shape[0])
 
-    def _decode_layers(self, message: CompressedImages) -> Tensor:
-        categorical, bernoulli, uniform = self._models()
+    def decode(self, message: CompressedImages) -> Tensor:
+        categorical, bernoulli, uniform = self.shared._models()
         coder = self._stream.stack.AnsCoder(message.words.copy())
         out = np.empty((message.count, self.vae.x_dim), dtype=np.float32)
         top = self.layers - 1
@@ -590,14 +636,16 @@ class BitsBackCoder:
                     for layer in reversed(self._guide_order()):
                         coder.encode_reverse(z[layer], categorical, tables[layer])
                 else:
-                    first = self._guide_pass(net, xi, lambda n, table: self._first_buckets(table))
+                    first = self._guide_pass(
+                        net, xi, lambda n, table: self.shared._first_buckets(table)
+                    )
                     if any(not np.array_equal(first[0][n], z[n]) for n in z):
                         raise CompressionError("the first image does not decode consistently")
         if not coder.is_empty():
             raise CompressionError("the message does not decode to the images it claims to hold")
         return torch.from_numpy(out)
 
-    def _information_layers(self, x: Tensor, buckets, seed: int) -> np.ndarray:
+    def information(self, x: Tensor, buckets, seed: int) -> np.ndarray:
         """``information`` for several layers: -log2 p(x | ẑ_1) - sum_l log2 P(ẑ_l | ẑ_{l+1})
         - log2 P(ẑ_L) + sum_l log2 Q(ẑ_l | ...), bits, for ``buckets`` (per image, a tuple of
         arrays, layer 1 first) or draws from the discretised guide."""
