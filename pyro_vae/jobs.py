@@ -93,6 +93,35 @@ def curve_label(config: TrainConfig) -> str:
     return label + (", KL weighted" if config.kl_warmup or config.beta != 1 else "")
 
 
+def _begin(config, device, ranks: Ranks | None) -> tuple[torch.device, Ranks]:
+    """The device and processes of a job, and every generator seeded from ``config.seed``
+    (rank r > 0 from a stream of its own; a resumed run then restores what it saved)."""
+    ranks = ranks or Ranks()
+    seed_everything(config.seed if ranks.is_main else child_seed(config.seed, f"rank-{ranks.rank}"))
+    return torch.device(device), ranks
+
+
+def _open(
+    directory, config, model, model_class, trainer, loader, ranks, device, state, new, log, record,
+    **recorded: Any,
+) -> TrainingRun:  # fmt: skip
+    """The run in ``directory`` started or restored, ``config.json`` holding ``record`` (by
+    default the config and the device), the model and ``recorded``."""
+    saved = dict(record) if record is not None else {**config.to_dict(), "device": str(device)}
+    saved |= {"model_class": model_class, "model_config": model.config(), **recorded}
+    return TrainingRun.open(
+        directory,
+        model=model,
+        trainer=trainer,
+        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
+        config=saved,
+        model_class=model_class,
+        state=state,
+        new=new,
+        log=log,
+    )
+
+
 @dataclass
 class TrainResult:
     """What ``train_vae`` returns: the trained run (read back as a later job reads it), the
@@ -126,10 +155,7 @@ def train_vae(
     Settings the data cannot satisfy (a batch larger than the training set) are a
     ``ConfigError`` naming them, before anything is written.
     """
-    device = torch.device(device)
-    ranks = ranks or Ranks()
-    # same seed, same run (a resumed run then restores the generators it saved)
-    seed_everything(config.seed if ranks.is_main else child_seed(config.seed, f"rank-{ranks.rank}"))
+    device, ranks = _begin(config, device, ranks)
     train_set, valid, test = training_splits(
         config.dataset,
         config.data_dir,
@@ -184,18 +210,19 @@ def train_vae(
         device=device,
         perturb=config.perturb,
     )
-    saved = dict(record) if record is not None else {**config.to_dict(), "device": str(device)}
-    saved |= {"model_class": model_class, "model_config": model.config()}
-    training = TrainingRun.open(
+    training = _open(
         directory,
-        model=model,
-        trainer=trainer,
-        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
-        config=saved,
-        model_class=model_class,
-        state=state,
-        new=new,
-        log=log,
+        config,
+        model,
+        model_class,
+        trainer,
+        loader,
+        ranks,
+        device,
+        state,
+        new,
+        log,
+        record,
     )
     quiet = not progress or not ranks.is_main
     training.fit(config.epochs, val_data=(valid.images.to(device),), progress=not quiet)
@@ -276,9 +303,7 @@ def train_ssvae(
     ``config.patience`` / ``config.max_minutes`` as stopping rules), then the test report
     of the best weights (``evaluation.json``) and the figures.  The arguments are
     ``train_vae``'s; the report is rank 0's (other ranks get ``run=None`` and ``{}``)."""
-    device = torch.device(device)
-    ranks = ranks or Ranks()
-    seed_everything(config.seed if ranks.is_main else child_seed(config.seed, f"rank-{ranks.rank}"))
+    device, ranks = _begin(config, device, ranks)
     # M1 is checked before the data load; a resumed run has its weights in the checkpoint
     m1 = load_m1(config.m1, config.dataset) if config.m1 is not None and state is None else None
     train_set, valid, test = training_splits(
@@ -363,22 +388,20 @@ def train_ssvae(
         find_unused_parameters=config.aux_weight == 0,
         eval_model=model.model,  # the validation ELBO without the training-only terms
     )
-    saved = dict(record) if record is not None else {**config.to_dict(), "device": str(device)}
-    saved |= {
-        "model_class": model_class,
-        "model_config": model.config(),
-        "labelled_indices": labelled.tolist(),
-    }
-    training = TrainingRun.open(
+    training = _open(
         directory,
-        model=model,
-        trainer=trainer,
-        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
-        config=saved,
-        model_class=model_class,
-        state=state,
-        new=new,
-        log=log,
+        config,
+        model,
+        model_class,
+        trainer,
+        loader,
+        ranks,
+        device,
+        state,
+        new,
+        log,
+        record,
+        labelled_indices=labelled.tolist(),
     )
     valid_x, valid_y = valid.images.to(device), valid.labels.to(device)
 
