@@ -93,33 +93,48 @@ def curve_label(config: TrainConfig) -> str:
     return label + (", KL weighted" if config.kl_warmup or config.beta != 1 else "")
 
 
-def _begin(config, device, ranks: Ranks | None) -> tuple[torch.device, Ranks]:
-    """The device and processes of a job, and every generator seeded from ``config.seed``
-    (rank r > 0 from a stream of its own; a resumed run then restores what it saved)."""
-    ranks = ranks or Ranks()
-    seed_everything(config.seed if ranks.is_main else child_seed(config.seed, f"rank-{ranks.rank}"))
-    return torch.device(device), ranks
+@dataclass
+class _Job:
+    """Where a training job runs and what it continues: its device and processes, the
+    checkpoint it resumes (``state``), whether its directory must be new, where progress
+    lines go and what ``config.json`` records (``record``; by default the config)."""
 
+    device: torch.device
+    ranks: Ranks
+    state: dict[str, Any] | None
+    new: bool
+    log: Callable[[str], None] | None
+    record: dict[str, Any] | None
 
-def _open(
-    directory, config, model, model_class, trainer, loader, ranks, device, state, new, log, record,
-    **recorded: Any,
-) -> TrainingRun:  # fmt: skip
-    """The run in ``directory`` started or restored, ``config.json`` holding ``record`` (by
-    default the config and the device), the model and ``recorded``."""
-    saved = dict(record) if record is not None else {**config.to_dict(), "device": str(device)}
-    saved |= {"model_class": model_class, "model_config": model.config(), **recorded}
-    return TrainingRun.open(
-        directory,
-        model=model,
-        trainer=trainer,
-        loader=ShardedLoader(loader, ranks) if ranks.active else loader,
-        config=saved,
-        model_class=model_class,
-        state=state,
-        new=new,
-        log=log,
-    )
+    @classmethod
+    def begin(cls, config, device, ranks, state, new, log, record) -> _Job:
+        """The job, with every generator seeded from ``config.seed`` (rank r > 0 from a
+        stream of its own; a resumed run then restores what it saved)."""
+        ranks = ranks or Ranks()
+        seed_everything(
+            config.seed if ranks.is_main else child_seed(config.seed, f"rank-{ranks.rank}")
+        )
+        return cls(torch.device(device), ranks, state, new, log, record)
+
+    def open(
+        self, directory, config, model, model_class, trainer, loader, **recorded
+    ) -> TrainingRun:
+        """The run in ``directory`` started or restored; ``config.json`` holds the record,
+        the model and ``recorded``."""
+        saved = {**config.to_dict(), "device": str(self.device)}
+        saved = dict(self.record) if self.record is not None else saved
+        saved |= {"model_class": model_class, "model_config": model.config(), **recorded}
+        return TrainingRun.open(
+            directory,
+            model=model,
+            trainer=trainer,
+            loader=ShardedLoader(loader, self.ranks) if self.ranks.active else loader,
+            config=saved,
+            model_class=model_class,
+            state=self.state,
+            new=self.new,
+            log=self.log,
+        )
 
 
 @dataclass
@@ -155,7 +170,8 @@ def train_vae(
     Settings the data cannot satisfy (a batch larger than the training set) are a
     ``ConfigError`` naming them, before anything is written.
     """
-    device, ranks = _begin(config, device, ranks)
+    job = _Job.begin(config, device, ranks, state, new, log, record)
+    device, ranks = job.device, job.ranks
     train_set, valid, test = training_splits(
         config.dataset,
         config.data_dir,
@@ -210,20 +226,7 @@ def train_vae(
         device=device,
         perturb=config.perturb,
     )
-    training = _open(
-        directory,
-        config,
-        model,
-        model_class,
-        trainer,
-        loader,
-        ranks,
-        device,
-        state,
-        new,
-        log,
-        record,
-    )
+    training = job.open(directory, config, model, model_class, trainer, loader)
     quiet = not progress or not ranks.is_main
     training.fit(config.epochs, val_data=(valid.images.to(device),), progress=not quiet)
     model.eval()  # batch normalisation, if any, on its running statistics from here on
@@ -303,7 +306,8 @@ def train_ssvae(
     ``config.patience`` / ``config.max_minutes`` as stopping rules), then the test report
     of the best weights (``evaluation.json``) and the figures.  The arguments are
     ``train_vae``'s; the report is rank 0's (other ranks get ``run=None`` and ``{}``)."""
-    device, ranks = _begin(config, device, ranks)
+    job = _Job.begin(config, device, ranks, state, new, log, record)
+    device, ranks = job.device, job.ranks
     # M1 is checked before the data load; a resumed run has its weights in the checkpoint
     m1 = load_m1(config.m1, config.dataset) if config.m1 is not None and state is None else None
     train_set, valid, test = training_splits(
@@ -388,20 +392,8 @@ def train_ssvae(
         find_unused_parameters=config.aux_weight == 0,
         eval_model=model.model,  # the validation ELBO without the training-only terms
     )
-    training = _open(
-        directory,
-        config,
-        model,
-        model_class,
-        trainer,
-        loader,
-        ranks,
-        device,
-        state,
-        new,
-        log,
-        record,
-        labelled_indices=labelled.tolist(),
+    training = job.open(
+        directory, config, model, model_class, trainer, loader, labelled_indices=labelled.tolist()
     )
     valid_x, valid_y = valid.images.to(device), valid.labels.to(device)
 
