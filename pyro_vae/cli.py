@@ -330,18 +330,6 @@ def apply_preset(
     return args
 
 
-# What runs from before a flag existed did, where that differs from the flag's default.
-LEGACY_DEFAULTS = {
-    "preset": "classic",
-    "lr_schedule": "constant",
-    # the training options of hierarchical VAEs, which a preset may now set
-    "kl_warmup": 0,
-    "init_output_bias": False,
-    "adam_eps": 1e-8,
-    "scale_link": "softplus",
-    "batch_norm": False,
-}
-
 # Flags a resumed run may change; everything else comes from the run's config.json.  The
 # stopping rules are among them so that a run which stopped on its budget can be given more.
 RESUMABLE_FLAGS = (
@@ -419,6 +407,15 @@ def _identity(config) -> dict:
     return json.loads(json.dumps(kept, sort_keys=True, default=str))
 
 
+def _legacy_defaults() -> dict:
+    """What runs from before a flag existed did, where that differs from the flag's default:
+    the typed configs' migrations (imported here, after the flags are parsed: they load
+    torch)."""
+    from pyro_vae.config import MIGRATIONS, SSVAE_MIGRATIONS
+
+    return {**SSVAE_MIGRATIONS, **MIGRATIONS}
+
+
 def merge_resumed_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict
 ) -> argparse.Namespace:
@@ -447,7 +444,7 @@ def merge_resumed_args(
                 + ")"
             )
         elif key not in merged:  # a flag newer than the run: the behaviour it had then
-            merged[key] = LEGACY_DEFAULTS.get(key, default)
+            merged[key] = _legacy_defaults().get(key, default)
     for key in ("data_dir", "out", "resume"):
         if merged.get(key) is not None:
             merged[key] = Path(merged[key])
