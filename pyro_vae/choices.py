@@ -23,6 +23,7 @@ __all__ = [
     "FLOWS",
     "HVAE_GUIDES",
     "IMPORTANCE_WEIGHTED",
+    "LARGEST_SIZE",
     "LIKELIHOODS",
     "LR_SCHEDULES",
     "MADE",
@@ -33,6 +34,8 @@ __all__ = [
     "SCALE_LINKS",
 ]
 
+#: the largest size or count torch can hold (its sizes and indices are int64)
+LARGEST_SIZE = 2**63 - 1
 #: the data sets that load offline (``load_dataset``)
 DATASETS = ("mnist", "fashion-mnist")
 #: dynamic: a fresh Bernoulli draw per epoch; static: one draw, seeded; none: grey pixels

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyro_vae.choices import ACTIVATIONS, BINARIZATIONS, DATASETS, LR_SCHEDULES
+from pyro_vae.choices import ACTIVATIONS, BINARIZATIONS, DATASETS, LARGEST_SIZE, LR_SCHEDULES
 from pyro_vae.rundir import CHECKPOINT_NAME, Outputs, RunDir, RunDirError, release_all
 
 if TYPE_CHECKING:
@@ -65,8 +65,6 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-# torch's sizes and indices are int64
-_LARGEST_SIZE = 2**63 - 1
 # more CPU threads than this per core is a typing error, not a setting
 _MAX_THREADS_PER_CORE = 64
 
@@ -92,7 +90,7 @@ def number_type(kind: type, *, allow_zero: bool) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
         if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-        if kind is int and value > _LARGEST_SIZE:
+        if kind is int and value > LARGEST_SIZE:
             raise argparse.ArgumentTypeError(f"{s!r} is larger than torch can hold (2**63 - 1)")
         return value
 
@@ -140,7 +138,7 @@ def warmup_length(s: str) -> int | str:
                 return f"{share:g}%"
         else:
             value = int(text)
-            if 0 <= value <= _LARGEST_SIZE:
+            if 0 <= value <= LARGEST_SIZE:
                 return value
     except ValueError:
         pass
@@ -166,7 +164,7 @@ def hidden_sizes(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of sizes") from None
     if not sizes or any(h <= 0 for h in sizes):
         raise argparse.ArgumentTypeError(f"{s!r}: sizes must be positive")
-    if any(h > _LARGEST_SIZE for h in sizes):
+    if any(h > LARGEST_SIZE for h in sizes):
         raise argparse.ArgumentTypeError(f"{s!r}: a size is larger than torch can hold (2**63 - 1)")
     return sizes
 

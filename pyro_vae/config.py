@@ -28,6 +28,7 @@ from pyro_vae.choices import (
     ELBO_NAMES,
     FLOWS,
     HVAE_GUIDES,
+    LARGEST_SIZE,
     LIKELIHOODS,
     LR_SCHEDULES,
     MODEL_KINDS,
@@ -43,9 +44,6 @@ __all__ = [
     "SSVAEConfig",
     "TrainConfig",
 ]
-
-# torch's sizes are int64
-_LARGEST_SIZE = 2**63 - 1
 
 # Keys of a saved config that describe one invocation, not the run (where it was written, on
 # which device, how many threads, how chatty): kept in config.json, not part of the config.
@@ -85,7 +83,7 @@ def _integer(low: int) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(name, f"must be a whole number, got {value!r}")
-        if not low <= value <= _LARGEST_SIZE:
+        if not low <= value <= LARGEST_SIZE:
             raise ConfigError(name, f"must be a whole number from {low} to 2**63 - 1, got {value}")
         return int(value)
 
