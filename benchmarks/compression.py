@@ -30,7 +30,7 @@ import torch
 from _machine import Quietness
 
 from pyro_vae import Run, estimate_log_px
-from pyro_vae.compression import BitsBackCoder, CompressedImages
+from pyro_vae.apps.compression import BitsBackCoder, CompressedImages
 
 
 def generic(images: np.ndarray) -> dict[str, int]:

@@ -43,8 +43,8 @@ def layer_stats(run: Path, images: int = 2000, draws: int = 20) -> dict:
     spread of the means, active units."""
     import torch
 
-    from pyro_vae.runs import Run
-    from pyro_vae.weights import trace_particles
+    from pyro_vae.inference.weights import trace_particles
+    from pyro_vae.training.runs import Run
 
     torch.manual_seed(0)
     trained = Run.load(run)

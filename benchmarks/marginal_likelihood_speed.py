@@ -26,7 +26,7 @@ import torch
 from _machine import Quietness
 
 from pyro_vae import Run, estimate_log_px
-from pyro_vae.evaluate import DEFAULT_MAX_ROWS
+from pyro_vae.inference.evaluate import DEFAULT_MAX_ROWS
 
 
 @torch.no_grad()

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.data import heldout_images
-from pyro_vae.ood import (
+from pyro_vae.apps.ood import (
     COMPRESSORS,
     MADE,
     SCORES,
@@ -36,7 +35,8 @@ from pyro_vae.ood import (
     made_images,
     ood_scores,
 )
-from pyro_vae.runs import Run, RunData
+from pyro_vae.data import heldout_images
+from pyro_vae.training.runs import Run, RunData
 
 
 def images(name: str, data: RunData, split: str, n: int | None) -> torch.Tensor:

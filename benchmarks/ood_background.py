@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from ood import images
 
-from pyro_vae.ood import (
+from pyro_vae.apps.ood import (
     BACKGROUND_SCORE,
     MADE,
     choose_compressor,
@@ -42,7 +42,7 @@ from pyro_vae.ood import (
     made_images,
     ood_scores,
 )
-from pyro_vae.runs import Run
+from pyro_vae.training.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 PERTURB, EPOCHS = 0.2, 10

@@ -13,13 +13,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pyro_vae import deprecation
+
 __version__ = "0.1.0"
+
+# the module paths from before the sub-packages (pyro_vae.train, pyro_vae.evaluate, ...)
+# still import, with a warning naming the new home
+deprecation.install()
 
 # public name -> the module that defines it
 _PUBLIC: dict[str, str] = {
-    "CheckpointError": "pyro_vae.checkpoints",
-    "load_checkpoint": "pyro_vae.checkpoints",
-    "save_checkpoint": "pyro_vae.checkpoints",
+    "CheckpointError": "pyro_vae.io.checkpoints",
+    "load_checkpoint": "pyro_vae.io.checkpoints",
+    "save_checkpoint": "pyro_vae.io.checkpoints",
     "BatchLoader": "pyro_vae.data",
     "DataError": "pyro_vae.data",
     "Dataset": "pyro_vae.data",
@@ -30,58 +36,58 @@ _PUBLIC: dict[str, str] = {
     "heldout_split": "pyro_vae.data",
     "labelled_subset": "pyro_vae.data",
     "load_dataset": "pyro_vae.data",
-    "BernoulliImage": "pyro_vae.distributions",
-    "LabelMarginalLikelihood": "pyro_vae.evaluate",
-    "MarginalLikelihood": "pyro_vae.evaluate",
-    "estimate_log_px": "pyro_vae.evaluate",
-    "estimate_log_px_over_labels": "pyro_vae.evaluate",
-    "log_weights": "pyro_vae.evaluate",
-    "predict_labels": "pyro_vae.evaluate",
-    "psis_khat": "pyro_vae.evaluate",
-    "semi_supervised_report": "pyro_vae.evaluate",
+    "BernoulliImage": "pyro_vae.networks.distributions",
+    "LabelMarginalLikelihood": "pyro_vae.inference.evaluate",
+    "MarginalLikelihood": "pyro_vae.inference.evaluate",
+    "estimate_log_px": "pyro_vae.inference.evaluate",
+    "estimate_log_px_over_labels": "pyro_vae.inference.evaluate",
+    "log_weights": "pyro_vae.inference.evaluate",
+    "predict_labels": "pyro_vae.inference.evaluate",
+    "psis_khat": "pyro_vae.inference.evaluate",
+    "semi_supervised_report": "pyro_vae.inference.evaluate",
     "SSVAE": "pyro_vae.models",
     "HierarchicalVAE": "pyro_vae.models",
     "VAE": "pyro_vae.models",
     "StackedSSVAE": "pyro_vae.models",
     "model_from_checkpoint": "pyro_vae.models",
-    "ConvNet": "pyro_vae.nets",
-    "Decoder": "pyro_vae.nets",
-    "Encoder": "pyro_vae.nets",
-    "mlp": "pyro_vae.nets",
-    "IWAE": "pyro_vae.objectives",
-    "DReG": "pyro_vae.objectives",
-    "ObjectiveError": "pyro_vae.objectives",
-    "Outputs": "pyro_vae.rundir",
-    "RunDir": "pyro_vae.rundir",
-    "RunDirError": "pyro_vae.rundir",
-    "Run": "pyro_vae.runs",
-    "RunData": "pyro_vae.runs",
-    "TrainingRun": "pyro_vae.runs",
+    "ConvNet": "pyro_vae.networks.nets",
+    "Decoder": "pyro_vae.networks.nets",
+    "Encoder": "pyro_vae.networks.nets",
+    "mlp": "pyro_vae.networks.nets",
+    "IWAE": "pyro_vae.inference.objectives",
+    "DReG": "pyro_vae.inference.objectives",
+    "ObjectiveError": "pyro_vae.inference.objectives",
+    "Outputs": "pyro_vae.io.rundir",
+    "RunDir": "pyro_vae.io.rundir",
+    "RunDirError": "pyro_vae.io.rundir",
+    "Run": "pyro_vae.training.runs",
+    "RunData": "pyro_vae.training.runs",
+    "TrainingRun": "pyro_vae.training.runs",
     "seed_everything": "pyro_vae.seeding",
-    "KLWeight": "pyro_vae.schedules",
-    "kl_warmup_weight": "pyro_vae.schedules",
-    "lr_factor": "pyro_vae.schedules",
+    "KLWeight": "pyro_vae.training.schedules",
+    "kl_warmup_weight": "pyro_vae.training.schedules",
+    "lr_factor": "pyro_vae.training.schedules",
     "PRESETS": "pyro_vae.choices",
     "TrainResult": "pyro_vae.jobs",
     "train_ssvae": "pyro_vae.jobs",
     "train_vae": "pyro_vae.jobs",
     "SSVAEConfig": "pyro_vae.config",
     "TrainConfig": "pyro_vae.config",
-    "EarlyStopping": "pyro_vae.train",
-    "NonFiniteError": "pyro_vae.stepper",
-    "ParamClashError": "pyro_vae.stepper",
-    "Trainer": "pyro_vae.train",
-    "TrainingInterrupted": "pyro_vae.train",
-    "make_elbo": "pyro_vae.train",
+    "EarlyStopping": "pyro_vae.training.trainer",
+    "NonFiniteError": "pyro_vae.training.stepper",
+    "ParamClashError": "pyro_vae.training.stepper",
+    "Trainer": "pyro_vae.training.trainer",
+    "TrainingInterrupted": "pyro_vae.training.trainer",
+    "make_elbo": "pyro_vae.training.trainer",
 }
-_SUBMODULES = ("plots",)
+_SUBMODULES = {"plots": "pyro_vae.apps.plots"}
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"pyro_vae.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     if name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value  # later lookups skip this function
@@ -94,8 +100,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from pyro_vae import plots  # noqa: F401
-    from pyro_vae.checkpoints import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
+    from pyro_vae.apps import plots  # noqa: F401
     from pyro_vae.choices import PRESETS  # noqa: F401
     from pyro_vae.config import SSVAEConfig, TrainConfig  # noqa: F401
     from pyro_vae.data import (  # noqa: F401
@@ -110,8 +115,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         labelled_subset,
         load_dataset,
     )
-    from pyro_vae.distributions import BernoulliImage  # noqa: F401
-    from pyro_vae.evaluate import (  # noqa: F401
+    from pyro_vae.inference.evaluate import (  # noqa: F401
         LabelMarginalLikelihood,
         MarginalLikelihood,
         estimate_log_px,
@@ -121,6 +125,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         psis_khat,
         semi_supervised_report,
     )
+    from pyro_vae.inference.objectives import IWAE, DReG, ObjectiveError  # noqa: F401
+    from pyro_vae.io.checkpoints import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
+    from pyro_vae.io.rundir import Outputs, RunDir, RunDirError  # noqa: F401
     from pyro_vae.jobs import TrainResult, train_ssvae, train_vae  # noqa: F401
     from pyro_vae.models import (  # noqa: F401
         SSVAE,
@@ -129,14 +136,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         StackedSSVAE,
         model_from_checkpoint,
     )
-    from pyro_vae.nets import ConvNet, Decoder, Encoder, mlp  # noqa: F401
-    from pyro_vae.objectives import IWAE, DReG, ObjectiveError  # noqa: F401
-    from pyro_vae.rundir import Outputs, RunDir, RunDirError  # noqa: F401
-    from pyro_vae.runs import Run, RunData, TrainingRun  # noqa: F401
-    from pyro_vae.schedules import KLWeight, kl_warmup_weight, lr_factor  # noqa: F401
+    from pyro_vae.networks.distributions import BernoulliImage  # noqa: F401
+    from pyro_vae.networks.nets import ConvNet, Decoder, Encoder, mlp  # noqa: F401
     from pyro_vae.seeding import seed_everything  # noqa: F401
-    from pyro_vae.stepper import NonFiniteError, ParamClashError  # noqa: F401
-    from pyro_vae.train import (  # noqa: F401
+    from pyro_vae.training.runs import Run, RunData, TrainingRun  # noqa: F401
+    from pyro_vae.training.schedules import KLWeight, kl_warmup_weight, lr_factor  # noqa: F401
+    from pyro_vae.training.stepper import NonFiniteError, ParamClashError  # noqa: F401
+    from pyro_vae.training.trainer import (  # noqa: F401
         EarlyStopping,
         Trainer,
         TrainingInterrupted,

@@ -56,14 +56,14 @@ MODEL_KINDS = ("vae", "hvae")
 #: the hierarchical VAE's guides: Burda et al.'s bottom-up chain, or the ladder's top-down merge
 #: and the deterministic bottom-up path with independent layers (Havtorn et al.'s)
 HVAE_GUIDES = ("bottom-up", "top-down", "deterministic")
-#: how a network output becomes a standard deviation (pyro_vae.nets)
+#: how a network output becomes a standard deviation (pyro_vae.networks.nets)
 SCALE_LINKS = ("softplus", "exp", "softclamp")
 #: trace: Trace_ELBO, meanfield: TraceMeanField_ELBO, jit: JitTrace_ELBO, enum:
 #: TraceEnum_ELBO, iwae / dreg: the importance-weighted bound and its DReG gradient
 ELBO_NAMES = ("trace", "meanfield", "jit", "enum", "iwae", "dreg")
 #: the objectives whose num_particles is the K of an importance-weighted bound
 IMPORTANCE_WEIGHTED = ("iwae", "dreg")
-#: the learning rate over the epochs (``pyro_vae.schedules.lr_factor``)
+#: the learning rate over the epochs (``pyro_vae.training.schedules.lr_factor``)
 LR_SCHEDULES = ("constant", "cosine", "step")
 #: Named training recipes for the VAE on binarised MNIST (train_svi.py --preset); the results
 #: pages say what each reaches in how much time.

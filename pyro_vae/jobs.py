@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyro_vae.checkpoints import load_checkpoint
+from pyro_vae.apps.plots import plot_analogies, plot_confusion, plot_curves, save_vae_figures
 from pyro_vae.checks import ConfigError
 from pyro_vae.config import SSVAEConfig, TrainConfig
 from pyro_vae.data import (
@@ -31,14 +31,14 @@ from pyro_vae.data import (
     labelled_subset,
     training_splits,
 )
-from pyro_vae.distributed import Ranks, ShardedLoader, sharded_log_px
-from pyro_vae.evaluate import predict_labels, semi_supervised_report
+from pyro_vae.inference.evaluate import predict_labels, semi_supervised_report
+from pyro_vae.io.checkpoints import load_checkpoint
 from pyro_vae.models import SSVAE, VAE, HierarchicalVAE, StackedSSVAE
-from pyro_vae.plots import plot_analogies, plot_confusion, plot_curves, save_vae_figures
-from pyro_vae.runs import Run, TrainingRun
-from pyro_vae.schedules import warmup_epochs
 from pyro_vae.seeding import child_seed, seed_everything
-from pyro_vae.train import EarlyStopping, Trainer
+from pyro_vae.training.distributed import Ranks, ShardedLoader, sharded_log_px
+from pyro_vae.training.runs import Run, TrainingRun
+from pyro_vae.training.schedules import warmup_epochs
+from pyro_vae.training.trainer import EarlyStopping, Trainer
 
 __all__ = [
     "TrainResult",

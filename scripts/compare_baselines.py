@@ -39,7 +39,7 @@ from pyro_vae.cli import (
     run,
     shown,
 )
-from pyro_vae.rundir import default_run_dir
+from pyro_vae.io.rundir import default_run_dir
 
 MIN_IMAGES = 10
 
@@ -115,9 +115,9 @@ def print_table(d: int, result) -> None:
 
 def main(args) -> dict:
     # torch loads here, after the arguments are parsed
-    from pyro_vae.baselines import compare_latent_models, fit_classifier
+    from pyro_vae.apps.baselines import compare_latent_models, fit_classifier
+    from pyro_vae.apps.plots import plot_image_rows, plot_latent_maps
     from pyro_vae.data import binarize_static, first_rows, load_dataset
-    from pyro_vae.plots import plot_image_rows, plot_latent_maps
     from pyro_vae.seeding import seed_everything
 
     apply_threads(args)

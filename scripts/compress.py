@@ -170,9 +170,9 @@ def main(args) -> dict:
     import numpy as np
     import torch
 
-    from pyro_vae.checkpoints import resolve_checkpoint
-    from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
-    from pyro_vae.runs import Run
+    from pyro_vae.apps.compression import BitsBackCoder, CompressedImages, CompressionError
+    from pyro_vae.io.checkpoints import resolve_checkpoint
+    from pyro_vae.training.runs import Run
 
     apply_threads(args)
     checkpoint = resolve_checkpoint(args.checkpoint)

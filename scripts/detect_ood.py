@@ -11,7 +11,7 @@ ELBO, the reconstruction and the input-complexity ratio (Serrà et al. 2020); re
 AUPRC and FPR at 95% TPR per score; with ``--background RUN`` (a VAE trained by
 ``train_svi.py --perturb``) also the likelihood ratio against that background model (Ren et
 al. 2019). The compressor of the complexity ratio is chosen on the
-in-distribution validation images (``--compressor auto``, see ``pyro_vae.ood``), never on
+in-distribution validation images (``--compressor auto``, see ``pyro_vae.apps.ood``), never on
 OOD data. Writes ood_<in>_vs_<ood>.json, the per-image scores
 ood_<in>_vs_<ood>.npz, and figures/ood_<in>_vs_<ood>_roc.png and _scores.png into the run
 directory (or --out, as in every script); an existing set is replaced only with --force.
@@ -115,9 +115,7 @@ def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
     import torch
 
-    from pyro_vae.checkpoints import resolve_checkpoint
-    from pyro_vae.data import as_dataset, heldout_images
-    from pyro_vae.ood import (
+    from pyro_vae.apps.ood import (
         choose_compressor,
         detection_metrics,
         log_px_per_image,
@@ -125,9 +123,11 @@ def main(args) -> dict:
         ood_scores,
         roc,
     )
-    from pyro_vae.plots import plot_ood_histograms, plot_roc
-    from pyro_vae.runs import Run
+    from pyro_vae.apps.plots import plot_ood_histograms, plot_roc
+    from pyro_vae.data import as_dataset, heldout_images
+    from pyro_vae.io.checkpoints import resolve_checkpoint
     from pyro_vae.seeding import seed_everything
+    from pyro_vae.training.runs import Run
 
     device = resolve_device(args.device)
     apply_threads(args)

@@ -28,7 +28,7 @@ from pyro_vae.cli import (
     resolve_device,
     run,
 )
-from pyro_vae.rundir import RunDirError
+from pyro_vae.io.rundir import RunDirError
 
 
 def build_parser() -> ArgumentParser:
@@ -75,10 +75,10 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.distributed import all_gather_objects, setup
-    from pyro_vae.plots import save_marginal_likelihood_figures
-    from pyro_vae.runs import Run
+    from pyro_vae.apps.plots import save_marginal_likelihood_figures
     from pyro_vae.seeding import seed_everything
+    from pyro_vae.training.distributed import all_gather_objects, setup
+    from pyro_vae.training.runs import Run
 
     device = resolve_device(args.device)
     ranks, device = setup(device)

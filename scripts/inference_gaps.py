@@ -87,10 +87,10 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.gaps import GapFitError, inference_gaps
-    from pyro_vae.plots import plot_gaps
-    from pyro_vae.runs import Run
+    from pyro_vae.apps.gaps import GapFitError, inference_gaps
+    from pyro_vae.apps.plots import plot_gaps
     from pyro_vae.seeding import seed_everything
+    from pyro_vae.training.runs import Run
 
     apply_threads(args)
     trained = Run.load(args.checkpoint)

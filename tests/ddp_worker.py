@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_vae import VAE, BatchLoader, Trainer, load_dataset
-from pyro_vae.distributed import ShardedLoader, setup, teardown
+from pyro_vae.training.distributed import ShardedLoader, setup, teardown
 
 
 class PointGuideVAE(VAE):

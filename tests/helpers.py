@@ -48,7 +48,7 @@ def run_in_process(script, args, capsys):
 def with_onehot(h, y, num_classes):
     """[h, one_hot(y)] with h's and y's batch shapes broadcast: the input that the
     class-conditional networks are defined on, built literally (the reference for
-    ``pyro_vae.nets.with_class``)."""
+    ``pyro_vae.networks.nets.with_class``)."""
     y1 = F.one_hot(y, num_classes).to(h.dtype)
     batch = torch.broadcast_shapes(h.shape[:-1], y1.shape[:-1])
     return torch.cat([h.expand(*batch, h.shape[-1]), y1.expand(*batch, num_classes)], dim=-1)

@@ -11,15 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
 # lowest first; a module may import from its own layer and every layer before it
 LAYERS = {
-    "foundation": [
-        "choices", "checks", "config", "deprecation", "faults", "seeding", "rundir", "checkpoints",
-    ],
+    "foundation": ["choices", "checks", "config", "deprecation", "faults", "seeding", "io"],
     "data": ["data"],
-    "networks": ["nets", "distributions"],
+    "networks": ["networks"],
     "models": ["models"],
-    "inference": ["weights", "objectives", "evaluate", "schedules"],
-    "training": ["stepper", "distributed", "train", "runs"],
-    "applications": ["gaps", "ood", "compression", "baselines", "sample_metrics", "plots"],
+    "inference": ["inference"],
+    "training": ["training"],
+    "applications": ["apps"],
     "jobs": ["jobs"],
     "command line": ["cli"],
 }  # fmt: skip
@@ -59,11 +57,17 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
 
 
 MOVED = [
-    ("pyro_vae.train", "NonFiniteError", "pyro_vae.stepper"),
-    ("pyro_vae.train", "ParamClashError", "pyro_vae.stepper"),
+    ("pyro_vae.train", "NonFiniteError", "pyro_vae.training.stepper"),
+    ("pyro_vae.train", "ParamClashError", "pyro_vae.training.stepper"),
     ("pyro_vae.train", "seed_everything", "pyro_vae.seeding"),
     ("pyro_vae.train", "PRESETS", "pyro_vae.choices"),
-    ("pyro_vae.checkpoints", "RunDir", "pyro_vae.rundir"),
+    ("pyro_vae.train", "Trainer", "pyro_vae.training.trainer"),
+    ("pyro_vae.checkpoints", "RunDir", "pyro_vae.io.rundir"),
+    ("pyro_vae.checkpoints", "save_checkpoint", "pyro_vae.io.checkpoints"),
+    ("pyro_vae.evaluate", "estimate_log_px", "pyro_vae.inference.evaluate"),
+    ("pyro_vae.runs", "Run", "pyro_vae.training.runs"),
+    ("pyro_vae.compression", "BitsBackCoder", "pyro_vae.apps.compression"),
+    ("pyro_vae.nets", "Encoder", "pyro_vae.networks.nets"),
 ]
 
 
@@ -75,8 +79,33 @@ def test_a_moved_name_still_imports_from_its_old_module_with_a_warning(old, name
     with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {home}"):
         value = getattr(module, name)
     assert value is getattr(importlib.import_module(home), name)
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {home}"):
+        exec(f"from {old} import {name} as imported", namespace := {})
+    assert namespace["imported"] is value
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         module.nothing  # noqa: B018
+
+
+def test_every_old_module_path_names_a_module_that_exists():
+    import importlib
+
+    from pyro_vae.deprecation import MOVED_MODULES, MOVED_NAMES
+
+    for old, new in MOVED_MODULES.items():
+        assert not (PACKAGE / (old.split(".")[1] + ".py")).exists(), f"{old} is a file again"
+        importlib.import_module(new)
+    for (old, name), home in MOVED_NAMES.items():
+        assert old in MOVED_MODULES and hasattr(importlib.import_module(home), name), (old, name)
+
+
+def test_the_tree_shows_the_layers():
+    """Each sub-package is one layer, and the package's top holds only the foundation and
+    the jobs: the folder names are the architecture."""
+    for path in PACKAGE.iterdir():
+        if path.is_dir() and (path / "__init__.py").exists():
+            assert path.name in LAYER_OF, f"{path.name}/ is not a layer"
+        elif path.suffix == ".py" and path.name != "__init__.py":
+            assert LAYER_OF.get(path.stem) in (0, LAYER_OF["jobs"]), f"{path.name} at the top"
 
 
 def test_the_public_names_import_without_a_warning():

@@ -300,7 +300,10 @@ def test_help_answers_before_torch_and_pyro_are_imported():
 
 
 def test_the_names_users_choose_from_match_what_implements_them():
-    from pyro_vae import choices, nets, ood, train
+    from pyro_vae import choices
+    from pyro_vae.apps import ood
+    from pyro_vae.networks import nets
+    from pyro_vae.training import trainer as train
 
     assert tuple(train.ELBOS) == choices.ELBO_NAMES
     assert set(nets.ACTIVATIONS) == set(choices.ACTIVATIONS)
@@ -358,8 +361,8 @@ def test_every_exception_class_of_the_library_survives_being_re_raised_with_its_
 
     import pyro_vae
     from pyro_vae.checks import ConfigError
-    from pyro_vae.stepper import NonFiniteError
-    from pyro_vae.train import TrainingInterrupted
+    from pyro_vae.training.stepper import NonFiniteError
+    from pyro_vae.training.trainer import TrainingInterrupted
 
     examples = {
         ConfigError: ConfigError("guide", "L^{>k} needs q(z_{>k} | x)"),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyro_vae.baselines import (
+from pyro_vae.apps.baselines import (
     Autoencoder,
     GaussianCodes,
     LinearAutoencoder,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_vae import VAE, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from pyro_vae.checkpoints import get_rng_state, set_rng_state
+from pyro_vae.io.checkpoints import get_rng_state, set_rng_state
 
 
 class _RunsCode:
@@ -96,7 +96,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
-    from pyro_vae.checkpoints import remove_stale_temporaries
+    from pyro_vae.io.checkpoints import remove_stale_temporaries
 
     stale = ["checkpoint.pt.k3x_9a0q.tmp", "best.pt.abcdefgh.tmp"]
     kept = ["checkpoint.pt", "metrics.jsonl.tmp", "notes.abcdefgh.tmp", "checkpoint.pt.tmp"]

@@ -17,7 +17,7 @@ from pyro_vae import (
     estimate_log_px,
     load_checkpoint,
 )
-from pyro_vae.compression import BitsBackCoder, CompressedImages, CompressionError
+from pyro_vae.apps.compression import BitsBackCoder, CompressedImages, CompressionError
 from pyro_vae.models import model_from_checkpoint
 
 

@@ -17,8 +17,8 @@ from helpers import ROOT, SCRIPTS_DIR
 
 from pyro_vae import load_checkpoint
 from pyro_vae.data import Dataset
-from pyro_vae.distributed import Ranks, ShardedLoader, shard_bounds
 from pyro_vae.faults import PAUSE_ENV, PAUSE_FILE_ENV
+from pyro_vae.training.distributed import Ranks, ShardedLoader, shard_bounds
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TRAIN = str(SCRIPTS_DIR / "train_svi.py")

@@ -2,7 +2,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.distributions import BernoulliImage
+from pyro_vae.networks.distributions import BernoulliImage
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training path", "evaluation path"])

@@ -183,7 +183,7 @@ def test_site_outside_the_data_plate_is_an_error():
 def test_seeded_chunks_give_the_same_values_whatever_the_shards():
     """With a seed, each chunk's draws depend on its position only: aligned shards evaluated
     separately (as ranks do) reproduce the whole bit for bit, and the global RNG is untouched."""
-    from pyro_vae.evaluate import eval_batch_size
+    from pyro_vae.inference.evaluate import eval_batch_size
 
     lg = LinearGaussian()
     x = lg.sample_x(23)

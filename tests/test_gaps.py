@@ -11,7 +11,7 @@ import torch
 from exact_models import D64, LinearGaussian, LinearGaussianChain
 
 from pyro_vae import VAE
-from pyro_vae.gaps import GapFitError, fit_local_guide, inference_gaps
+from pyro_vae.apps.gaps import GapFitError, fit_local_guide, inference_gaps
 
 FIT = {
     "num_particles": 32,
@@ -282,7 +282,7 @@ def test_family_own_over_several_sites_needs_guide_from():
 def test_a_negative_amortisation_gap_is_refused_also_outside_the_guides_family():
     """A Gaussian q* over several layers need not hold the amortised guide, but a split in
     which it fits worse than the guide is still no decomposition: refused, not printed."""
-    from pyro_vae.gaps import GapFitError, GapReport
+    from pyro_vae.apps.gaps import GapFitError, GapReport
 
     log_px = torch.tensor([-90.0, -91.0], dtype=D64)
     elbo_local = torch.tensor([-95.0, -92.0], dtype=D64)
@@ -297,7 +297,7 @@ def test_a_negative_amortisation_gap_is_refused_also_outside_the_guides_family()
 
 
 def test_log_px_combines_both_proposals_and_a_fit_that_misses_mass_is_refused():
-    from pyro_vae.gaps import GapReport, combine_estimates
+    from pyro_vae.apps.gaps import GapReport, combine_estimates
 
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     # an exact proposal (no spread) takes all the weight; equal errors average p, not log p

@@ -13,17 +13,17 @@ from exact_models import D64, LinearGaussianChain
 from helpers import TINY, load_script, run_in_process, run_script
 
 from pyro_vae import HierarchicalVAE, Trainer, estimate_log_px, load_checkpoint, make_elbo
-from pyro_vae.compression import CompressedImages
+from pyro_vae.apps.compression import CompressedImages
+from pyro_vae.apps.ood import bound_above, llr_above, llr_above_sampled
+from pyro_vae.inference.objectives import IWAE
 from pyro_vae.models import model_from_checkpoint
-from pyro_vae.objectives import IWAE
-from pyro_vae.ood import bound_above, llr_above, llr_above_sampled
 
 X = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("guide", ["bottom-up", "top-down", "deterministic"])
 def test_both_guides_train_with_every_objective_and_round_trip_a_checkpoint(guide, tmp_path):
-    from pyro_vae.checkpoints import save_checkpoint
+    from pyro_vae.io.checkpoints import save_checkpoint
 
     hvae = HierarchicalVAE(z_dims=(8, 4), hidden=((32,), (16,)), guide=guide)
     assert hvae.latent_sites == ("z1", "z2")
@@ -66,7 +66,7 @@ def test_the_guides_own_family_holds_the_amortised_guide_and_its_fit_improves_on
     """guide_from(posterior_parameters(x)) is the guide itself (same draws, same log q), so
     the per-image fit in the guide's own family starts at the amortised guide and the
     decomposition is nested: an amortisation gap that cannot be negative."""
-    from pyro_vae.gaps import LocalGuide, inference_gaps
+    from pyro_vae.apps.gaps import LocalGuide, inference_gaps
 
     torch.manual_seed(2)
     hvae = HierarchicalVAE(z_dims=(6, 3), hidden=((24,), (12,)), guide=guide)
@@ -325,7 +325,7 @@ def test_a_one_layer_run_saved_with_the_hierarchical_flags_filled_in_still_resum
     args = [*TINY, "--z-dim", "4", "--hidden", "16", "--eval-particles", "0"]
     first = run_script("train_svi.py", [*args, "--epochs", "1", "--out", str(out)], data_dir)
     assert first.returncode == 0, first.stderr
-    from pyro_vae.checkpoints import save_checkpoint
+    from pyro_vae.io.checkpoints import save_checkpoint
 
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["config"]["guide"] is None and state["config"]["z_dims"] is None

@@ -12,8 +12,8 @@ from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 
 from pyro_vae import VAE, Trainer, estimate_log_px, make_elbo
-from pyro_vae.objectives import IWAE, DReG, ObjectiveError
-from pyro_vae.schedules import KLWeight
+from pyro_vae.inference.objectives import IWAE, DReG, ObjectiveError
+from pyro_vae.training.schedules import KLWeight
 
 
 def exact_guide_with_params(lg):

@@ -11,9 +11,7 @@ import torch
 from helpers import run_script
 
 from pyro_vae import VAE, BatchLoader, Trainer
-from pyro_vae.data import binarize_static
-from pyro_vae.data.sources import FASHION_DEBIAN_DIR
-from pyro_vae.ood import (
+from pyro_vae.apps.ood import (
     BACKGROUND_SCORE,
     COMPRESSORS,
     SCORES,
@@ -24,6 +22,8 @@ from pyro_vae.ood import (
     made_images,
     ood_scores,
 )
+from pyro_vae.data import binarize_static
+from pyro_vae.data.sources import FASHION_DEBIAN_DIR
 
 
 def pairwise_auroc(inside, outside):
@@ -195,7 +195,7 @@ def test_the_lzma_code_length_is_preset_9e_s():
     """The per-image lzma compressor keeps preset 9e's code lengths with a small dictionary."""
     import lzma
 
-    from pyro_vae.ood import complexity_bits
+    from pyro_vae.apps.ood import complexity_bits
 
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(40, 784, generator=g) < torch.rand(40, 1, generator=g) * 0.5).float()

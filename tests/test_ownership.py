@@ -12,7 +12,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from pyro_vae import SSVAE, VAE, Trainer
-from pyro_vae.stepper import ParamClashError
+from pyro_vae.training.stepper import ParamClashError
 
 X = torch.bernoulli(torch.full((32, 784), 0.3), generator=torch.Generator().manual_seed(0))
 

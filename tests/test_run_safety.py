@@ -16,7 +16,7 @@ import pytest
 from helpers import SCRIPTS_DIR, TINY, run_in_process, run_script
 from test_resume import held_at, kill
 
-from pyro_vae.rundir import LOCK_NAME, Outputs, RunDir, RunDirError, default_run_dir
+from pyro_vae.io.rundir import LOCK_NAME, Outputs, RunDir, RunDirError, default_run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_default_run_names_do_not_collide_and_a_taken_directory_is_refused(tmp_p
         [
             sys.executable,
             "-c",
-            "import sys; from pyro_vae.rundir import RunDir; "
+            "import sys; from pyro_vae.io.rundir import RunDir; "
             f"RunDir({str(taken)!r}).acquire(new=True); print('held', flush=True); "
             "sys.stdin.read()",
         ],

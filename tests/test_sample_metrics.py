@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.baselines import GAN, fit_gan, interpolate
-from pyro_vae.sample_metrics import (
+from pyro_vae.apps.baselines import GAN, fit_gan, interpolate
+from pyro_vae.apps.sample_metrics import (
     classifier_features,
     frechet_distance,
     gaussian_frechet_distance,
@@ -70,7 +70,7 @@ def test_precision_and_recall_tell_narrow_from_broad():
 
 
 def test_classifier_features_are_the_penultimate_layer():
-    from pyro_vae.nets import mlp
+    from pyro_vae.networks.nets import mlp
 
     torch.manual_seed(0)
     net = mlp([6, 5, 4, 3], "relu")

@@ -178,7 +178,7 @@ def background_run(run, directory):
     output bias moved (the model itself is refused as its own background)."""
     import torch
 
-    from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
+    from pyro_vae.io.checkpoints import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(run)
     bias = next(k for k in state["model"] if k.startswith("decoder") and k.endswith("bias"))

@@ -11,9 +11,9 @@ from torch.nn import functional as F
 
 from pyro_vae import DataError
 from pyro_vae.data import Dataset, labelled_subset
-from pyro_vae.evaluate import estimate_log_px_over_labels
+from pyro_vae.inference.evaluate import estimate_log_px_over_labels
 from pyro_vae.models import SSVAE
-from pyro_vae.nets import mlp, with_class
+from pyro_vae.networks.nets import mlp, with_class
 
 C = 4
 

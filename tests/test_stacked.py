@@ -15,8 +15,8 @@ from pyro.infer import TraceEnum_ELBO
 from torch.nn import functional as F
 
 from pyro_vae import EarlyStopping, Trainer
-from pyro_vae.checkpoints import load_checkpoint, save_checkpoint
-from pyro_vae.evaluate import estimate_log_px, estimate_log_px_over_labels
+from pyro_vae.inference.evaluate import estimate_log_px, estimate_log_px_over_labels
+from pyro_vae.io.checkpoints import load_checkpoint, save_checkpoint
 from pyro_vae.models import VAE, StackedSSVAE, model_from_checkpoint
 
 C = 3

@@ -46,7 +46,7 @@ def test_same_seed_same_numbers(small):
 def test_the_loop_around_a_hand_built_stepper_trains_as_the_one_trainer_builds(small):
     """Trainer.around(stepper): the step's options given once, on the stepper; the same
     numbers, bit for bit, as the Trainer that builds the same stepper from its keywords."""
-    from pyro_vae.stepper import SVIStepper
+    from pyro_vae.training.stepper import SVIStepper
 
     options = dict(clip_norm=50.0, adam_eps=1e-4, skip_norm=1e6)
     _, _, built = fit(
@@ -155,7 +155,7 @@ def test_plain_function_model_and_guide_with_pyro_params():
 
 
 def test_cosine_schedule_sets_each_epochs_rate_and_constant_leaves_it():
-    from pyro_vae.schedules import lr_factor
+    from pyro_vae.training.schedules import lr_factor
 
     assert [lr_factor("constant", e, 4) for e in (1, 4)] == [1.0, 1.0]
     assert [round(lr_factor("cosine", e, 4), 6) for e in (1, 2, 3, 4)] == [
@@ -177,7 +177,7 @@ def test_cosine_schedule_sets_each_epochs_rate_and_constant_leaves_it():
 
 
 def test_the_stepper_steps_any_loss_and_says_what_it_did():
-    from pyro_vae.stepper import Stepper
+    from pyro_vae.training.stepper import Stepper
 
     w = torch.zeros(3, requires_grad=True)
     stepper = Stepper(lambda x: ((w - x) ** 2).sum(), [w], lr=0.1)
@@ -217,7 +217,7 @@ def test_one_library_call_trains_resumes_and_evaluates_a_run_without_argparse(da
     import json
 
     from pyro_vae import Run, TrainConfig, load_checkpoint, train_vae
-    from pyro_vae.rundir import strict_json
+    from pyro_vae.io.rundir import strict_json
 
     config = TrainConfig(
         z_dim=4, hidden=(16,), epochs=2, batch_size=128, train_size=512, eval_size=128,

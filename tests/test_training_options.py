@@ -10,9 +10,9 @@ from helpers import TINY, run_script
 
 from pyro_vae import VAE, BatchLoader, HierarchicalVAE, Trainer, load_checkpoint
 from pyro_vae.models import model_from_checkpoint
-from pyro_vae.nets import Encoder, scale_from
-from pyro_vae.schedules import KLWeight, kl_warmup_weight, lr_factor
-from pyro_vae.stepper import Stepper
+from pyro_vae.networks.nets import Encoder, scale_from
+from pyro_vae.training.schedules import KLWeight, kl_warmup_weight, lr_factor
+from pyro_vae.training.stepper import Stepper
 
 
 def test_the_step_schedule_is_burdas_at_3280_epochs_and_scales_to_any_length():
@@ -106,7 +106,7 @@ def test_scale_links():
 
 
 def test_weight_norm_and_the_output_bias_round_trip_through_a_checkpoint(tmp_path):
-    from pyro_vae.checkpoints import save_checkpoint
+    from pyro_vae.io.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     hvae = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)), weight_norm=True, scale_link="exp")
@@ -180,8 +180,8 @@ def test_train_svi_takes_the_options_records_them_and_resumes_a_warm_up(data_dir
 
 
 def test_free_bits_hold_each_layer_at_its_floor_and_follow_their_schedule(mnist):
-    from pyro_vae.objectives import IWAE, FreeBitsELBO
-    from pyro_vae.schedules import free_bits_level
+    from pyro_vae.inference.objectives import IWAE, FreeBitsELBO
+    from pyro_vae.training.schedules import free_bits_level
 
     torch.manual_seed(0)
     hvae = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)))
@@ -211,14 +211,14 @@ def test_free_bits_hold_each_layer_at_its_floor_and_follow_their_schedule(mnist)
 
 
 def pyro_vae_traces(model, x):
-    from pyro_vae.weights import trace_particles
+    from pyro_vae.inference.weights import trace_particles
 
     return trace_particles(model.model, model.guide, x, num_particles=1)
 
 
 def test_batch_norm_trains_on_the_batch_and_evaluates_on_running_statistics(mnist, tmp_path):
     from pyro_vae import estimate_log_px
-    from pyro_vae.checkpoints import save_checkpoint
+    from pyro_vae.io.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     hvae = HierarchicalVAE(z_dims=(6, 3), hidden=((16,), (8,)), batch_norm=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from pyro_vae.checkpoints import CheckpointError
+from pyro_vae.io.checkpoints import CheckpointError
 from pyro_vae.models.hierarchical import HierarchicalVAE
 from pyro_vae.models.ssvae import SSVAE
 from pyro_vae.models.stacked import StackedSSVAE

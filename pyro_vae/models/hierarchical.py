@@ -19,7 +19,7 @@ guides share the same inference networks:
   No layer's proposal depends on a sample, so q(z_{>k} | x) is known for every k.
 
 Training options every guide takes: ``scale_link`` (how a network output becomes a standard
-deviation, ``pyro_vae.nets.SCALE_LINKS``) and ``weight_norm`` (every linear layer weight
+deviation, ``pyro_vae.networks.nets.SCALE_LINKS``) and ``weight_norm`` (every linear layer weight
 normalised).
 
 The default sizes are Burda et al.'s two-layer architecture: 784-200-200-100 (stochastic)
@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from pyro_vae.checks import ConfigError, positive_int, sizes
 from pyro_vae.choices import HVAE_GUIDES
-from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
-from pyro_vae.nets import SCALE_LINKS, Decoder, Encoder
+from pyro_vae.networks.distributions import BernoulliImage
+from pyro_vae.networks.nets import SCALE_LINKS, Decoder, Encoder
 
 __all__ = ["HierarchicalVAE"]
 
@@ -183,7 +183,7 @@ class HierarchicalVAE(PyroModel):
         the bottom-up estimates of every layer (P = 2 (d_1 + ... + d_L)), for the bottom-up
         guide q(z_1 | x) (P = 2 d_1; the layers above are drawn through their networks).
         ``guide_from`` of these is the guide; of any other values, another member of its
-        family (a per-image optimum, ``pyro_vae.gaps``)."""
+        family (a per-image optimum, ``pyro_vae.apps.gaps``)."""
         if self.guide_kind == "bottom-up":
             return self.encoders[0].net(x)
         return self._chain_of_means(x)

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from pyro_vae.checks import positive_int, sizes
 from pyro_vae.choices import CLASSIFIERS
-from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
-from pyro_vae.nets import ConvNet, Decoder, Encoder, mlp
+from pyro_vae.networks.distributions import BernoulliImage
+from pyro_vae.networks.nets import ConvNet, Decoder, Encoder, mlp
 
 __all__ = ["CLASSIFIERS", "SSVAE"]
 

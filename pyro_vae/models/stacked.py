@@ -31,7 +31,7 @@ from torch import Tensor
 from pyro_vae.models.base import PyroModel
 from pyro_vae.models.ssvae import ClassConditional
 from pyro_vae.models.vae import VAE
-from pyro_vae.nets import Encoder, mlp
+from pyro_vae.networks.nets import Encoder, mlp
 
 __all__ = ["StackedSSVAE"]
 

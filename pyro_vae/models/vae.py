@@ -14,9 +14,9 @@ from torch.nn import functional as F
 
 from pyro_vae.checks import ConfigError, positive_int, positive_number, sizes
 from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS, SCALE_LINKS
-from pyro_vae.distributions import BernoulliImage
 from pyro_vae.models.base import PyroModel
-from pyro_vae.nets import Decoder, Encoder
+from pyro_vae.networks.distributions import BernoulliImage
+from pyro_vae.networks.nets import Decoder, Encoder
 
 __all__ = ["COVARIANCES", "FLOWS", "LIKELIHOODS", "VAE"]
 

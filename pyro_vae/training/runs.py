@@ -21,15 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyro_vae.checkpoints import (
-    CheckpointError,
-    get_rng_state,
-    load_checkpoint,
-    remove_stale_temporaries,
-    resolve_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
 from pyro_vae.checks import ConfigError
 from pyro_vae.choices import BINARIZATIONS
 from pyro_vae.config import SSVAEConfig, TrainConfig
@@ -41,13 +32,22 @@ from pyro_vae.data import (
     heldout_split,
     load_dataset,
 )
-from pyro_vae.distributed import Ranks, all_gather_objects, sharded_log_px
-from pyro_vae.evaluate import MarginalLikelihood
 from pyro_vae.faults import pause_point
-from pyro_vae.rundir import RunDir
+from pyro_vae.inference.evaluate import MarginalLikelihood
+from pyro_vae.io.checkpoints import (
+    CheckpointError,
+    get_rng_state,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from pyro_vae.io.rundir import RunDir
 from pyro_vae.seeding import child_seed, seed_everything
-from pyro_vae.stepper import NonFiniteError
-from pyro_vae.train import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
+from pyro_vae.training.distributed import Ranks, all_gather_objects, sharded_log_px
+from pyro_vae.training.stepper import NonFiniteError
+from pyro_vae.training.trainer import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
 
 __all__ = ["CONFIG_CLASSES", "Run", "RunData", "TrainingRun"]
 

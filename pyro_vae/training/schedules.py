@@ -83,7 +83,7 @@ class KLWeight(Messenger):
     (``with KLWeight(beta): elbo.differentiable_loss(model, guide, x)``) it scales the
     latent sites of model and guide alike: ``Trace_ELBO`` then optimises
     E log p(x | z) - beta KL(q || p), and the importance-weighted objectives read beta as a
-    temperature on log p(z) - log q(z) inside each weight (``pyro_vae.objectives``).
+    temperature on log p(z) - log q(z) inside each weight (``pyro_vae.inference.objectives``).
     The evaluator uses unscaled log-probs, so it always reports the beta = 1 bounds.
 
     ``JitTrace_ELBO`` compiles the scale into its trace once: it cannot follow a weight that

@@ -52,7 +52,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_vae.choices import DEFAULT_MAX_ROWS, MADE
-from pyro_vae.evaluate import _chunk_rng, estimate_log_px
+from pyro_vae.inference.evaluate import _chunk_rng, estimate_log_px
 from pyro_vae.seeding import child_seed
 
 __all__ = [
@@ -251,7 +251,7 @@ def bound_above(
 def _bound_above(model, guide, x, lower_sites, num_particles, plate_name) -> Tensor:
     from pyro import poutine
 
-    from pyro_vae.weights import replay_model, sample_sites, site_log_prob, trace_guide
+    from pyro_vae.inference.weights import replay_model, sample_sites, site_log_prob, trace_guide
 
     guide_trace = trace_guide(guide, x, num_particles=num_particles)
     latents = [n for n, site in sample_sites(guide_trace) if not site["is_observed"]]

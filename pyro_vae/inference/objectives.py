@@ -15,7 +15,7 @@ every site sits in the data plate: it puts the *scaled* log-probs inside the log
 under plate subsampling (scale N/B) or ``poutine.scale`` it is not the IWAE bound; it has
 no ``differentiable_loss``; and it has no doubly reparameterised gradient.  Here the log
 weights are built from each site's own, unscaled log-prob with the data dimension kept (as
-in ``pyro_vae.evaluate``), and the subsampling factor N/B multiplies the summed bounds.
+in ``pyro_vae.inference.evaluate``), and the subsampling factor N/B multiplies the summed bounds.
 
 ``DReG`` (Tucker, Lawson, Gu & Maddison 2018) has the same value and the same gradient for
 the model's parameters; for the guide's parameters it uses the doubly reparameterised
@@ -50,7 +50,7 @@ import torch
 from pyro.infer import ELBO
 from torch import Tensor
 
-from pyro_vae.weights import (
+from pyro_vae.inference.weights import (
     ImportanceTraces,
     data_frame,
     replay_guide,

@@ -1,7 +1,7 @@
 """The SVI training loop: objective choice, the epochs, learning-rate schedule, progress bar,
 metrics, validation, callbacks and stop rules.
 
-Each step is an ``SVIStepper`` (``pyro_vae.stepper``): the same loss that
+Each step is an ``SVIStepper`` (``pyro_vae.training.stepper``): the same loss that
 ``pyro.infer.SVI.step`` computes (``elbo.differentiable_loss(model, guide, *batch)``), then
 ``backward``, checks of the loss and gradients for non-finite values, optional clipping, and
 one ``torch.optim.Adam`` step over all parameters.  ``SVI.step`` cannot check gradients
@@ -25,12 +25,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pyro_vae.choices import ELBO_NAMES, IMPORTANCE_WEIGHTED, LR_SCHEDULES
-from pyro_vae.deprecation import moved_name
-from pyro_vae.distributed import Ranks, all_sum, shard_bounds
-from pyro_vae.evaluate import estimate_log_px
-from pyro_vae.objectives import IWAE, DReG, FreeBitsELBO
-from pyro_vae.schedules import free_bits_level, kl_warmup_weight, lr_factor
-from pyro_vae.stepper import SVIStepper
+from pyro_vae.inference.evaluate import estimate_log_px
+from pyro_vae.inference.objectives import IWAE, DReG, FreeBitsELBO
+from pyro_vae.training.distributed import Ranks, all_sum, shard_bounds
+from pyro_vae.training.schedules import free_bits_level, kl_warmup_weight, lr_factor
+from pyro_vae.training.stepper import SVIStepper
 
 __all__ = [
     "ELBOS",
@@ -41,25 +40,6 @@ __all__ = [
     "make_elbo",
     "stop_on_sigint",
 ]
-
-# Names this module held before they moved to modules of their own: still importable from
-# here for one release, with a DeprecationWarning that names their home.
-_MOVED = {
-    "DEFAULT_PRESET": "pyro_vae.choices",
-    "PRESETS": "pyro_vae.choices",
-    "seed_everything": "pyro_vae.seeding",
-    "NonFiniteError": "pyro_vae.stepper",
-    "ParamClashError": "pyro_vae.stepper",
-    "StepInfo": "pyro_vae.stepper",
-    "Stepper": "pyro_vae.stepper",
-    "nonfinite_sites": "pyro_vae.stepper",
-    "owner_modules": "pyro_vae.stepper",
-}
-
-
-def __getattr__(name: str) -> Any:
-    return moved_name(__name__, name, _MOVED)
-
 
 ELBOS: dict[str, type[ELBO]] = dict(
     zip(

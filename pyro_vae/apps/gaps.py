@@ -55,8 +55,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_vae.choices import FAMILIES
-from pyro_vae.evaluate import estimate_log_px
-from pyro_vae.stepper import Stepper
+from pyro_vae.inference.evaluate import estimate_log_px
+from pyro_vae.training.stepper import Stepper
 
 __all__ = [
     "FAMILIES",

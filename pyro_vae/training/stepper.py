@@ -30,9 +30,9 @@ from pyro import poutine
 from pyro.infer import ELBO
 from torch import Tensor, nn
 
-from pyro_vae.distributed import Ranks
-from pyro_vae.schedules import KLWeight
-from pyro_vae.weights import sample_sites, trace_particles
+from pyro_vae.inference.weights import sample_sites, trace_particles
+from pyro_vae.training.distributed import Ranks
+from pyro_vae.training.schedules import KLWeight
 
 __all__ = [
     "NonFiniteError",

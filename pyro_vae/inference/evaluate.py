@@ -8,7 +8,7 @@ log w_k = log p(x, z_k) - log q(z_k|x)::
     ELBO(x)    = mean_k(log w_k)                   (unbiased for E_q[log w])
     gap(x)     = log p̂_K(x) - ELBO(x)              (estimates KL(q(z|x) || p(z|x)))
 
-The log weights come from ``pyro_vae.weights`` (each site's own, unscaled ``log_prob``
+The log weights come from ``pyro_vae.inference.weights`` (each site's own, unscaled ``log_prob``
 with the data dimension kept), the same computation the training objectives use; here they
 are drawn in chunks of particles and datapoints and reduced in float64.
 """
@@ -32,8 +32,8 @@ from tqdm import tqdm
 from pyro_vae.checks import as_tensor, positive_int
 from pyro_vae.choices import DEFAULT_KS, DEFAULT_MAX_ROWS
 from pyro_vae.faults import pause_point
+from pyro_vae.inference.weights import ImportanceTraces, replay_model, trace_guide, trace_particles
 from pyro_vae.seeding import child_seed
-from pyro_vae.weights import ImportanceTraces, replay_model, trace_guide, trace_particles
 
 __all__ = [
     "LabelMarginalLikelihood",

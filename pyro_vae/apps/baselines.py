@@ -21,7 +21,7 @@ samples from its latent space:
 images (no downloaded weights): its mean confidence (the largest class probability) and the
 balance of the predicted classes (entropy of their histogram over log 10: 1 when every
 digit is equally common); given the features of real images, also the Fréchet distance and
-the k-NN precision and recall in the classifier's feature space (``pyro_vae.sample_metrics``).
+the k-NN precision and recall in the classifier's feature space (``pyro_vae.apps.sample_metrics``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyro_vae.apps.sample_metrics import classifier_features, frechet_distance, precision_recall
 from pyro_vae.choices import CAPABILITIES, METHODS
-from pyro_vae.nets import Decoder, mlp
-from pyro_vae.sample_metrics import classifier_features, frechet_distance, precision_recall
-from pyro_vae.stepper import Stepper
+from pyro_vae.networks.nets import Decoder, mlp
+from pyro_vae.training.stepper import Stepper
 
 __all__ = [
     "CAPABILITIES",
@@ -371,7 +371,7 @@ def compare_latent_models(
     against the features of ``test``."""
     from pyro_vae.data import BatchLoader, as_dataset
     from pyro_vae.models.vae import VAE
-    from pyro_vae.train import Trainer
+    from pyro_vae.training.trainer import Trainer
 
     x_dim = train.shape[1]
     torch.manual_seed(seed)

@@ -224,7 +224,7 @@ def sharded_log_px(
     rank.  Shards are cut at whole chunks and each chunk draws from a generator seeded by
     ``seed`` and its position, so the per-datapoint values are bit for bit those of one
     process with the same seed, whatever the number of ranks."""
-    from pyro_vae.evaluate import (
+    from pyro_vae.inference.evaluate import (
         DEFAULT_MAX_ROWS,
         MarginalLikelihood,
         estimate_log_px,

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_vae.deprecation import moved_name
 from pyro_vae.faults import pause_point
-from pyro_vae.rundir import CHECKPOINT_NAME
+from pyro_vae.io.rundir import CHECKPOINT_NAME
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -34,14 +33,6 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
 ]
-
-# the run directory's names, importable from here before rundir.py held them (one release more)
-_MOVED = {"RunDir": "pyro_vae.rundir", "default_run_dir": "pyro_vae.rundir"}
-
-
-def __getattr__(name: str) -> Any:
-    return moved_name(__name__, name, _MOVED)
-
 
 FORMAT_VERSION = 1
 # save_checkpoint's temporary files: "<target>." + tempfile's 8 random characters + ".tmp"

@@ -1,7 +1,7 @@
-"""Shared command-line pieces: argument types, common flags, one-line errors with exit code 2.
+"""Argument types and the flags the scripts share: every bad value becomes one line on
+stderr and exit status 2 (``ArgumentParser``, ``UsageError``), never a traceback.
 
-Every bad value a user can type becomes one line on stderr and exit status 2, never a
-traceback; a run that diverges exits with status 1 and a one-line message.
+Nothing heavy is imported here: the scripts parse their arguments before torch loads.
 """
 
 from __future__ import annotations
@@ -9,43 +9,42 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyro_vae.choices import ACTIVATIONS, BINARIZATIONS, DATASETS, LARGEST_SIZE, LR_SCHEDULES
-from pyro_vae.rundir import CHECKPOINT_NAME, Outputs, RunDir, RunDirError, release_all
-
-if TYPE_CHECKING:
-    import torch
-
-    from pyro_vae.distributed import Ranks
-
-# This module imports nothing heavy at the top: the scripts parse their arguments with it
-# before torch and Pyro are loaded, so --help and a bad flag answer at once.
-
-# torch's CPU threads wait for work by spinning (OpenMP's active policy). When another
-# process keeps a core busy, spinning threads take turns with it and an epoch of the default
-# recipe took 12.5 s with two threads against 4.0 s with one; with passive waiting, 3.4 s
-# (benchmarks/threads.py, docs/results/training-speed.md). Set before torch loads; a value
-# the user gave wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from pyro_vae.io.rundir import Outputs, RunDir
 
 __all__ = [
     "ArgumentParser",
+    "RESUMABLE_FLAGS",
     "ResultError",
     "UsageError",
+    "adam_betas",
     "add_data_args",
     "add_force_arg",
-    "output_dir",
+    "add_preset_arg",
+    "add_resume_arg",
+    "add_runtime_args",
+    "add_training_args",
+    "apply_preset",
+    "apply_threads",
     "hidden_sizes",
+    "layer_sizes",
+    "nonnegative_float",
+    "nonnegative_int",
     "number_type",
+    "optimizer_options",
+    "output_dir",
+    "outputs_for",
     "positive_float",
     "positive_int",
-    "resolve_device",
-    "run",
+    "probability",
+    "run_config",
+    "seed_value",
+    "shown",
+    "unit_interval",
+    "warmup_length",
 ]
 
 
@@ -354,104 +353,6 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resume_state(path: Path) -> tuple[dict | None, dict]:
-    """(checkpoint or None, the run's config) for ``--resume path``.
-
-    A run killed before its first checkpoint has only ``config.json``: it starts afresh in
-    the same directory from that config.
-    """
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    run = RunDir(run_dir)
-    if (run_dir / CHECKPOINT_NAME).is_file() or path.is_file():
-        from pyro_vae.checkpoints import load_checkpoint
-
-        state = load_checkpoint(path)
-        _check_saved_config(run, state)
-        return state, {**state["config"], "out": str(run_dir)}
-    if not run.config_path.is_file():
-        raise UsageError(f"--resume {path}: no checkpoint.pt or config.json there")
-    try:
-        config = run.read_config()
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--resume {path}: unreadable config.json ({e})") from None
-    return None, {**config, "out": str(run_dir)}
-
-
-def _check_saved_config(run: RunDir, state: dict) -> None:
-    """The checkpoint is the source of truth; a ``config.json`` beside it that says otherwise
-    (corrupt, or another run's) is refused rather than left in place or silently replaced."""
-    if not run.config_path.exists():
-        return
-    try:
-        saved = run.read_config()
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict) or _identity(saved) != _identity(state.get("config")):
-        raise UsageError(
-            f"--resume {run.path}: config.json does not match the checkpoint's config (corrupt "
-            "or from another run); restore it, or remove it to have it rewritten from the "
-            "checkpoint"
-        )
-
-
-def _identity(config) -> dict:
-    """A config without the flags a resumed run may change, as plain JSON values."""
-    import json
-
-    if not isinstance(config, dict):
-        return {}
-    kept = {k: v for k, v in config.items() if k not in (*RESUMABLE_FLAGS, "out")}
-    return json.loads(json.dumps(kept, sort_keys=True, default=str))
-
-
-def _legacy_defaults() -> dict:
-    """What runs from before a flag existed did, where that differs from the flag's default:
-    the typed configs' migrations (imported here, after the flags are parsed: they load
-    torch)."""
-    from pyro_vae.config import MIGRATIONS, SSVAE_MIGRATIONS
-
-    return {**SSVAE_MIGRATIONS, **MIGRATIONS}
-
-
-def merge_resumed_args(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict
-) -> argparse.Namespace:
-    """The saved run's flags, with the command line's resumable flags where given.
-
-    Any other flag set to a non-default value is an error: it would silently not apply.
-    """
-    merged = dict(config)
-    known = {a.dest for a in parser._actions}
-    for key, value in vars(args).items():
-        default = parser.get_default(key)
-        if key in RESUMABLE_FLAGS:
-            if value != default or key not in merged:
-                merged[key] = value
-        elif key == "out":
-            continue  # the run directory is the one being resumed
-        elif value != default and value != merged.get(key):
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(
-                f"{flag} cannot change when resuming (only "
-                + ", ".join(
-                    "--" + f.replace("_", "-")
-                    for f in RESUMABLE_FLAGS
-                    if f in known and f != "resume"
-                )
-                + ")"
-            )
-        elif key not in merged:  # a flag newer than the run: the behaviour it had then
-            merged[key] = _legacy_defaults().get(key, default)
-    for key in ("data_dir", "out", "resume"):
-        if merged.get(key) is not None:
-            merged[key] = Path(merged[key])
-    for key, value in merged.items():
-        if isinstance(value, list):
-            merged[key] = tuple(value)
-    return argparse.Namespace(**{k: v for k, v in merged.items() if k in known})
-
-
 def run_config(args: argparse.Namespace, **extra) -> dict:
     """A run's config.json: every flag as a plain value, plus ``extra``."""
     config = {}
@@ -572,196 +473,3 @@ def add_training_args(
     add_resume_arg(parser)
     add_data_args(parser)
     add_runtime_args(parser)
-
-
-def begin_run(
-    args: argparse.Namespace,
-    parser: argparse.ArgumentParser,
-    name: str,
-    presets: dict | None = None,
-    overrides: dict[tuple[str, str], dict] | None = None,
-) -> tuple[argparse.Namespace, dict | None, Path, torch.device, Ranks]:
-    """Resolve ``--resume`` (the saved flags, the checkpoint or None), the preset, the device,
-    the process group when launched by ``torchrun``, and the run directory (checked, not
-    created), and seed everything: (args, state, out, device, ranks).
-
-    On several processes rank 0 chooses and checks the run directory and tells the others;
-    ``--batch-size`` is the global batch and must be a multiple of the number of processes;
-    rank r > 0 draws from a random stream of its own.
-    """
-    from pyro_vae.distributed import all_gather_objects, setup
-    from pyro_vae.rundir import default_run_dir
-    from pyro_vae.seeding import child_seed, seed_everything
-
-    state, out = None, None
-    if args.resume is not None:
-        if int(os.environ.get("RANK", "0")) == 0:  # refused at once if a live process writes there
-            resumed = Path(args.resume)
-            RunDir(resumed if resumed.is_dir() else resumed.parent).check(flag="--resume")
-        state, config = resume_state(args.resume)
-        args = merge_resumed_args(parser, args, config)
-        out = args.out
-        done = None if state is None else int(state["trainer"]["epoch"])
-        if done is not None and getattr(args, "epochs", None) is not None and args.epochs < done:
-            raise UsageError(
-                f"--epochs {args.epochs}: the run has trained {done} epochs already (give "
-                f"{done} or more)"
-            )
-    # Flags whose default is None on the parser, so that a resume can tell a given value from
-    # none and a preset can set them: their value when neither the command line nor the
-    # preset gives one.  The model comes first, since the preset's overrides depend on it.
-    late = getattr(parser, "late_defaults", {})
-    if "model" in late and getattr(args, "model", None) is None:
-        args.model = late["model"]
-    if presets is not None:
-        args = apply_preset(args, presets, overrides)
-    for key, value in late.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    device = resolve_device(args.device)
-    ranks, device = setup(device)
-    apply_threads(args)
-    batch = getattr(args, "batch_size", None)
-    if batch is not None and batch % ranks.world_size:
-        raise UsageError(
-            f"--batch-size {batch} (the global batch) is not a multiple of the "
-            f"{ranks.world_size} processes"
-        )
-    if out is None:
-        # checked here, before any work; TrainingRun.start claims it (acquire, new=True)
-        chosen: Path | Exception | None = None
-        if ranks.is_main:
-            try:
-                chosen = RunDir(args.out or default_run_dir(name)).check(new=True).path
-            except RunDirError as e:
-                chosen = e
-        chosen = all_gather_objects(chosen, ranks)[0]
-        if isinstance(chosen, Exception):
-            raise chosen
-        out = chosen
-    seed_everything(args.seed if ranks.is_main else child_seed(args.seed, f"rank-{ranks.rank}"))
-    return args, state, out, device, ranks
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (an error if there is no GPU) or ``auto``."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-class _Terminated(Exception):
-    """SIGTERM arrived (torchrun stopping the run)."""
-
-
-def _raise_terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the report below must get out
-    raise _Terminated
-
-
-# torch reports a failed CPU allocation as a plain RuntimeError with this text
-_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-
-
-def run(
-    main: Callable[[argparse.Namespace], object], args: argparse.Namespace, *, grad: bool = True
-) -> int:
-    """Call ``main(args)``; turn known errors into one line on stderr and an exit status.
-    ``grad=False``: with torch's gradients off throughout (the evaluation scripts).
-
-    Under ``torchrun`` every rank meets the same errors; rank 0 alone reports them, except a
-    lost process group, which each surviving rank reports with its rank.
-    """
-    # the errors main may raise, from modules main has loaded anyway (they import torch: a
-    # Ctrl-C while they load is an interruption like any other, not a traceback)
-    try:
-        from pyro_vae.checkpoints import CheckpointError
-        from pyro_vae.checks import ConfigError
-        from pyro_vae.data import DataError
-        from pyro_vae.distributed import DistributedError, RendezvousError, is_lost_peer, teardown
-        from pyro_vae.stepper import NonFiniteError
-        from pyro_vae.train import TrainingInterrupted
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-    distributed = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", "0"))
-
-    def say(line: str) -> None:
-        if rank == 0:
-            print(line, file=sys.stderr)
-
-    if distributed:  # torchrun ends every process when one fails: say so, in one line
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        if not grad:
-            import torch
-
-            torch.set_grad_enabled(False)
-        main(args)
-    except ConfigError as e:  # a model's settings that do not go together: name the flag
-        say(f"error: --{e.field.replace('_', '-')}: {e.message}")
-        return 2
-    except (UsageError, DataError, CheckpointError, RunDirError) as e:
-        say(f"error: {e}")
-        return 2
-    except NonFiniteError as e:
-        out = getattr(e, "run_dir", None)
-        if out is not None and not (Path(out) / CHECKPOINT_NAME).is_file():
-            say(
-                f"error: {e}; no epoch had finished, so there is no checkpoint to resume: "
-                f"remove {out} and start again with other settings (a smaller --lr, say)"
-            )
-        else:
-            say(f"error: {e}; the last checkpoint was kept")
-        return 1
-    except ResultError as e:
-        say(f"error: {e}")
-        return 1
-    except MemoryError:
-        say("error: not enough memory for these settings; lower the sizes or particles")
-        return 2
-    except TrainingInterrupted as e:
-        out = getattr(e, "run_dir", None)
-        where = f" --resume {out}" if out else " --resume <run directory>"
-        # the interpreter that is running (a venv's python), so the command works as printed
-        say(f"{e}; checkpoint saved. Resume with: {sys.executable} {sys.argv[0]}{where}")
-        return 130
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except _Terminated:
-        print(
-            f"error: rank {rank}: stopped by torchrun because another process of the run "
-            "failed (torchrun's report names it); the last checkpoint was kept",
-            file=sys.stderr,
-        )
-        return 143
-    except RendezvousError as e:  # each rank has its own reason
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DistributedError, RuntimeError) as e:
-        text = " ".join(str(e).split())
-        if _CPU_OUT_OF_MEMORY in text or type(e).__name__ == "OutOfMemoryError":
-            wanted = text.partition("you tried to allocate ")[2].split(" bytes")[0]
-            size = f" ({int(wanted) / 1e9:.3g} GB at once)" if wanted.isdigit() else ""
-            say(f"error: not enough memory for these settings{size}; lower the sizes or particles")
-            return 2
-        if not distributed or not is_lost_peer(e):
-            raise
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(
-            f"error: rank {rank}: the process group was lost (another process of the run "
-            f"stopped): {text[:160]}; the last checkpoint was kept",
-            file=sys.stderr,
-        )
-        return 1
-    finally:
-        release_all()
-        teardown()
-    return 0
