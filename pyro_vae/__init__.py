@@ -69,9 +69,16 @@ _PUBLIC: dict[str, str] = {
     "lr_factor": "pyro_vae.training.schedules",
     "PRESETS": "pyro_vae.choices",
     "TrainResult": "pyro_vae.jobs",
+    "EvalResult": "pyro_vae.jobs",
+    "decompose_gaps": "pyro_vae.jobs",
+    "evaluate_log_px": "pyro_vae.jobs",
+    "score_ood": "pyro_vae.jobs",
     "train_ssvae": "pyro_vae.jobs",
     "train_vae": "pyro_vae.jobs",
     "SSVAEConfig": "pyro_vae.config",
+    "EvalConfig": "pyro_vae.config",
+    "GapsConfig": "pyro_vae.config",
+    "OODConfig": "pyro_vae.config",
     "TrainConfig": "pyro_vae.config",
     "EarlyStopping": "pyro_vae.training.trainer",
     "NonFiniteError": "pyro_vae.training.stepper",
@@ -102,7 +109,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from pyro_vae.apps import plots  # noqa: F401
     from pyro_vae.choices import PRESETS  # noqa: F401
-    from pyro_vae.config import SSVAEConfig, TrainConfig  # noqa: F401
+    from pyro_vae.config import (  # noqa: F401
+        EvalConfig,
+        GapsConfig,
+        OODConfig,
+        SSVAEConfig,
+        TrainConfig,
+    )
     from pyro_vae.data import (  # noqa: F401
         BatchLoader,
         DataError,
@@ -128,7 +141,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.inference.objectives import IWAE, DReG, ObjectiveError  # noqa: F401
     from pyro_vae.io.checkpoints import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
     from pyro_vae.io.rundir import Outputs, RunDir, RunDirError  # noqa: F401
-    from pyro_vae.jobs import TrainResult, train_ssvae, train_vae  # noqa: F401
+    from pyro_vae.jobs import (  # noqa: F401
+        EvalResult,
+        TrainResult,
+        decompose_gaps,
+        evaluate_log_px,
+        score_ood,
+        train_ssvae,
+        train_vae,
+    )
     from pyro_vae.models import (  # noqa: F401
         SSVAE,
         VAE,

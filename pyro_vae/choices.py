@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "ELBO_NAMES",
     "FAMILIES",
+    "HELDOUT_SPLITS",
     "FLOWS",
     "HVAE_GUIDES",
     "IMPORTANCE_WEIGHTED",
@@ -108,6 +109,8 @@ PRESET_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
 }
 #: The gap decomposition's families of q*
 FAMILIES = ("own", "diagonal", "full")
+#: The held-out splits a trained run is evaluated on.
+HELDOUT_SPLITS = ("test", "valid")
 #: generic compressors of the input-complexity OOD score
 COMPRESSORS = ("png", "zlib", "bz2", "lzma")
 #: OOD sets made from the in-distribution images

@@ -23,14 +23,19 @@ from pyro_vae.choices import (
     ACTIVATIONS,
     BINARIZATIONS,
     CLASSIFIERS,
+    COMPRESSORS,
     COVARIANCES,
     DATASETS,
+    DEFAULT_MAX_ROWS,
     ELBO_NAMES,
+    FAMILIES,
     FLOWS,
+    HELDOUT_SPLITS,
     HVAE_GUIDES,
     LARGEST_SIZE,
     LIKELIHOODS,
     LR_SCHEDULES,
+    MADE,
     MODEL_KINDS,
     PRESETS,
     SCALE_LINKS,
@@ -40,6 +45,10 @@ __all__ = [
     "MIGRATIONS",
     "RUNTIME_KEYS",
     "SSVAE_MIGRATIONS",
+    "Config",
+    "EvalConfig",
+    "GapsConfig",
+    "OODConfig",
     "RunConfig",
     "SSVAEConfig",
     "TrainConfig",
@@ -174,6 +183,13 @@ def _text(name: str, value: Any) -> str | None:
     return value
 
 
+def _seed(name: str, value: Any) -> int:
+    value = _integer(0)(name, value)
+    if value >= 2**32:  # numpy's generators take 32 bits
+        raise ConfigError(name, f"must be below 2**32, got {value}")
+    return value
+
+
 def _setting(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -182,10 +198,65 @@ _IW_FAST = PRESETS["iw-fast"]
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class Config:
+    """A job's settings, checked in one place: ``__post_init__`` checks every value (its
+    field's check) and then the settings that must go together (``check_together``), each
+    failure a ``ConfigError`` naming the setting; ``to_dict`` / ``from_dict`` write and read
+    it back as plain JSON values."""
+
+    script: ClassVar[str] = "this job"
+    recorded: ClassVar[tuple[str, ...]] = ()
+    migrations: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Settings that are fine alone and not together: a ``ConfigError`` naming one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON values (tuples as lists), for ``config.json``."""
+
+        def plain(value: Any) -> Any:
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> Config:
+        """A saved config read back typed: what it records besides the settings (the run
+        directory, the device, the model's own config: ``recorded``) set aside, keys older
+        runs lack migrated (``migrations``); an unknown key, or a missing key that has no
+        migration, is a ``ConfigError`` naming it."""
+        if not isinstance(saved, Mapping):
+            raise ConfigError(
+                "config", f"must be a mapping of settings, got {type(saved).__name__}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - names - set(cls.recorded))
+        if unknown:
+            raise ConfigError(unknown[0], f"is not a setting of {cls.script}")
+        values = {}
+        for name in sorted(names):
+            if name in saved:
+                values[name] = saved[name]
+            elif name in cls.migrations:
+                values[name] = cls.migrations[name]
+            else:
+                raise ConfigError(name, "is missing from the saved config")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes``, checked like a new config."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
     """What every training run has: the optimiser and its schedule, the data, the seed.
-    Subclasses add their model's settings; ``__post_init__`` checks every value (its field's
-    check) and then the settings that must go together (``check_together``)."""
+    Subclasses add their model's settings."""
 
     # the objective's optimiser and its schedule
     epochs: int = _setting(_IW_FAST["epochs"], _integer(1), "passes over the training images")
@@ -201,59 +272,13 @@ class RunConfig:
     dataset: str = _setting("mnist", _choice(DATASETS), "the data set")
     data_dir: str | None = _setting(None, _text, "where the data sets live")
     binarize: str = _setting("dynamic", _choice(BINARIZATIONS), "how pixels become binary")
-    seed: int = _setting(0, _integer(0), "the seed of every random draw")
+    seed: int = _setting(0, _seed, "the seed of every random draw")
     train_size: int | None = _setting(None, _optional(_integer(1)), "first N training images")
     eval_size: int | None = _setting(None, _optional(_integer(1)), "first N held-out images")
     # the script the settings are flags of, and what its saved configs hold besides them
-    script: ClassVar[str] = "a training"
+    script: ClassVar[str] = "a training run"
     recorded: ClassVar[tuple[str, ...]] = RUNTIME_KEYS
     migrations: ClassVar[dict[str, Any]] = {}
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
-        if self.seed >= 2**32:
-            raise ConfigError("seed", f"must be below 2**32, got {self.seed}")
-        self.check_together()
-
-    def check_together(self) -> None:
-        """Settings that are fine alone and not together: a ``ConfigError`` naming one."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON values (tuples as lists), for ``config.json``."""
-
-        def plain(value: Any) -> Any:
-            return [plain(v) for v in value] if isinstance(value, tuple) else value
-
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, saved: Mapping[str, Any]) -> RunConfig:
-        """A saved config read back typed: what it records besides the settings (the run
-        directory, the device, the model's own config: ``recorded``) set aside, keys older
-        runs lack migrated (``migrations``); an unknown key, or a missing key that has no
-        migration, is a ``ConfigError`` naming it."""
-        if not isinstance(saved, Mapping):
-            raise ConfigError(
-                "config", f"must be a mapping of settings, got {type(saved).__name__}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(saved) - names - set(cls.recorded))
-        if unknown:
-            raise ConfigError(unknown[0], f"is not a setting of a {cls.script} run")
-        values = {}
-        for name in sorted(names):
-            if name in saved:
-                values[name] = saved[name]
-            elif name in cls.migrations:
-                values[name] = cls.migrations[name]
-            else:
-                raise ConfigError(name, "is missing from the saved config")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> RunConfig:
-        """A copy with ``changes``, checked like a new config."""
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -299,7 +324,7 @@ class TrainConfig(RunConfig):
     eval_particles: int = _setting(500, _integer(0), "K for the test log p(x) (0: skip)")
     preset: str | None = _setting("iw-fast", _optional(_choice(tuple(PRESETS))), "the recipe")
 
-    script: ClassVar[str] = "train_svi.py"
+    script: ClassVar[str] = "a train_svi.py run"
     migrations: ClassVar[dict[str, Any]] = MIGRATIONS
 
     def check_together(self) -> None:
@@ -401,7 +426,7 @@ class SSVAEConfig(RunConfig):
     eval_particles: int = _setting(100, _integer(0), "K per class for the test log p(x)")
     likelihood_size: int = _setting(1000, _integer(1), "test images scored for log p(x)")
 
-    script: ClassVar[str] = "train_ssvae.py"
+    script: ClassVar[str] = "a train_ssvae.py run"
     recorded: ClassVar[tuple[str, ...]] = (*RUNTIME_KEYS, "labelled_indices")
     migrations: ClassVar[dict[str, Any]] = SSVAE_MIGRATIONS
 
@@ -411,4 +436,66 @@ class SSVAEConfig(RunConfig):
         if self.m1 is not None and self.classifier != "mlp":
             raise ConfigError(
                 "classifier", "conv classifies pixels; with m1, q(y|z1) is an MLP on codes"
+            )
+
+
+# -- evaluation jobs: what is asked of a trained run ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """log p(x) of a trained run's held-out images (``evaluate_log_px``,
+    ``evaluate_marginal_likelihood.py``)."""
+
+    split: str = _setting("test", _choice(HELDOUT_SPLITS), "the held-out split")
+    eval_size: int | None = _setting(None, _optional(_integer(1)), "first N images of the split")
+    num_particles: int = _setting(5000, _integer(1), "K importance samples per image")
+    max_rows: int = _setting(DEFAULT_MAX_ROWS, _integer(1), "particles x images per pass")
+    psis: bool = _setting(True, _flag, "the PSIS k-hat diagnostic")
+    seed: int = _setting(0, _seed, "the seed of every random draw")
+    script: ClassVar[str] = "an evaluation (evaluate_marginal_likelihood.py)"
+
+
+@dataclass(frozen=True)
+class GapsConfig(Config):
+    """The approximation and amortisation gaps of a trained run (``decompose_gaps``,
+    ``inference_gaps.py``)."""
+
+    split: str = _setting("test", _choice(HELDOUT_SPLITS), "the held-out split")
+    images: int = _setting(100, _integer(1), "first N images of the split")
+    family: str = _setting("own", _choice(FAMILIES), "q*'s family")
+    num_particles: int = _setting(5000, _integer(1), "K for log p(x)")
+    elbo_particles: int = _setting(1000, _integer(1), "draws per ELBO")
+    fit_lr: float = _setting(0.05, _number(0, open_low=True), "q*'s first Adam rate")
+    fit_steps: int = _setting(3000, _integer(1), "at most this many SVI steps")
+    seed: int = _setting(1, _seed, "the seed of every random draw")
+    script: ClassVar[str] = "a gap decomposition (inference_gaps.py)"
+
+
+@dataclass(frozen=True)
+class OODConfig(Config):
+    """Out-of-distribution scores of a trained run (``score_ood``, ``detect_ood.py``): its
+    own kind of test images (``inside``, by default the data it was trained on) against
+    ``ood`` (another data set, or ``noise`` / ``flipped`` made from the inside images)."""
+
+    ood: str = _setting("fashion-mnist", _choice((*DATASETS, *MADE)), "the other images")
+    inside: str | None = _setting(None, _optional(_choice(DATASETS)), "its own kind")
+    images: int | None = _setting(None, _optional(_integer(1)), "first N test images of each")
+    num_particles: int = _setting(1000, _integer(1), "K for log p(x)")
+    compressor: str = _setting("auto", _choice(("auto", *sorted(COMPRESSORS))), "complexity")
+    select_images: int | None = _setting(None, _optional(_integer(1)), "images that choose it")
+    seed: int = _setting(0, _seed, "the seed of every random draw")
+    script: ClassVar[str] = "an OOD scoring (detect_ood.py)"
+
+    def check_together(self) -> None:
+        if self.select_images is not None:
+            if self.compressor != "auto":
+                raise ConfigError("select_images", "applies to compressor auto (it chooses one)")
+            if self.select_images < 3:  # a correlation over fewer than three chooses nothing
+                raise ConfigError(
+                    "select_images", f"at least 3 images are needed, got {self.select_images}"
+                )
+        if self.inside is not None and self.inside == self.ood:
+            raise ConfigError(
+                "ood", f"{self.ood} is also the in-distribution set: nothing to tell apart"
             )

@@ -18,17 +18,13 @@ from pathlib import Path
 from pyro_vae.choices import DEFAULT_MAX_ROWS
 from pyro_vae.cli import (
     ArgumentParser,
-    UsageError,
     add_force_arg,
     add_runtime_args,
     apply_threads,
-    output_dir,
-    outputs_for,
     positive_int,
     resolve_device,
     run,
 )
-from pyro_vae.io.rundir import RunDirError
 
 
 def build_parser() -> ArgumentParser:
@@ -75,53 +71,40 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.apps.plots import save_marginal_likelihood_figures
-    from pyro_vae.seeding import seed_everything
-    from pyro_vae.training.distributed import all_gather_objects, setup
+    from pyro_vae.config import EvalConfig
+    from pyro_vae.jobs import evaluate_log_px
+    from pyro_vae.training.distributed import setup
     from pyro_vae.training.runs import Run
 
-    device = resolve_device(args.device)
-    ranks, device = setup(device)
-    apply_threads(args)
-    trained = Run.load(args.checkpoint, device=device)
-    path = trained.path
-    name = f"marginal_likelihood_k{args.num_particles}"
-    outputs, problem = None, None
-    if ranks.is_main:  # refused before the work, not after it
-        try:
-            out = output_dir(args.out or trained.directory)
-            outputs = outputs_for(out, args, f"{name}.json", protect=(path,))
-        except RunDirError as e:
-            problem = str(e)
-    problem = all_gather_objects(problem, ranks)[0]
-    if problem:
-        raise UsageError(problem)
-    seed_everything(args.seed)
-    # Every rank scores a share of the images (whole chunks, each seeded by --seed and its
-    # position): the per-image values are those of a single process, bit for bit.
-    result = trained.log_px(
-        args.split,
-        args.eval_size,
+    config = EvalConfig(
+        split=args.split,
+        eval_size=args.eval_size,
         num_particles=args.num_particles,
-        seed=args.seed,
         max_rows=args.max_rows,
         psis=not args.no_psis,
-        progress=not args.quiet and ranks.is_main,
+        seed=args.seed,
+    )
+    ranks, device = setup(resolve_device(args.device))
+    apply_threads(args)
+    trained = Run.load(args.checkpoint, device=device)
+    # Every rank scores a share of the images (whole chunks, each seeded by --seed and its
+    # position): the per-image values are those of a single process, bit for bit.
+    result = evaluate_log_px(
+        trained,
+        config,
+        args.out or trained.directory,
+        force=args.force,
         data_dir=args.data_dir,
+        progress=not args.quiet,
         ranks=ranks,
-        what="--eval-size",
+        flag="--out",
     )
     if not ranks.is_main:
         return {}
-    report = trained.log_px_report(result, args.split)
-    binarize = report["binarize"]
-    with outputs:
-        outputs.write_json(f"{name}.json", report)
-        save_marginal_likelihood_figures(result, outputs.directory_path("figures"), f"{name}_")
-        outputs.commit()
-
+    report = result.report
     print(
-        f"{args.split} set, {report['num_datapoints']} images, K={args.num_particles}, {binarize} binarisation"
+        f"{args.split} set, {report['num_datapoints']} images, K={args.num_particles}, "
+        f"{report['binarize']} binarisation"
     )
     print(
         f"  log p(x)  {report['log_px']:9.2f} ± {report['log_px_sem']:.2f}   (NLL {report['nll']:.2f})"
@@ -132,7 +115,7 @@ def main(args) -> dict:
     print(f"  ESS median {report['ess_median']:.1f} of {args.num_particles}")
     if "khat_share_over_0.7" in report:
         print(f"  PSIS k̂ > 0.7 (unreliable) for {report['khat_share_over_0.7']:.1%} of images")
-    print(f"report: {outputs.directory / (name + '.json')}")
+    print(f"report: {result.written}")
     return report
 
 

@@ -26,11 +26,8 @@ from pyro_vae.choices import FAMILIES
 from pyro_vae.cli import (
     ArgumentParser,
     ResultError,
-    UsageError,
     add_force_arg,
     apply_threads,
-    output_dir,
-    outputs_for,
     positive_float,
     positive_int,
     run,
@@ -87,54 +84,39 @@ def build_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    from pyro_vae.apps.gaps import GapFitError, inference_gaps
-    from pyro_vae.apps.plots import plot_gaps
-    from pyro_vae.seeding import seed_everything
+    from pyro_vae.apps.gaps import GapFitError
+    from pyro_vae.config import GapsConfig
+    from pyro_vae.jobs import decompose_gaps
     from pyro_vae.training.runs import Run
 
-    apply_threads(args)
-    trained = Run.load(args.checkpoint)
-    model, path = trained.model, trained.path
-    if not hasattr(model, "posterior_parameters"):
-        raise UsageError("the gap decomposition needs a VAE or hierarchical VAE checkpoint")
-    name = f"inference_gaps_{args.family}"
-    outputs = outputs_for(
-        output_dir(args.out or trained.directory), args, f"{name}.json", protect=(path,)
-    )
-    seed_everything(args.seed)
-    x = trained.heldout(args.split, args.images, data_dir=args.data_dir, what="--images").images
-    binarize = trained.data.binarize
-    report = inference_gaps(
-        model.model,
-        model.guide,
-        x,
+    config = GapsConfig(
+        split=args.split,
+        images=args.images,
         family=args.family,
         num_particles=args.num_particles,
         elbo_particles=args.elbo_particles,
-        fit_options={"lr": args.fit_lr, "max_steps": args.fit_steps},
+        fit_lr=args.fit_lr,
+        fit_steps=args.fit_steps,
+        seed=args.seed,
     )
-    summary = {
-        **report.summary(),
-        "family": args.family,
-        "split": args.split,
-        "binarize": binarize,
-        "checkpoint": str(path),
-        "fit_lr": args.fit_lr,
-    }
-    with outputs:
-        outputs.write_json(f"{name}.json", summary)
-        if summary["status"] == "ok":
-            title = f"q* {args.family}, {len(x)} {args.split} images"
-            plot_gaps(report, outputs.path(f"figures/{name}.png"), title=title)
-        outputs.commit()
+    apply_threads(args)
+    trained = Run.load(args.checkpoint)
+    result = decompose_gaps(
+        trained,
+        config,
+        args.out or trained.directory,
+        force=args.force,
+        data_dir=args.data_dir,
+        flag="--out",
+    )
     try:
-        report.check()
+        result.result.check()
     except GapFitError as e:
-        raise ResultError(f"{e} (marked in {outputs.directory / (name + '.json')})") from None
+        raise ResultError(f"{e} (marked in {result.written})") from None
+    s = result.report
     if not args.quiet:
-        s = summary
         print(
-            f"{len(x)} {args.split} images, q* {args.family} (fit: {s['fit']['steps']} steps, converged {s['fit']['converged']}), nats per image:"
+            f"{s['num_datapoints']} {args.split} images, q* {args.family} (fit: {s['fit']['steps']} steps, converged {s['fit']['converged']}), nats per image:"
         )
         for key in (
             "log_px",
@@ -150,8 +132,8 @@ def main(args) -> dict:
             f"and of the amortised guide ({s['log_px_from_amortised_guide']['mean']:.2f}), "
             f"combined with weight {s['log_px_weight_of_q*']:.2f} on q*'s)"
         )
-        print(f"report: {outputs.directory / (name + '.json')}")
-    return summary
+        print(f"report: {result.written}")
+    return s
 
 
 if __name__ == "__main__":

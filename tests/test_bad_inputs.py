@@ -165,7 +165,7 @@ PATH_CASES = [
     (
         "detect_ood.py",
         ["--checkpoint", "{run}", "--ood", "noise", "--compressor", "bz2", "--select-images", "50"],
-        "--select-images applies to --compressor auto",
+        "--select-images: applies to compressor auto",
     ),
     (
         "compress.py",
@@ -200,7 +200,7 @@ PATH_CASES = [
     (
         "detect_ood.py",
         ["--checkpoint", "{run}", "--ood", "noise", "--select-images", "2", "--out", "{tmp}/o"],
-        "--select-images 2: at least 3",
+        "--select-images: at least 3 images are needed, got 2",
     ),
 ]
 

@@ -1,0 +1,39 @@
+"""One library call per job: what each script does after parsing its flags.
+
+- training (``train``): ``train_vae(TrainConfig, directory)`` and
+  ``train_ssvae(SSVAEConfig, directory)`` train into a run directory (checkpoint every epoch,
+  exact resume, the test evaluation and the figures) and return the trained run;
+- evaluation (``evaluate``), on a run read back with ``Run.load``:
+  ``evaluate_log_px(run, EvalConfig)``, ``decompose_gaps(run, GapsConfig)`` and
+  ``score_ood(run, OODConfig)``, each writing its report into a directory when given one.
+
+    from pyro_vae import EvalConfig, Run, TrainConfig, evaluate_log_px, train_vae
+
+    trained = train_vae(TrainConfig(epochs=5, train_size=5000), "runs/small").run
+    print(evaluate_log_px(trained, EvalConfig(num_particles=1000)).report["log_px"])
+"""
+
+from pyro_vae.jobs.evaluate import EvalResult, decompose_gaps, evaluate_log_px, score_ood
+from pyro_vae.jobs.train import (
+    TrainResult,
+    accuracy,
+    build_model,
+    curve_label,
+    load_m1,
+    train_ssvae,
+    train_vae,
+)
+
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "accuracy",
+    "build_model",
+    "curve_label",
+    "decompose_gaps",
+    "evaluate_log_px",
+    "load_m1",
+    "score_ood",
+    "train_ssvae",
+    "train_vae",
+]

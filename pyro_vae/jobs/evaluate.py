@@ -1,0 +1,355 @@
+"""Jobs on a trained run, one call each: log p(x) (``evaluate_log_px``), the gap
+decomposition (``decompose_gaps``) and the out-of-distribution scores (``score_ood``).  Each
+takes a loaded ``Run`` and a typed config, refuses before any work what it could not write,
+computes, and writes its report and figures into ``directory`` when one is given (the run's
+own by default in the scripts; an existing report is replaced only with ``force``).  The
+evaluation scripts parse flags into the config, call one of these and print.
+
+    from pyro_vae import EvalConfig, Run, evaluate_log_px
+
+    run = Run.load("runs/vae-...")
+    result = evaluate_log_px(run, EvalConfig(num_particles=1000, eval_size=500))
+    print(result.report["log_px"], result.report["gap"])
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyro_vae.apps.gaps import GapReport, inference_gaps
+from pyro_vae.apps.ood import (
+    choose_compressor,
+    detection_metrics,
+    log_px_per_image,
+    made_images,
+    ood_scores,
+    roc,
+)
+from pyro_vae.apps.plots import (
+    plot_gaps,
+    plot_ood_histograms,
+    plot_roc,
+    save_marginal_likelihood_figures,
+)
+from pyro_vae.checks import ConfigError
+from pyro_vae.choices import MADE
+from pyro_vae.config import EvalConfig, GapsConfig, OODConfig
+from pyro_vae.data import as_dataset, heldout_images
+from pyro_vae.inference.evaluate import MarginalLikelihood
+from pyro_vae.io.rundir import Outputs, RunDirError
+from pyro_vae.seeding import seed_everything
+from pyro_vae.training.distributed import Ranks, all_gather_objects
+from pyro_vae.training.runs import Run
+
+__all__ = [
+    "EvalResult",
+    "decompose_gaps",
+    "evaluate_log_px",
+    "score_ood",
+]
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation job returns: ``report`` (what the JSON report holds; nats per
+    image), ``result`` (the estimator's own object: a ``MarginalLikelihood``, a
+    ``GapReport``, or the per-image scores of each set), and ``written``, the report's path
+    (None when nothing was written)."""
+
+    report: dict[str, Any]
+    result: Any
+    written: Path | None = None
+
+
+def _outputs(
+    directory: Path | str | None, names: tuple[str, ...], run: Run, force: bool, flag: str
+) -> Outputs | None:
+    """The staged result files, refused now (before the work) if they cannot be written."""
+    if directory is None:
+        return None
+    return Outputs(directory, force=force, flag=flag, protect=(run.path,)).check(*names)
+
+
+def evaluate_log_px(
+    run: Run,
+    config: EvalConfig | None = None,
+    directory: Path | str | None = None,
+    *,
+    force: bool = False,
+    data_dir: Path | str | None = None,
+    progress: bool = False,
+    ranks: Ranks | None = None,
+    flag: str = "directory",
+) -> EvalResult:
+    """Importance-weighted log p(x), the ELBO and their gap on the run's held-out images
+    (``config``: the split, how many images, K, the seed); writes
+    ``marginal_likelihood_k<K>.json`` and its figures into ``directory`` when given.  Under
+    torchrun every process (``ranks``) scores a share of the images; the figures are those of
+    one process, bit for bit, and rank 0 alone writes (the others get an empty report)."""
+    config = config or EvalConfig()
+    ranks = ranks or Ranks()
+    name = f"marginal_likelihood_k{config.num_particles}"
+    outputs, problem = None, None
+    if ranks.is_main:
+        try:
+            outputs = _outputs(directory, (f"{name}.json",), run, force, flag)
+        except RunDirError as e:
+            problem = e
+    problem = all_gather_objects(problem, ranks)[0]
+    if problem is not None:
+        raise problem
+    seed_everything(config.seed)
+    result: MarginalLikelihood = run.log_px(
+        config.split,
+        config.eval_size,
+        num_particles=config.num_particles,
+        seed=config.seed,
+        max_rows=config.max_rows,
+        psis=config.psis,
+        progress=progress and ranks.is_main,
+        data_dir=data_dir,
+        ranks=ranks,
+        what="--eval-size",
+    )
+    if not ranks.is_main:
+        return EvalResult({}, result)
+    report = run.log_px_report(result, config.split)
+    written = None
+    if outputs is not None:
+        with outputs:
+            written = outputs.write_json(f"{name}.json", report)
+            save_marginal_likelihood_figures(result, outputs.directory_path("figures"), f"{name}_")
+            outputs.commit()
+    return EvalResult(report, result, written)
+
+
+def decompose_gaps(
+    run: Run,
+    config: GapsConfig | None = None,
+    directory: Path | str | None = None,
+    *,
+    force: bool = False,
+    data_dir: Path | str | None = None,
+    flag: str = "directory",
+) -> EvalResult:
+    """The approximation and amortisation gaps (nats per image) of the run's model on its
+    held-out images: a per-image q* fitted in ``config.family``, log p̂(x) from the best
+    proposal.  Writes ``inference_gaps_<family>.json`` (and its figure when the fit held)
+    into ``directory`` when given.  A fit that failed is in the report (``status``) and
+    ``result.check()`` raises ``GapFitError``: nothing there should be read as a gap."""
+    config = config or GapsConfig()
+    model = run.model
+    if not hasattr(model, "posterior_parameters"):
+        raise ConfigError(
+            "checkpoint", "the gap decomposition needs a VAE or hierarchical VAE checkpoint"
+        )
+    name = f"inference_gaps_{config.family}"
+    outputs = _outputs(directory, (f"{name}.json",), run, force, flag)
+    seed_everything(config.seed)
+    x = run.heldout(config.split, config.images, data_dir=data_dir, what="--images").images
+    gaps: GapReport = inference_gaps(
+        model.model,
+        model.guide,
+        x,
+        family=config.family,
+        num_particles=config.num_particles,
+        elbo_particles=config.elbo_particles,
+        fit_options={"lr": config.fit_lr, "max_steps": config.fit_steps},
+    )
+    report = {
+        **gaps.summary(),
+        "family": config.family,
+        "split": config.split,
+        "binarize": run.data.binarize,
+        "checkpoint": str(run.path),
+        "fit_lr": config.fit_lr,
+    }
+    written = None
+    if outputs is not None:
+        with outputs:
+            written = outputs.write_json(f"{name}.json", report)
+            if report["status"] == "ok":
+                title = f"q* {config.family}, {len(x)} {config.split} images"
+                plot_gaps(gaps, outputs.path(f"figures/{name}.png"), title=title)
+            outputs.commit()
+    return EvalResult(report, gaps, written)
+
+
+def _same_weights(a: Run, b: Run) -> bool:
+    mine, theirs = a.state["model"], b.state["model"]
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _background_of(run: Run, background: Run) -> dict[str, Any]:
+    """The background model's record for the report; a one-line error when it cannot be
+    the run's background."""
+    if background.path.resolve() == run.path.resolve():
+        raise ConfigError(
+            "background", "is the model itself: the ratio would be zero for every image"
+        )
+    other = background.model
+    if getattr(other, "likelihood_name", None) != "bernoulli":
+        raise ConfigError("background", "needs a VAE checkpoint with a Bernoulli likelihood")
+    if other.x_dim != run.model.x_dim:
+        raise ConfigError("background", f"has {other.x_dim} pixels, the model {run.model.x_dim}")
+    if background.data.dataset != run.data.dataset:
+        raise ConfigError(
+            "background",
+            f"was trained on {background.data.dataset}, the model on {run.data.dataset}: a "
+            "likelihood ratio needs the same data",
+        )
+    if _same_weights(run, background):
+        raise ConfigError(
+            "background", "has the model's own weights: the ratio would be zero for every image"
+        )
+    return {"checkpoint": str(background.path), "perturb": background.config.get("perturb")}
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def score_ood(
+    run: Run,
+    config: OODConfig | None = None,
+    directory: Path | str | None = None,
+    *,
+    background: Run | None = None,
+    force: bool = False,
+    data_dir: Path | str | None = None,
+    progress: bool = False,
+    flag: str = "directory",
+) -> EvalResult:
+    """Out-of-distribution scores (nats per image, higher = more like the training data) of
+    the run's test images of its own kind against ``config.ood``, with AUROC, AUPRC and FPR
+    at 95 % TPR per score; with ``background`` (a run trained on perturbed images of the same
+    data) also the likelihood ratio.  The complexity ratio's compressor is chosen on
+    in-distribution validation images (``compressor="auto"``), never on OOD data.  Writes
+    ``ood_<in>_vs_<ood>.json``, the per-image scores (``.npz``) and two figures into
+    ``directory`` when given; ``result`` is ``{"in": scores, "out": scores}``."""
+    config = config or OODConfig()
+    model, data = run.model, run.data
+    if getattr(model, "likelihood_name", None) != "bernoulli":
+        raise ConfigError(
+            "checkpoint", "OOD scores here need a VAE checkpoint with a Bernoulli likelihood"
+        )
+    if data.binarize == "none":
+        raise ConfigError(
+            "checkpoint", "the run was trained on grey images; OOD scores need binary ones"
+        )
+    inside_name = config.inside or data.dataset
+    if inside_name == config.ood:
+        raise ConfigError(
+            "ood", f"{config.ood} is also the in-distribution set: nothing to tell apart"
+        )
+    background_info = None if background is None else _background_of(run, background)
+    tag = f"ood_{inside_name}_vs_{config.ood}"
+    outputs = _outputs(directory, (f"{tag}.json", f"{tag}.npz"), run, force, flag)
+    seed_everything(config.seed)
+    device = next(model.parameters()).device
+    data_dir = data_dir or data.data_dir
+    binarize, seed = data.binarize, data.seed
+    inside = heldout_images(inside_name, data_dir, "test", binarize, seed, config.images)
+    if config.ood in MADE:
+        outside = as_dataset(made_images(config.ood, inside, config.seed)).images
+    else:
+        outside = heldout_images(config.ood, data_dir, "test", binarize, seed, config.images)
+    for name, x in ((inside_name, inside), (config.ood, outside)):
+        if x.shape[1] != model.x_dim:
+            raise ConfigError(
+                "ood", f"the model expects {model.x_dim} pixels, {name} has {x.shape[1]}"
+            )
+
+    compressor, selection = config.compressor, None
+    if compressor == "auto":
+        valid = heldout_images(
+            inside_name,
+            data_dir,
+            "valid",
+            binarize,
+            seed,
+            config.select_images or 1000,
+            "--select-images",
+        )
+        if progress:
+            print(
+                f"choosing the compressor: log p(x) of {len(valid)} {inside_name} validation "
+                f"images at K={config.num_particles} (a compressor given by name skips this)"
+            )
+        chose_from = time.perf_counter()
+        log_px = log_px_per_image(
+            model,
+            valid.to(device),
+            num_particles=config.num_particles,
+            seed=config.seed + 2,
+            progress=progress,
+        )
+        compressor, correlations = choose_compressor(log_px, valid, model.image_shape)
+        selection = {
+            "split": "valid",
+            "images": len(valid),
+            "correlations": correlations,
+            "seconds": time.perf_counter() - chose_from,
+        }
+    options = {
+        "num_particles": config.num_particles,
+        "compressor": compressor,
+        "background": None if background is None else background.model,
+    }
+    scores_in = ood_scores(model, inside.to(device), seed=config.seed, progress=progress, **options)
+    scores_out = ood_scores(
+        model, outside.to(device), seed=config.seed + 1, progress=progress, **options
+    )
+    names = list(scores_in)  # SCORES, and the background ratio when a background is given
+    notes = []
+    if getattr(model, "guide_kind", None) == "bottom-up":  # LLR^{>1} needs q(z_{>1} | x)
+        notes.append(
+            "llr_above_1 not scored: the bottom-up guide draws z2 from z1 and has no q(z2 | x) "
+            "(train with --guide deterministic or top-down for it)"
+        )
+    metrics = {s: detection_metrics(scores_in[s], scores_out[s]) for s in names}
+    report = {
+        "in": inside_name,
+        "out": config.ood,
+        "images": {"in": len(inside), "out": len(outside)},
+        "num_particles": config.num_particles,
+        "compressor": compressor,
+        "compressor_selection": selection,
+        "background": background_info,
+        "notes": notes,
+        "binarize": binarize,
+        "checkpoint": str(run.path),
+        "metrics": metrics,
+        "mean_score": {
+            s: {"in": float(scores_in[s].mean()), "out": float(scores_out[s].mean())} for s in names
+        },
+        "positive_class": "out-of-distribution images; detector = -score",
+        "units": "scores in nats per image, higher = more like the training data",
+    }
+    written = None
+    if outputs is not None:
+        curves = {s: (*roc(scores_in[s], scores_out[s]), metrics[s]["auroc"]) for s in names}
+        title = f"model trained on {data.dataset}: {inside_name} vs {config.ood}"
+        arrays = {f"{s}_in": scores_in[s].numpy() for s in names}
+        arrays |= {f"{s}_out": scores_out[s].numpy() for s in names}
+        with outputs:
+            written = outputs.write_json(f"{tag}.json", report)
+            outputs.write_bytes(f"{tag}.npz", _npz(arrays))
+            plot_roc(curves, outputs.path(f"figures/{tag}_roc.png"), title=title)
+            plot_ood_histograms(
+                scores_in,
+                scores_out,
+                outputs.path(f"figures/{tag}_scores.png"),
+                labels=(inside_name, config.ood),
+            )
+            outputs.commit()
+    return EvalResult(report, {"in": scores_in, "out": scores_out}, written)

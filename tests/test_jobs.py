@@ -1,0 +1,140 @@
+"""The evaluation jobs as library calls: what the scripts print and write is one call on a
+loaded run, with the same numbers, the same refusals before any work, and typed configs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_in_process
+
+from pyro_vae import (
+    EvalConfig,
+    GapsConfig,
+    OODConfig,
+    Run,
+    decompose_gaps,
+    evaluate_log_px,
+    score_ood,
+)
+from pyro_vae.checks import ConfigError
+from pyro_vae.io.rundir import RunDirError
+from pyro_vae.jobs.evaluate import _outputs
+
+
+def test_evaluate_log_px_is_the_runs_estimate_and_writes_only_when_asked(trained_run, tmp_path):
+    run = Run.load(trained_run)
+    config = EvalConfig(eval_size=20, num_particles=8, seed=3)
+    unwritten = evaluate_log_px(run, config)
+    assert unwritten.written is None
+    direct = run.log_px("test", 20, num_particles=8, seed=3)
+    assert torch.equal(unwritten.result.log_px, direct.log_px)
+    assert unwritten.report == run.log_px_report(direct, "test")
+
+    written = evaluate_log_px(run, config, tmp_path / "out")
+    assert written.written == tmp_path / "out" / "marginal_likelihood_k8.json"
+    saved = json.loads(written.written.read_text())
+    assert saved["log_px"] == pytest.approx(unwritten.report["log_px"], abs=0)
+    assert (tmp_path / "out" / "figures").is_dir()
+
+
+def test_the_script_prints_what_the_call_returns(trained_run, tmp_path, capsys, data_dir):
+    args = ["--checkpoint", str(trained_run), "--eval-size", "20", "--num-particles", "8"]
+    status, err = run_in_process(
+        "evaluate_marginal_likelihood.py",
+        [*args, "--seed", "3", "--out", str(tmp_path / "s")],
+        capsys,
+    )
+    assert status == 0, err
+    from_script = json.loads((tmp_path / "s" / "marginal_likelihood_k8.json").read_text())
+    from_call = evaluate_log_px(
+        Run.load(trained_run), EvalConfig(eval_size=20, num_particles=8, seed=3)
+    )
+    assert from_script == json.loads(json.dumps(from_call.report))
+
+
+def test_an_existing_report_is_refused_before_any_work(trained_run, tmp_path, monkeypatch):
+    run = Run.load(trained_run)
+    config = EvalConfig(eval_size=5, num_particles=2)
+    evaluate_log_px(run, config, tmp_path)
+    monkeypatch.setattr(Run, "log_px", lambda *a, **k: pytest.fail("worked before refusing"))
+    with pytest.raises(RunDirError, match="already exists; pass --force"):
+        evaluate_log_px(run, config, tmp_path)
+    with pytest.raises(RunDirError, match="an input"):  # never over the run's checkpoint
+        _outputs(trained_run, ("checkpoint.pt",), run, True, "--out")
+
+
+def test_decompose_gaps_reports_nats_per_image(trained_run):
+    run = Run.load(trained_run)
+    config = GapsConfig(images=3, num_particles=50, elbo_particles=20, fit_steps=30)
+    result = decompose_gaps(run, config)
+    report = result.report
+    assert report["family"] == "own" and report["num_datapoints"] == 3
+    if report["status"] == "ok":  # the gaps add up: log p(x) - ELBO[q] = approx + amortised
+        total = report["approximation_gap"]["mean"] + report["amortisation_gap"]["mean"]
+        assert report["inference_gap"]["mean"] == pytest.approx(total, abs=1e-6)
+    assert result.written is None
+
+
+def test_score_ood_scores_both_sets_and_writes_them(trained_run, tmp_path):
+    run = Run.load(trained_run)
+    config = OODConfig(ood="noise", images=20, num_particles=4, compressor="zlib")
+    result = score_ood(run, config, tmp_path)
+    report = result.report
+    assert report["in"] == "mnist" and report["out"] == "noise"
+    assert report["images"] == {"in": 20, "out": 20}
+    assert set(report["metrics"]) == set(result.result["in"]) == set(result.result["out"])
+    for name, auroc in ((s, m["auroc"]) for s, m in report["metrics"].items()):
+        assert 0.0 <= auroc <= 1.0, name
+    scores = np.load(tmp_path / "ood_mnist_vs_noise.npz")
+    assert np.array_equal(scores["log_px_in"], result.result["in"]["log_px"].numpy())
+    mean = report["mean_score"]["log_px"]
+    assert mean["in"] == float(result.result["in"]["log_px"].mean())
+    assert mean["out"] == float(result.result["out"]["log_px"].mean())
+
+
+@pytest.mark.parametrize(
+    "make,field,message",
+    [
+        (lambda r: score_ood(r, OODConfig(ood="mnist")), "ood", "nothing to tell apart"),
+        (
+            lambda r: score_ood(r, OODConfig(ood="noise"), background=r),
+            "background",
+            "is the model itself",
+        ),
+    ],
+)
+def test_score_ood_refuses_before_any_work(trained_run, make, field, message, monkeypatch):
+    import pyro_vae.jobs.evaluate as jobs
+
+    monkeypatch.setattr(jobs, "heldout_images", lambda *a, **k: pytest.fail("worked"))
+    with pytest.raises(ConfigError, match=message) as caught:
+        make(Run.load(trained_run))
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda: EvalConfig(split="train"), "split"),
+        (lambda: EvalConfig(num_particles=0), "num_particles"),
+        (lambda: EvalConfig(seed=2**32), "seed"),
+        (lambda: GapsConfig(family="flow"), "family"),
+        (lambda: GapsConfig(fit_lr=float("nan")), "fit_lr"),
+        (lambda: OODConfig(ood="cifar"), "ood"),
+        (lambda: OODConfig(compressor="bz2", select_images=50), "select_images"),
+        (lambda: OODConfig(select_images=2), "select_images"),
+        (lambda: OODConfig(inside="mnist", ood="mnist"), "ood"),
+    ],
+)
+def test_evaluation_configs_name_a_bad_setting(make, field):
+    with pytest.raises(ConfigError) as caught:
+        make()
+    assert caught.value.field == field
+
+
+def test_evaluation_configs_round_trip():
+    for config in (EvalConfig(eval_size=10), GapsConfig(images=5), OODConfig(ood="noise")):
+        assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="is not a setting of an evaluation"):
+        EvalConfig.from_dict({**EvalConfig().to_dict(), "epochs": 3})
