@@ -15,6 +15,7 @@ __all__ = [
     "COMPRESSORS",
     "COVARIANCES",
     "DATASETS",
+    "DATASET_LEVELS",
     "DEFAULT_KS",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_PRESET",
@@ -26,6 +27,7 @@ __all__ = [
     "IMPORTANCE_WEIGHTED",
     "LARGEST_SIZE",
     "LIKELIHOODS",
+    "DISCRETE_LIKELIHOODS",
     "LR_SCHEDULES",
     "MADE",
     "METHODS",
@@ -37,14 +39,22 @@ __all__ = [
 
 #: the largest size or count torch can hold (its sizes and indices are int64)
 LARGEST_SIZE = 2**63 - 1
-#: the data sets that load offline (``load_dataset``)
-DATASETS = ("mnist", "fashion-mnist")
+#: the data sets that load offline (``load_dataset``): MNIST and Fashion-MNIST (28 x 28,
+#: 8-bit), and scikit-learn's bundled digits (8 x 8, 17 grey levels, 1,797 images)
+DATASETS = ("mnist", "fashion-mnist", "digits")
+#: grey levels per pixel of each data set (what the discretised logistic counts)
+DATASET_LEVELS = {"mnist": 256, "fashion-mnist": 256, "digits": 17}
 #: dynamic: a fresh Bernoulli draw per epoch; static: one draw, seeded; none: grey pixels
 BINARIZATIONS = ("dynamic", "static", "none")
 #: hidden activations of the networks
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu")
-#: p(x|z): Bernoulli pixels, or a Gaussian (grey images)
-LIKELIHOODS = ("bernoulli", "gaussian")
+#: p(x|z): Bernoulli pixels (binary images); a Gaussian (intensities, a density); the
+#: continuous Bernoulli (intensities in [0, 1], a density); the discretised logistic (pixels
+#: with a fixed number of levels, 256 for 8-bit grey: a probability, so bits per dimension)
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "logistic")
+#: the likelihoods that give probabilities (not densities): their -log p(x) is a code
+#: length, reported in bits per dimension beside nats per image
+DISCRETE_LIKELIHOODS = ("bernoulli", "logistic")
 #: Normalizing flows on top of the encoder's Gaussian: "iaf" (inverse autoregressive,
 #: invertible, so every objective can use it) and "planar" (no inverse, so not with DReG).
 FLOWS = ("iaf", "planar")

@@ -183,8 +183,16 @@ def main(args) -> dict:
     try:
         coder = BitsBackCoder(model, latent_bits=args.latent_bits or 10, particles=particles)
     except ValueError as e:
-        flag = "--latent-bits" if "latent_bits" in str(e) else "--particles"
-        raise UsageError(f"{flag}: {e}") from None
+        text = str(e)  # the setting the coder refused, or the checkpoint's model itself
+        flag = next(
+            (
+                f
+                for k, f in (("latent_bits", "--latent-bits"), ("particles", "--particles"))
+                if k in text
+            ),
+            "--checkpoint",
+        )
+        raise UsageError(f"{flag}: {text}") from None
     if args.command == "encode":
         images = load_images(args, trained, coder)
         start = time.perf_counter()

@@ -110,6 +110,9 @@ def main(args) -> dict:
         f"  log p(x)  {report['log_px']:9.2f} ± {report['log_px_sem']:.2f}   (NLL {report['nll']:.2f})"
     )
     print(f"  ELBO      {report['elbo']:9.2f} ± {report['elbo_sem']:.2f}")
+    if "bits_per_dim" in report:
+        rates = report["bits_per_dim"]
+        print(f"  in bits per dimension: NLL {rates['nll']:.4f}, -ELBO {rates['neg_elbo']:.4f}")
     print(f"  gap       {report['gap']:9.2f} ± {report['gap_sem']:.2f}   = KL(q(z|x) || p(z|x))")
     print("  bound vs K: " + ", ".join(f"K={k}: {v:.2f}" for k, v in report["bound_vs_k"].items()))
     print(f"  ESS median {report['ess_median']:.1f} of {args.num_particles}")

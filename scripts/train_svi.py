@@ -99,7 +99,9 @@ def build_parser() -> ArgumentParser:
         "--likelihood",
         default="bernoulli",
         choices=LIKELIHOODS,
-        help="p(x|z) (default: bernoulli)",
+        help="p(x|z): bernoulli (binary pixels), logistic (discretised, for grey levels; "
+        "bits per dimension), continuous-bernoulli or gaussian (intensities); the last three "
+        "with --binarize none (default: bernoulli)",
     )
     p.add_argument(
         "--x-scale",
@@ -302,6 +304,11 @@ def main(args) -> dict:
             f" (K={config.eval_particles})",
             f"gap (KL to posterior) {report['gap']:.2f} nats/image",
         ]
+    rates = report.get("bits_per_dim", {})
+    if "nll" in rates or "neg_elbo" in rates:
+        which = "nll" if "nll" in rates else "neg_elbo"
+        shown = "-log p(x)" if which == "nll" else "-ELBO"
+        lines.append(f"{shown} in bits   {rates[which]:.4f} bits/dim")
     print("\n".join([*lines, f"run directory    {out}"]))
     return report
 

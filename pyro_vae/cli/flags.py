@@ -204,7 +204,11 @@ def layer_sizes(s: str) -> tuple[tuple[int, ...], ...]:
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset --data-dir --binarize``, spelled the same in every script."""
     parser.add_argument(
-        "--dataset", default="mnist", choices=DATASETS, help="data set (default: mnist)"
+        "--dataset",
+        default="mnist",
+        choices=DATASETS,
+        help="data set: mnist, fashion-mnist, or digits (scikit-learn's 8 x 8, bundled with it) "
+        "(default: mnist)",
     )
     parser.add_argument(
         "--data-dir",

@@ -87,11 +87,15 @@ def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) 
     return Dataset(x, y, shape)
 
 
-def check_images(images: Tensor, likelihood: str, binarize: str, name: str = "data") -> None:
+def check_images(
+    images: Tensor, likelihood: str, binarize: str, name: str = "data", levels: int = 256
+) -> None:
     """Raise ``DataError`` unless ``images`` suit the likelihood and binarisation.
 
     NaN or inf is an error; binarisation needs intensities in [0, 1]; a Bernoulli likelihood
-    on unbinarised data needs every value in {0, 1} (it is not silently relaxed).
+    on unbinarised data needs every value in {0, 1} (it is not silently relaxed); the
+    continuous Bernoulli needs intensities in [0, 1]; the discretised logistic needs grey
+    levels k / (levels - 1), unbinarised.
     """
     if not torch.isfinite(images).all():
         bad = int((~torch.isfinite(images)).any(dim=-1).sum())
@@ -104,4 +108,22 @@ def check_images(images: Tensor, likelihood: str, binarize: str, name: str = "da
             raise DataError(
                 f"{name}: a Bernoulli likelihood needs binary data, found values in [{lo:g}, {hi:g}];"
                 " use --binarize dynamic or --likelihood gaussian"
+            )
+    if likelihood in ("continuous-bernoulli", "logistic") and binarize != "none":
+        raise DataError(
+            f"{name}: the {likelihood} likelihood models intensities: use --binarize none "
+            "(or the bernoulli likelihood for binary images)"
+        )
+    if likelihood == "continuous-bernoulli" and (lo < 0 or hi > 1):
+        raise DataError(
+            f"{name}: the continuous Bernoulli needs intensities in [0, 1], found [{lo:g}, {hi:g}]"
+        )
+    if likelihood == "logistic":
+        steps = levels - 1
+        scaled = images.double() * steps
+        if lo < 0 or hi > 1 or not bool(((scaled - scaled.round()).abs() < 1e-3).all()):
+            raise DataError(
+                f"{name}: the discretised logistic needs {levels} grey levels k / {steps} in "
+                f"[0, 1] (8-bit images divided by 255), found values in [{lo:g}, {hi:g}] off "
+                "that grid"
             )

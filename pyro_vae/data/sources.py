@@ -285,10 +285,38 @@ def _read_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tenso
     return ds.data, ds.targets
 
 
+# scikit-learn's digits have no splits of their own: these sizes, from one fixed permutation
+DIGITS_SPLITS = {"train": 1197, "valid": 300, "test": 300}
+_DIGITS_SPLIT_SEED = 20141  # fixed, so that every run and evaluation holds out the same images
+
+
+def load_digits_splits() -> dict[str, Dataset]:
+    """scikit-learn's bundled 8 x 8 digits (1,797 images, values 0-16 scaled to [0, 1] by
+    1/16: 17 grey levels) as ``{"train", "valid", "test"}`` splits of 1,197 / 300 / 300,
+    made once from a fixed permutation.  Nothing is downloaded: the data ship with
+    scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(digits.target))
+    images = (digits.images[order] / 16.0).astype(np.float32)
+    full = as_dataset(images, digits.target[order].astype(np.int64))
+    first_valid = DIGITS_SPLITS["train"]
+    first_test = first_valid + DIGITS_SPLITS["valid"]
+    return {
+        "train": full.subset(slice(0, first_valid)),
+        "valid": full.subset(slice(first_valid, first_test)),
+        "test": full.subset(slice(first_test, None)),
+    }
+
+
 def load_dataset(name: str = "mnist", data_dir: Path | str | None = None) -> dict[str, Dataset]:
-    """Load ``{"train", "valid", "test"}`` splits (50k / 10k / 10k) with intensities in [0, 1]."""
+    """Load ``{"train", "valid", "test"}`` splits with intensities in [0, 1]: 50k / 10k / 10k
+    for MNIST and Fashion-MNIST, 1,197 / 300 / 300 for scikit-learn's digits."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name == "digits":
+        return load_digits_splits()
     root = prepare_mnist(data_dir) if name == "mnist" else prepare_fashion_mnist(data_dir)
     train_x, train_y = _read_torchvision(name, root, train=True)
     test_x, test_y = _read_torchvision(name, root, train=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pyro_vae.choices import DATASET_LEVELS
 from pyro_vae.data.dataset import DataError, Dataset, check_images
 from pyro_vae.data.sources import load_dataset
 from pyro_vae.seeding import generator
@@ -89,7 +90,7 @@ def training_splits(
         "test": first_rows(splits["test"], eval_size, "--eval-size", "test"),
     }
     for name, data in splits.items():
-        check_images(data.images, likelihood, binarize, name)
+        check_images(data.images, likelihood, binarize, name, DATASET_LEVELS[dataset])
     train = binarize_static(splits["train"], seed) if binarize == "static" else splits["train"]
     return (
         train,

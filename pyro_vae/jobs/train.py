@@ -23,6 +23,7 @@ from torch import nn
 
 from pyro_vae.apps.plots import plot_analogies, plot_confusion, plot_curves, save_vae_figures
 from pyro_vae.checks import ConfigError
+from pyro_vae.choices import DATASET_LEVELS, DISCRETE_LIKELIHOODS
 from pyro_vae.config import SSVAEConfig, TrainConfig
 from pyro_vae.data import (
     BatchLoader,
@@ -34,6 +35,7 @@ from pyro_vae.data import (
 from pyro_vae.inference.evaluate import predict_labels, semi_supervised_report
 from pyro_vae.io.checkpoints import load_checkpoint
 from pyro_vae.models import SSVAE, VAE, HierarchicalVAE, StackedSSVAE
+from pyro_vae.networks.distributions import in_bits_per_dim
 from pyro_vae.seeding import child_seed, seed_everything
 from pyro_vae.training.distributed import Ranks, ShardedLoader, sharded_log_px
 from pyro_vae.training.runs import Run, TrainingRun
@@ -71,6 +73,7 @@ def build_model(config: TrainConfig, x_dim: int, image_shape) -> tuple[nn.Module
             flow=config.flow,
             flow_depth=config.flow_depth or 2,
             covariance=config.covariance,
+            levels=DATASET_LEVELS[config.dataset],
             **common,
         )
         return vae, "VAE"
@@ -251,6 +254,8 @@ def train_vae(
         report.update(result.summary())
     else:
         report["elbo"] = trainer.evaluate_elbo(test_x, num_particles=10)
+    if getattr(model, "likelihood_name", None) in DISCRETE_LIKELIHOODS:
+        report["bits_per_dim"] = in_bits_per_dim(report, test_x.shape[1])
     if not ranks.is_main:
         return TrainResult(None, report, training)
     training.dir.write_json("evaluation.json", report)

@@ -15,8 +15,8 @@ from torch.nn import functional as F
 from pyro_vae.checks import ConfigError, positive_int, positive_number, sizes
 from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS, SCALE_LINKS
 from pyro_vae.models.base import PyroModel
-from pyro_vae.networks.distributions import BernoulliImage
-from pyro_vae.networks.nets import Decoder, Encoder
+from pyro_vae.networks.distributions import BernoulliImage, DiscretizedLogistic
+from pyro_vae.networks.nets import Decoder, Encoder, scale_from
 
 __all__ = ["COVARIANCES", "FLOWS", "LIKELIHOODS", "VAE"]
 
@@ -29,7 +29,10 @@ class VAE(PyroModel):
     trains them directly.  Subclass and override ``prior``/``guide``/``likelihood`` to extend.
 
     ``likelihood="bernoulli"`` decodes to logits; ``"gaussian"`` decodes to a mean with a fixed
-    standard deviation ``x_scale``, or a learned per-pixel one when ``x_scale`` is ``None``.
+    standard deviation ``x_scale``, or a learned per-pixel one when ``x_scale`` is ``None``;
+    ``"continuous-bernoulli"`` decodes to the logits of a continuous Bernoulli (intensities in
+    [0, 1]); ``"logistic"`` decodes to a location and a scale per pixel of a discretised
+    logistic over ``levels`` values (256 for 8-bit images scaled to [0, 1]).
 
     The guide is a diagonal Gaussian by default; ``covariance="full"`` makes it a full-covariance
     one, ``flow="iaf"`` or ``"planar"`` pushes the diagonal Gaussian through ``flow_depth``
@@ -61,6 +64,7 @@ class VAE(PyroModel):
         scale_link: str = "softplus",
         weight_norm: bool = False,
         batch_norm: bool = False,
+        levels: int = 256,
     ) -> None:
         super().__init__()
         if covariance not in COVARIANCES:
@@ -84,6 +88,9 @@ class VAE(PyroModel):
         self.x_dim, self.z_dim = x_dim, z_dim
         self.hidden, self.activation = tuple(hidden), activation
         self.likelihood_name, self.x_scale, self.beta = likelihood, x_scale, beta
+        self.levels = positive_int("levels", levels)
+        if self.levels < 2:
+            raise ConfigError("levels", f"must be at least 2, got {levels}")
         self.image_shape = tuple(image_shape)
         if scale_link not in SCALE_LINKS:
             raise ConfigError(
@@ -93,7 +100,9 @@ class VAE(PyroModel):
         self.batch_norm = bool(batch_norm)
         nets = {"weight_norm": self.weight_norm, "batch_norm": self.batch_norm}
         self.encoder = Encoder(x_dim, z_dim, hidden, activation, scale_link=scale_link, **nets)
-        self.decoder = Decoder(z_dim, x_dim, hidden, activation, **nets)
+        # the discretised logistic has two outputs per pixel: a location and a scale
+        outputs = 2 * x_dim if likelihood == "logistic" else x_dim
+        self.decoder = Decoder(z_dim, outputs, hidden, activation, **nets)
         self.flow, self.flow_depth = flow, flow_depth
         self.flows = nn.ModuleList(_flows(flow, flow_depth, z_dim) if flow else [])
         self.covariance = covariance
@@ -125,14 +134,18 @@ class VAE(PyroModel):
             "scale_link": self.scale_link,
             "weight_norm": self.weight_norm,
             "batch_norm": self.batch_norm,
+            # older checkpoints have no levels: their likelihoods do not use it
+            **({"levels": self.levels} if self.likelihood_name == "logistic" else {}),
         }
 
     def init_output_bias(self, mean: Tensor) -> None:
         """Start the decoder's output at ``mean`` (the training images' mean): its logit,
         clamped into [1e-3, 1 - 1e-3], for Bernoulli pixels (Burda et al.'s start), the mean
         itself for a Gaussian."""
-        if self.likelihood_name == "bernoulli":
+        if self.likelihood_name in ("bernoulli", "continuous-bernoulli"):
             mean = torch.logit(mean.clamp(1e-3, 1 - 1e-3))
+        elif self.likelihood_name == "logistic":  # the location at the mean, raw scale 0
+            mean = torch.cat([mean, torch.zeros_like(mean)])
         self.decoder.set_output_bias(mean)
 
     # -- the three distributions ---------------------------------------------------------
@@ -147,6 +160,13 @@ class VAE(PyroModel):
         if self.likelihood_name == "bernoulli":
             # Logits, not probabilities: no clamping, and no logit<->prob round trip per step.
             return BernoulliImage(logits=out)
+        if self.likelihood_name == "continuous-bernoulli":
+            return dist.ContinuousBernoulli(logits=out).to_event(1)
+        if self.likelihood_name == "logistic":
+            loc, raw = out.split(self.x_dim, dim=-1)
+            # a scale of at least a tenth of a level's bin, reached smoothly (no hard floor)
+            scale = scale_from(raw, self.scale_link, min_scale=0.1 / (self.levels - 1))
+            return DiscretizedLogistic(loc, scale.log(), levels=self.levels)
         return dist.Normal(out, self._x_scale()).to_event(1)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
@@ -214,9 +234,12 @@ class VAE(PyroModel):
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """Mean image for each z: pixel probabilities (Bernoulli) or the Gaussian mean."""
-        out = self.decoder(z)
-        return torch.sigmoid(out) if self.likelihood_name == "bernoulli" else out
+        """Mean image for each z: pixel probabilities (Bernoulli) or the likelihood's mean."""
+        if self.likelihood_name == "bernoulli":
+            return torch.sigmoid(self.decoder(z))
+        if self.likelihood_name == "gaussian":
+            return self.decoder(z)
+        return self.likelihood(z).mean
 
     @torch.no_grad()
     def reconstruction_log_prob(self, x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_vae.checks import ConfigError
-from pyro_vae.choices import BINARIZATIONS
+from pyro_vae.choices import BINARIZATIONS, DISCRETE_LIKELIHOODS
 from pyro_vae.config import SSVAEConfig, TrainConfig
 from pyro_vae.data import (
     BatchLoader,
@@ -44,6 +44,7 @@ from pyro_vae.io.checkpoints import (
     set_rng_state,
 )
 from pyro_vae.io.rundir import RunDir
+from pyro_vae.networks.distributions import in_bits_per_dim
 from pyro_vae.seeding import child_seed, seed_everything
 from pyro_vae.training.distributed import Ranks, all_gather_objects, sharded_log_px
 from pyro_vae.training.stepper import NonFiniteError
@@ -414,7 +415,7 @@ class Run:
     def log_px_report(self, result: MarginalLikelihood, split: str = "test") -> dict[str, Any]:
         """``result`` (from ``log_px``) as the report the evaluation script writes: its summary,
         where the images came from, the checkpoint and its epoch, the units."""
-        return {
+        report = {
             **result.summary(),
             "split": split,
             "binarize": self.data.binarize,
@@ -423,3 +424,6 @@ class Run:
             "epoch": self.epoch,
             "units": "nats per image",
         }
+        if getattr(self.model, "likelihood_name", None) in DISCRETE_LIKELIHOODS:
+            report["bits_per_dim"] = in_bits_per_dim(report, self.model.x_dim)
+        return report
