@@ -15,7 +15,6 @@ __all__ = [
     "COMPRESSORS",
     "COVARIANCES",
     "DATASETS",
-    "DATASET_LEVELS",
     "DEFAULT_KS",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_PRESET",
@@ -42,8 +41,6 @@ LARGEST_SIZE = 2**63 - 1
 #: the data sets that load offline (``load_dataset``): MNIST and Fashion-MNIST (28 x 28,
 #: 8-bit), and scikit-learn's bundled digits (8 x 8, 17 grey levels, 1,797 images)
 DATASETS = ("mnist", "fashion-mnist", "digits")
-#: grey levels per pixel of each data set (what the discretised logistic counts)
-DATASET_LEVELS = {"mnist": 256, "fashion-mnist": 256, "digits": 17}
 #: dynamic: a fresh Bernoulli draw per epoch; static: one draw, seeded; none: grey pixels
 BINARIZATIONS = ("dynamic", "static", "none")
 #: hidden activations of the networks

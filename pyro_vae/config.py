@@ -16,6 +16,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pyro_vae.checks import ConfigError
@@ -56,7 +57,16 @@ __all__ = [
 
 # Keys of a saved config that describe one invocation, not the run (where it was written, on
 # which device, how many threads, how chatty): kept in config.json, not part of the config.
-RUNTIME_KEYS = ("out", "resume", "device", "threads", "quiet", "model_class", "model_config")
+RUNTIME_KEYS = (
+    "out",
+    "resume",
+    "device",
+    "threads",
+    "quiet",
+    "model_class",
+    "model_config",
+    "dataset_sha256",  # a data file's hash, recorded by the run that trained on it
+)
 
 #: What runs saved before a setting existed did, where that differs from its default.
 MIGRATIONS: dict[str, Any] = {
@@ -190,6 +200,18 @@ def _seed(name: str, value: Any) -> int:
     return value
 
 
+def _dataset(name: str, value: Any) -> str:
+    """A data set's name, or a ``.npy`` / ``.npz`` file of images (made absolute, so that a
+    later job finds it from anywhere)."""
+    if value in DATASETS:
+        return value
+    if isinstance(value, str) and Path(value).suffix.lower() in (".npy", ".npz"):
+        return str(Path(value).expanduser().resolve())
+    raise ConfigError(
+        name, f"{value!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file"
+    )
+
+
 def _setting(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -269,7 +291,7 @@ class RunConfig(Config):
     skip_nonfinite: bool = _setting(False, _flag, "skip steps that are not finite")
     skip_norm: float | None = _setting(None, _optional(_number(0, open_low=True)), "skip above")
     # the data
-    dataset: str = _setting("mnist", _choice(DATASETS), "the data set")
+    dataset: str = _setting("mnist", _dataset, "a data set's name, or a .npy / .npz file")
     data_dir: str | None = _setting(None, _text, "where the data sets live")
     binarize: str = _setting("dynamic", _choice(BINARIZATIONS), "how pixels become binary")
     seed: int = _setting(0, _seed, "the seed of every random draw")

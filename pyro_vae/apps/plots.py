@@ -48,11 +48,18 @@ def _save(fig: Figure, path: Path | str | None) -> Figure:
 
 
 def image_grid(images: Tensor, image_shape: Sequence[int], nrow: int = 10) -> np.ndarray:
-    """Rows of flat images (N, D) -> one (H, W) grid array with values in [0, 1]."""
-    h, w = image_shape[-2:]
-    x = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
+    """Rows of flat images (N, D) -> one grid array with values in [0, 1]: (H, W) for grey
+    images of shape (H, W), (H, W, C) for colour ones (channels last, as stored), and for
+    vectors of shape (D,) one strip of D values per item."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    if len(image_shape) == 3:  # (H, W, C), channels last
+        h, w, c = image_shape
+        x = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)[:, :3]
+    else:
+        h, w = image_shape if len(image_shape) == 2 else (1, image_shape[-1])
+        x = x.reshape(-1, 1, h, w)
     grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
-    return grid[0].numpy()
+    return grid[0].numpy() if x.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
 
 
 def plot_images(

@@ -27,6 +27,7 @@ __all__ = [
     "add_resume_arg",
     "add_runtime_args",
     "add_training_args",
+    "dataset_name",
     "apply_preset",
     "apply_threads",
     "hidden_sizes",
@@ -201,13 +202,30 @@ def layer_sizes(s: str) -> tuple[tuple[int, ...], ...]:
         ) from None
 
 
+def dataset_name(s: str) -> str:
+    """A data set's name, or a ``.npy`` / ``.npz`` file of images that exists."""
+    if s in DATASETS:
+        return s
+    if Path(s).suffix.lower() in (".npy", ".npz"):
+        if not Path(s).is_file():
+            raise argparse.ArgumentTypeError(f"{s}: no such file")
+        return str(Path(s).expanduser().resolve())
+    raise argparse.ArgumentTypeError(
+        f"{s!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file"
+    )
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset --data-dir --binarize``, spelled the same in every script."""
     parser.add_argument(
         "--dataset",
         default="mnist",
-        choices=DATASETS,
-        help="data set: mnist, fashion-mnist, or digits (scikit-learn's 8 x 8, bundled with it) "
+        type=dataset_name,
+        metavar="NAME_OR_FILE",
+        help="mnist, fashion-mnist, digits (scikit-learn's 8 x 8, bundled with it), or a .npy / "
+        ".npz file of your images: uint8 (0-255) or floats in [0, 1], shaped (N, H, W), "
+        "(N, H, W, C) or (N, D); an .npz holds 'images' (and 'labels'), or the splits 'train', "
+        "'valid', 'test'; a file without splits is split a tenth each for validation and test "
         "(default: mnist)",
     )
     parser.add_argument(

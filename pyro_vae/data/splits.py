@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pyro_vae.choices import DATASET_LEVELS
 from pyro_vae.data.dataset import DataError, Dataset, check_images
 from pyro_vae.data.sources import load_dataset
 from pyro_vae.seeding import generator
@@ -25,7 +24,7 @@ __all__ = [
 def binarize_static(data: Dataset, seed: int, stream: str = "binarize-train") -> Dataset:
     """One fixed Bernoulli draw of every pixel, from the generator of ``stream`` of ``seed``."""
     gen = generator(seed, stream)
-    return Dataset(torch.bernoulli(data.images, generator=gen), data.labels, data.image_shape)
+    return Dataset(torch.bernoulli(data.images, generator=gen), data.labels, data.image_shape, 2)
 
 
 # Held-out splits are binarised once, each from a stream of its own, so every epoch and
@@ -78,19 +77,21 @@ def training_splits(
     seed: int,
     train_size: int | None = None,
     eval_size: int | None = None,
+    sha256: str | None = None,
 ) -> tuple[Dataset, Dataset, Dataset]:
     """(train, valid, test) as a training run uses them: the first ``train_size`` /
     ``eval_size`` images, checked for the likelihood and binarisation (``DataError``
     otherwise), train binarised once if ``binarize == "static"``, and the held-out splits
-    binarised once with their own seeds."""
-    splits = load_dataset(dataset, data_dir)
+    binarised once with their own seeds.  ``sha256``: for a data file, the hash the run
+    recorded (a file changed since is refused)."""
+    splits = load_dataset(dataset, data_dir, sha256)
     splits = {
         "train": first_rows(splits["train"], train_size, "--train-size", "training"),
         "valid": first_rows(splits["valid"], eval_size, "--eval-size", "validation"),
         "test": first_rows(splits["test"], eval_size, "--eval-size", "test"),
     }
     for name, data in splits.items():
-        check_images(data.images, likelihood, binarize, name, DATASET_LEVELS[dataset])
+        check_images(data.images, likelihood, binarize, name, data.levels)
     train = binarize_static(splits["train"], seed) if binarize == "static" else splits["train"]
     return (
         train,

@@ -23,12 +23,14 @@ from torch import nn
 
 from pyro_vae.apps.plots import plot_analogies, plot_confusion, plot_curves, save_vae_figures
 from pyro_vae.checks import ConfigError
-from pyro_vae.choices import DATASET_LEVELS, DISCRETE_LIKELIHOODS
+from pyro_vae.choices import DISCRETE_LIKELIHOODS
 from pyro_vae.config import SSVAEConfig, TrainConfig
 from pyro_vae.data import (
     BatchLoader,
     DataError,
     SemiSupervisedLoader,
+    file_sha256,
+    is_dataset_file,
     labelled_subset,
     training_splits,
 )
@@ -53,8 +55,11 @@ __all__ = [
 ]
 
 
-def build_model(config: TrainConfig, x_dim: int, image_shape) -> tuple[nn.Module, str]:
-    """(model, its class name) for ``config``: the one-layer VAE or the hierarchical one."""
+def build_model(
+    config: TrainConfig, x_dim: int, image_shape, levels: int | None = None
+) -> tuple[nn.Module, str]:
+    """(model, its class name) for ``config``: the one-layer VAE or the hierarchical one;
+    ``levels``: the data's grey levels (for the discretised logistic)."""
     common = dict(
         x_dim=x_dim,
         activation=config.activation,
@@ -73,7 +78,7 @@ def build_model(config: TrainConfig, x_dim: int, image_shape) -> tuple[nn.Module
             flow=config.flow,
             flow_depth=config.flow_depth or 2,
             covariance=config.covariance,
-            levels=DATASET_LEVELS[config.dataset],
+            levels=levels or 256,
             **common,
         )
         return vae, "VAE"
@@ -175,6 +180,8 @@ def train_vae(
     """
     job = _Job.begin(config, device, ranks, state, new, log, record)
     device, ranks = job.device, job.ranks
+    # a data file's hash goes into the run, so that every later job holds out the same images
+    sha256 = None if state is None else (state.get("config") or {}).get("dataset_sha256")
     train_set, valid, test = training_splits(
         config.dataset,
         config.data_dir,
@@ -183,7 +190,11 @@ def train_vae(
         seed=config.seed,
         train_size=config.train_size,
         eval_size=config.eval_size,
+        sha256=sha256,
     )
+    recorded = {}
+    if is_dataset_file(config.dataset):
+        recorded["dataset_sha256"] = sha256 or file_sha256(config.dataset)
     if config.elbo == "jit" and len(train_set) < config.batch_size:
         raise ConfigError(
             "batch_size",
@@ -193,7 +204,9 @@ def train_vae(
         raise ConfigError(
             "batch_size", f"{config.batch_size} is more than the {len(train_set)} training images"
         )
-    model, model_class = build_model(config, train_set.images.shape[1], train_set.image_shape)
+    model, model_class = build_model(
+        config, train_set.images.shape[1], train_set.image_shape, train_set.levels
+    )
     if config.init_output_bias and state is None:  # a resumed run restores its weights
         model.init_output_bias(train_set.images.mean(0))
     model = model.to(device)
@@ -229,7 +242,7 @@ def train_vae(
         device=device,
         perturb=config.perturb,
     )
-    training = job.open(directory, config, model, model_class, trainer, loader)
+    training = job.open(directory, config, model, model_class, trainer, loader, **recorded)
     quiet = not progress or not ranks.is_main
     training.fit(config.epochs, val_data=(valid.images.to(device),), progress=not quiet)
     model.eval()  # batch normalisation, if any, on its running statistics from here on

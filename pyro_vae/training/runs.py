@@ -269,6 +269,7 @@ class RunData:
     binarize: str
     seed: int
     data_dir: str | None = None
+    sha256: str | None = None  # of a data file, as the run recorded it
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, where: Path | str) -> RunData:
@@ -293,7 +294,8 @@ class RunData:
             raise CheckpointError(f"{where}: the run's config has seed {seed!r}")
         if data_dir is not None and not isinstance(data_dir, str):
             raise CheckpointError(f"{where}: the run's config has data_dir {data_dir!r}")
-        return cls(dataset=dataset, binarize=binarize, seed=seed, data_dir=data_dir)
+        sha256 = config.get("dataset_sha256")
+        return cls(dataset, binarize, seed, data_dir, sha256)
 
 
 class Run:
@@ -366,7 +368,7 @@ class Run:
         from pyro_vae.data import DataError
 
         data = self.data
-        splits = load_dataset(data.dataset, data_dir or data.data_dir)
+        splits = load_dataset(data.dataset, data_dir or data.data_dir, data.sha256)
         images = first_rows(
             heldout_split(splits, split, data.binarize, data.seed), size, what, split
         )
