@@ -20,6 +20,7 @@ NOTEBOOKS = [
     "07_inference_gaps.ipynb",
     "08_baselines_and_ood.ipynb",
     "09_hierarchical.ipynb",
+    "10_your_own_images.ipynb",
 ]
 
 
