@@ -73,12 +73,15 @@ _PUBLIC: dict[str, str] = {
     "decompose_gaps": "pyro_vae.jobs",
     "evaluate_log_px": "pyro_vae.jobs",
     "score_ood": "pyro_vae.jobs",
+    "compress": "pyro_vae.jobs",
+    "decompress": "pyro_vae.jobs",
     "train_ssvae": "pyro_vae.jobs",
     "train_vae": "pyro_vae.jobs",
     "SSVAEConfig": "pyro_vae.config",
     "EvalConfig": "pyro_vae.config",
     "GapsConfig": "pyro_vae.config",
     "OODConfig": "pyro_vae.config",
+    "CompressConfig": "pyro_vae.config",
     "TrainConfig": "pyro_vae.config",
     "EarlyStopping": "pyro_vae.training.trainer",
     "NonFiniteError": "pyro_vae.training.stepper",
@@ -110,6 +113,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.apps import plots  # noqa: F401
     from pyro_vae.choices import PRESETS  # noqa: F401
     from pyro_vae.config import (  # noqa: F401
+        CompressConfig,
         EvalConfig,
         GapsConfig,
         OODConfig,
@@ -144,7 +148,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.jobs import (  # noqa: F401
         EvalResult,
         TrainResult,
+        compress,
         decompose_gaps,
+        decompress,
         evaluate_log_px,
         score_ood,
         train_ssvae,

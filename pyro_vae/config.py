@@ -46,6 +46,7 @@ __all__ = [
     "MIGRATIONS",
     "RUNTIME_KEYS",
     "SSVAE_MIGRATIONS",
+    "CompressConfig",
     "Config",
     "EvalConfig",
     "GapsConfig",
@@ -98,12 +99,13 @@ MIGRATIONS: dict[str, Any] = {
 # -- value checks: each returns the value normalised (lists from JSON become tuples) -----------
 
 
-def _integer(low: int) -> Callable[[str, Any], int]:
+def _integer(low: int, high: int = LARGEST_SIZE) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(name, f"must be a whole number, got {value!r}")
-        if not low <= value <= LARGEST_SIZE:
-            raise ConfigError(name, f"must be a whole number from {low} to 2**63 - 1, got {value}")
+        if not low <= value <= high:
+            top = "2**63 - 1" if high == LARGEST_SIZE else str(high)
+            raise ConfigError(name, f"must be a whole number from {low} to {top}, got {value}")
         return int(value)
 
     return check
@@ -521,3 +523,16 @@ class OODConfig(Config):
             raise ConfigError(
                 "ood", f"{self.ood} is also the in-distribution set: nothing to tell apart"
             )
+
+
+@dataclass(frozen=True)
+class CompressConfig(Config):
+    """Bits-back coding of binary images with a trained run (``compress``, ``compress.py
+    encode``): ``latent_bits`` buckets per latent dimension (2**bits of equal prior mass),
+    ``particles`` latents per image (importance-weighted bits-back: about -log p̂_K(x) per
+    image instead of the -ELBO), the first ``count`` images."""
+
+    latent_bits: int = _setting(10, _integer(4, 16), "buckets per latent dimension, as bits")
+    particles: int = _setting(1, _integer(1), "K latents per image")
+    count: int | None = _setting(None, _optional(_integer(1)), "only the first N images")
+    script: ClassVar[str] = "a compression (compress.py)"

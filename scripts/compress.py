@@ -18,18 +18,10 @@ never when it is the command's --input or checkpoint.
 
 from __future__ import annotations
 
-import io
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyro_vae.cli import ArgumentParser, UsageError, apply_threads, positive_int, run
-
-if TYPE_CHECKING:
-    import torch
 
 
 def build_parser() -> ArgumentParser:
@@ -85,148 +77,59 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def write_atomically(path: Path, data: bytes, *, force: bool) -> None:
-    """Write ``data`` to ``path`` (checked by ``check_output``) through a temporary file in
-    the same directory; without ``force`` a file that appeared meanwhile is not replaced.
-    The file gets the permissions a newly created file would (the umask's)."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise UsageError(f"--output {path}: {e.strerror}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:  # link, not rename: fails instead of replacing a file made meanwhile
-                os.link(tmp, path)
-            except FileExistsError:
-                raise UsageError(
-                    f"--output {path}: already exists; pass --force to replace it"
-                ) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == Path(b).resolve() or (a.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def check_output(args, checkpoint: Path) -> None:
-    """Refuse a bad --output before any work: a missing directory, a directory, one of the
-    command's inputs (even with --force), an existing file without --force."""
-    output = args.output
-    if not output.parent.is_dir():
-        raise UsageError(f"--output {output}: no directory {output.parent}")
-    for source in (checkpoint, args.input):
-        if source is not None and _same_file(output, source):
-            raise UsageError(f"--output {output}: is an input of this command; choose another file")
-    if output.is_dir():
-        raise UsageError(f"--output {output}: is a directory")
-    if output.exists() and not args.force:
-        raise UsageError(f"--output {output}: already exists; pass --force to replace it")
-
-
-def load_images(args, trained, coder) -> torch.Tensor:
+def read_input_images(path: Path):
+    """The images of an ``encode --input`` .npy file (refused in one line if unreadable)."""
     import numpy as np
-    import torch
 
-    from pyro_vae.data import first_rows
-
-    if (args.input is None) == (args.split is None):
-        raise UsageError("encode needs exactly one of --input and --split")
-    if args.split is not None:
-        images = trained.heldout(args.split, data_dir=args.data_dir).images
-    else:
-        try:
-            images = torch.from_numpy(np.load(args.input, allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--input {args.input}: not a readable .npy file ({e})") from None
-    if images.dim() >= 1 and images.shape[0] == 0:
-        raise UsageError(f"--input {args.input}: holds no images (shape {tuple(images.shape)})")
-    images = first_rows(images, args.count, "--count", "input")
-    x_dim = coder.vae.x_dim
-    if images.dim() < 2 or images[0].numel() != x_dim:
-        raise UsageError(
-            f"--input: expected images of {x_dim} pixels, got shape {tuple(images.shape)}"
-        )
-    flat = images.reshape(len(images), -1).float()
-    if not ((flat == 0) | (flat == 1)).all():
-        raise UsageError("--input: the images must be binary (0/1 values)")
-    return flat
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--input {path}: not a readable .npy file ({e})") from None
 
 
 def main(args) -> dict:
     # torch and Pyro load here, after the arguments are parsed
-    import numpy as np
-    import torch
-
-    from pyro_vae.apps.compression import BitsBackCoder, CompressedImages, CompressionError
+    from pyro_vae.apps.compression import CompressedImages, CompressionError
+    from pyro_vae.config import CompressConfig
     from pyro_vae.io.checkpoints import resolve_checkpoint
+    from pyro_vae.io.rundir import check_output_file
+    from pyro_vae.jobs import compress, decompress
     from pyro_vae.training.runs import Run
 
     apply_threads(args)
     checkpoint = resolve_checkpoint(args.checkpoint)
-    check_output(args, checkpoint)
+    inputs = (args.input,) if args.input is not None else ()
+    check_output_file(args.output, inputs=(checkpoint, *inputs), force=args.force)
     trained = Run.load(checkpoint)  # the coder runs on the CPU in float64
-    model = trained.model
-    particles = getattr(args, "particles", 1)
-    try:
-        coder = BitsBackCoder(model, latent_bits=args.latent_bits or 10, particles=particles)
-    except ValueError as e:
-        text = str(e)  # the setting the coder refused, or the checkpoint's model itself
-        flag = next(
-            (
-                f
-                for k, f in (("latent_bits", "--latent-bits"), ("particles", "--particles"))
-                if k in text
-            ),
-            "--checkpoint",
-        )
-        raise UsageError(f"{flag}: {text}") from None
     if args.command == "encode":
-        images = load_images(args, trained, coder)
-        start = time.perf_counter()
-        trace: list = []
-        message = coder.encode(images, trace)
-        seconds = time.perf_counter() - start
-        data = message.to_bytes()
-        write_atomically(args.output, data, force=args.force)
-        pixels = max(1, images.numel())
-        report = {
-            "images": len(images),
-            "bytes": len(data),
-            "bits_per_pixel": 8 * len(data) / pixels,
-            "images_per_second": len(images) / seconds if seconds else float("inf"),
-        }
-        lengths = [bits for bits, *_ in trace]
-        if len(lengths) >= 2:
-            # bits-back has no bits to get back for the first image's latents: a start-up cost
-            # that a long message spreads out (the mean image from the later ones)
-            per_image = (lengths[-1] - lengths[0]) / (len(lengths) - 1)
-            report["startup_bits"] = max(0.0, lengths[0] - per_image)
-            report["bits_per_pixel_after_startup"] = per_image / images[0].numel()
+        config = CompressConfig(
+            latent_bits=args.latent_bits or 10, particles=args.particles, count=args.count
+        )
+        if (args.input is None) == (args.split is None):
+            raise UsageError("encode needs exactly one of --input and --split")
+        images = args.split if args.split is not None else read_input_images(args.input)
+        result = compress(
+            trained,
+            images,
+            config,
+            args.output,
+            force=args.force,
+            data_dir=args.data_dir,
+            inputs=inputs,
+        )
+        report = result.report
         if not args.quiet:
             startup = ""
             if "startup_bits" in report:
                 startup = (
                     f"; the start-up cost {report['startup_bits']:.0f} bits is "
-                    f"{report['startup_bits'] / (8 * len(data)):.0%} of it, "
+                    f"{report['startup_bits'] / (8 * report['bytes']):.0%} of it, "
                     f"{report['bits_per_pixel_after_startup']:.4f} bits per pixel without it"
                 )
             print(
-                f"{len(images)} images -> {len(data)} bytes ({report['bits_per_pixel']:.4f} bits per "
-                f"pixel, header included{startup}), {report['images_per_second']:.0f} images/s: "
-                f"{args.output}"
+                f"{report['images']} images -> {report['bytes']} bytes "
+                f"({report['bits_per_pixel']:.4f} bits per pixel, header included{startup}), "
+                f"{report['images_per_second']:.0f} images/s: {args.output}"
             )
         return report
     try:
@@ -240,27 +143,14 @@ def main(args) -> dict:
                 f"--input {args.input}: the file uses {message.latent_bits} latent bits, "
                 f"--latent-bits says {args.latent_bits} (decode reads it from the file)"
             )
-        if message.weights != coder.weights:  # before how it was coded: not this model's file
-            raise CompressionError("the file was made with other model weights")
-        coded = (message.latent_bits, message.particles)
-        if coded != (coder.latent_bits, coder.particles):  # the file says how it was coded
-            try:
-                coder = BitsBackCoder(model, latent_bits=coded[0], particles=coded[1])
-            except ValueError as e:  # K > 1 with a hierarchical model: not this model's file
-                raise UsageError(f"--input {args.input}: {e}") from None
-        start = time.perf_counter()
-        images = coder.decode(message)
-        seconds = time.perf_counter() - start
+        result = decompress(trained, message, args.output, force=args.force, inputs=inputs)
     except CompressionError as e:
         raise UsageError(f"--input {args.input}: {e}") from None
-    h, w = message.image_shape
-    array = images.reshape(-1, h, w).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    write_atomically(args.output, buffer.getvalue(), force=args.force)
     if not args.quiet:
-        print(f"{len(array)} images decoded in {seconds:.1f} s: {args.output}")
-    return {"images": len(array)}
+        print(
+            f"{result.report['images']} images decoded in {result.report['seconds']:.1f} s: {args.output}"
+        )
+    return {"images": result.report["images"]}
 
 
 if __name__ == "__main__":

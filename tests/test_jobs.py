@@ -138,3 +138,39 @@ def test_evaluation_configs_round_trip():
         assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ConfigError, match="is not a setting of an evaluation"):
         EvalConfig.from_dict({**EvalConfig().to_dict(), "epochs": 3})
+
+
+def test_compress_and_decompress_are_one_call_each_and_exact(trained_run, tmp_path):
+    from pyro_vae import CompressConfig, compress, decompress
+
+    run = Run.load(trained_run)
+    packed = compress(run, "test", CompressConfig(count=12), tmp_path / "t.pvbb")
+    assert packed.written == tmp_path / "t.pvbb"
+    assert packed.report["images"] == 12 and packed.report["bytes"] == packed.written.stat().st_size
+    expected = run.heldout("test", 12).images
+    back = decompress(run, packed.written.read_bytes(), tmp_path / "t.npy")
+    assert np.array_equal(back.result.reshape(12, -1), expected.numpy().astype(np.uint8))
+    assert np.array_equal(np.load(tmp_path / "t.npy"), back.result)
+    # the same images given as an array code to the same bytes
+    again = compress(run, expected.numpy().reshape(12, 28, 28), CompressConfig())
+    assert again.result.to_bytes() == packed.written.read_bytes()
+
+
+def test_compress_refuses_before_any_work(trained_run, tmp_path, monkeypatch):
+    from pyro_vae import CompressConfig, compress
+    from pyro_vae.apps.compression import BitsBackCoder
+
+    run = Run.load(trained_run)
+    (tmp_path / "exists.pvbb").write_bytes(b"mine")
+    monkeypatch.setattr(BitsBackCoder, "encode", lambda *a, **k: pytest.fail("worked"))
+    with pytest.raises(RunDirError, match="already exists"):
+        compress(run, "test", CompressConfig(count=2), tmp_path / "exists.pvbb")
+    assert (tmp_path / "exists.pvbb").read_bytes() == b"mine"
+    with pytest.raises(RunDirError, match="is an input"):
+        compress(run, "test", CompressConfig(count=2), run.path, force=True)
+    with pytest.raises(ConfigError, match="binary") as caught:
+        compress(run, np.full((2, 784), 0.5, np.float32))
+    assert caught.value.field == "input"
+    with pytest.raises(ConfigError) as caught:
+        CompressConfig(latent_bits=17)
+    assert caught.value.field == "latent_bits"

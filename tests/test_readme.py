@@ -48,7 +48,7 @@ def test_documented_snippet_runs(code, mnist, monkeypatch, tmp_path):
     import pyro_vae
     import pyro_vae.data
 
-    def small(name="mnist", data_dir=None):  # the snippets' data, cut to a few batches
+    def small(name="mnist", data_dir=None, sha256=None):  # the snippets' data, cut small
         sizes = {"train": 512, "valid": 128, "test": 128}
         return {k: v.subset(slice(0, sizes[k])) for k, v in mnist.items()}
 

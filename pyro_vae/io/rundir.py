@@ -25,6 +25,7 @@ import math
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ __all__ = [
     "Outputs",
     "RunDir",
     "RunDirError",
+    "check_output_file",
     "default_run_dir",
     "release_all",
+    "write_file_atomically",
 ]
 
 LOCK_NAME = ".lock"
@@ -395,3 +398,63 @@ class Outputs:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.discard()
+
+
+def _same_file(a: Path, b: Path | str) -> bool:
+    try:
+        return a.resolve() == Path(b).resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_file(
+    output: Path | str, *, inputs: tuple = (), force: bool = False, flag: str = "--output"
+) -> Path:
+    """Refuse a bad single-file output before any work (``RunDirError``, one line): a missing
+    directory, a directory, one of the job's ``inputs`` (even with ``force``), an existing
+    file without ``force``.  Returns the path."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise RunDirError(f"{flag} {output}: no directory {output.parent}")
+    for source in inputs:
+        if source is not None and _same_file(output, source):
+            raise RunDirError(f"{flag} {output}: is an input of this command; choose another file")
+    if output.is_dir():
+        raise RunDirError(f"{flag} {output}: is a directory")
+    if output.exists() and not force:
+        raise RunDirError(f"{flag} {output}: already exists; pass --force to replace it")
+    return output
+
+
+def write_file_atomically(
+    path: Path | str, data: bytes, *, force: bool = False, flag: str = "--output"
+) -> Path:
+    """Write ``data`` to ``path`` (checked by ``check_output_file``) through a temporary file
+    in the same directory: never half-written; without ``force`` a file that appeared
+    meanwhile is not replaced.  The file gets the permissions a newly created file would
+    (the umask's)."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise RunDirError(f"{flag} {path}: {e.strerror}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:  # link, not rename: fails instead of replacing a file made meanwhile
+                os.link(tmp, path)
+            except FileExistsError:
+                raise RunDirError(
+                    f"{flag} {path}: already exists; pass --force to replace it"
+                ) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

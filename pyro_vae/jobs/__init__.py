@@ -5,7 +5,9 @@
   exact resume, the test evaluation and the figures) and return the trained run;
 - evaluation (``evaluate``), on a run read back with ``Run.load``:
   ``evaluate_log_px(run, EvalConfig)``, ``decompose_gaps(run, GapsConfig)`` and
-  ``score_ood(run, OODConfig)``, each writing its report into a directory when given one.
+  ``score_ood(run, OODConfig)``, each writing its report into a directory when given one;
+- bits-back coding (``compress``): ``compress(run, images, CompressConfig)`` and
+  ``decompress(run, message)``.
 
     from pyro_vae import EvalConfig, Run, TrainConfig, evaluate_log_px, train_vae
 
@@ -13,6 +15,7 @@
     print(evaluate_log_px(trained, EvalConfig(num_particles=1000)).report["log_px"])
 """
 
+from pyro_vae.jobs.compress import compress, decompress
 from pyro_vae.jobs.evaluate import EvalResult, decompose_gaps, evaluate_log_px, score_ood
 from pyro_vae.jobs.train import (
     TrainResult,
@@ -29,7 +32,9 @@ __all__ = [
     "TrainResult",
     "accuracy",
     "build_model",
+    "compress",
     "curve_label",
+    "decompress",
     "decompose_gaps",
     "evaluate_log_px",
     "load_m1",
