@@ -129,6 +129,7 @@ def main(args) -> dict:
         force=args.force,
         data_dir=args.data_dir,
         progress=not args.quiet,
+        log=None if args.quiet else print,
         flag="--out",
     )
     report = result.report

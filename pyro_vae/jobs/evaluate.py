@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,7 @@ def score_ood(
     force: bool = False,
     data_dir: Path | str | None = None,
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
     flag: str = "directory",
 ) -> EvalResult:
     """Out-of-distribution scores (nats per image, higher = more like the training data) of
@@ -235,7 +237,8 @@ def score_ood(
     data) also the likelihood ratio.  The complexity ratio's compressor is chosen on
     in-distribution validation images (``compressor="auto"``), never on OOD data.  Writes
     ``ood_<in>_vs_<ood>.json``, the per-image scores (``.npz``) and two figures into
-    ``directory`` when given; ``result`` is ``{"in": scores, "out": scores}``."""
+    ``directory`` when given; ``result`` is ``{"in": scores, "out": scores}``.  ``progress``:
+    progress bars; ``log``: where to say what the compressor's choice is about to cost."""
     config = config or OODConfig()
     model, data = run.model, run.data
     if getattr(model, "likelihood_name", None) != "bernoulli":
@@ -280,8 +283,8 @@ def score_ood(
             config.select_images or 1000,
             "--select-images",
         )
-        if progress:
-            print(
+        if log is not None:
+            log(
                 f"choosing the compressor: log p(x) of {len(valid)} {inside_name} validation "
                 f"images at K={config.num_particles} (a compressor given by name skips this)"
             )
