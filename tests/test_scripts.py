@@ -359,7 +359,7 @@ BAD_INPUTS = [
     (["--model", "hvae", "--z-dims", "100,0"], "--z-dims: '100,0': sizes must be positive"),
     (["--beta", "0"], "positive number"),
     (["--perturb", "1"], "in [0, 1)"),
-    (["--dataset", "cifar"], "invalid choice"),
+    (["--dataset", "cifar"], "is not one of mnist, fashion-mnist, digits, nor a .npy"),
     (["--likelihood", "poisson"], "invalid choice"),
     (["--binarize", "sometimes"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
