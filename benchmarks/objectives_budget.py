@@ -75,6 +75,10 @@ def hvae_arm(guide: str, warmup=False, bias=False, eps=False, extra=()) -> list[
 # The ablation adds them one at a time ("-kl", "-kl-bias", then "-warm"), then one further
 # option per arm on top of "-warm".
 WARM = ["--kl-warmup", "WARMUP", "--init-output-bias", "--adam-eps", "1e-4"]
+THREE_LAYERS_SKIP = [
+    *["--z-dims", "100,50,25", "--layer-hidden", "200,200/100,100/50,50"],
+    "--skip-connections",
+]
 OBJECTIVES |= {
     "hvae-bu": hvae_arm("bottom-up"),
     "hvae-td": hvae_arm("top-down"),
@@ -86,6 +90,8 @@ OBJECTIVES |= {
     "hvae-td-warm": hvae_arm("top-down", True, True, True),
     "hvae-td-warm-soft": hvae_arm("top-down", True, True, True, ["--scale-link", "softclamp"]),
     "hvae-det-warm": hvae_arm("deterministic", True, True, True),
+    # three layers with skip connections in the generative path (Havtorn et al.'s structure)
+    "hvae-det3-skip-warm": hvae_arm("deterministic", True, True, True, THREE_LAYERS_SKIP),
 }
 WARMUP_FRACTION = 0.1
 PRESET = "iw-fast"
@@ -98,6 +104,11 @@ SECONDS_PER_EPOCH = {"trace": 2.2, "iwae": 5.2, "dreg": 5.3, "hvae-bu": 10.2, "h
 # The options add no work per epoch: each arm with options at its base arm's speed.  The
 # deterministic guide runs the top-down guide's networks without its merge (less work per
 # step): given the top-down arm's speed, not calibrated on its own.
+# Three layers with skip connections: 19.63 s per epoch against the deterministic two-layer
+# arm's 16.01, one thread each, one after the other beside another training (2026-12-07,
+# ``--calibrate --objectives hvae-det-warm hvae-det3-skip-warm --threads 1``): the two-layer
+# arm's basis times 1.226.
+SECONDS_PER_EPOCH["hvae-det3-skip-warm"] = round(SECONDS_PER_EPOCH["hvae-td"] * 19.63 / 16.01, 1)
 for name in OBJECTIVES:
     if name not in SECONDS_PER_EPOCH:
         base = "hvae-bu" if name.startswith("hvae-bu") else "hvae-td"

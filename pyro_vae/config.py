@@ -90,6 +90,7 @@ MIGRATIONS: dict[str, Any] = {
     "z_dims": None,
     "layer_hidden": None,
     "guide": None,
+    "skip_connections": False,
     "flow": None,
     "flow_depth": None,
     "covariance": "diagonal",
@@ -325,6 +326,7 @@ class TrainConfig(RunConfig):
         None, _optional(_layer_sizes), "hvae: hidden sizes per layer"
     )
     guide: str | None = _setting(None, _optional(_choice(HVAE_GUIDES)), "hvae: the guide")
+    skip_connections: bool = _setting(False, _flag, "hvae: each generative net reads all above")
     likelihood: str = _setting("bernoulli", _choice(LIKELIHOODS), "p(x|z)")
     x_scale: float | None = _setting(None, _optional(_number(0, open_low=True)), "Gaussian std")
     beta: float = _setting(1.0, _number(0, open_low=True), "weight of the KL term")
@@ -374,6 +376,10 @@ class TrainConfig(RunConfig):
             for name in ("z_dims", "layer_hidden", "guide"):
                 if getattr(self, name) is not None:
                     raise ConfigError(name, "applies to model hvae, not to the one-layer VAE")
+            if self.skip_connections:
+                raise ConfigError(
+                    "skip_connections", "applies to model hvae, not to the one-layer VAE"
+                )
             if self.flow_depth is not None and self.flow is None:
                 raise ConfigError("flow_depth", "applies to a flow (iaf or planar)")
             return

@@ -96,6 +96,12 @@ def build_parser() -> ArgumentParser:
         f"top-down merge (top-down) (default: {HVAE_DEFAULTS['guide']})",
     )
     p.add_argument(
+        "--skip-connections",
+        action="store_true",
+        help="hvae: skip connections in the generative path, every p(z_l | ...) and p(x | ...) "
+        "reading all the layers above it (Havtorn et al.)",
+    )
+    p.add_argument(
         "--likelihood",
         default="bernoulli",
         choices=LIKELIHOODS,
@@ -244,6 +250,8 @@ def check_model_flags(args) -> None:
             if getattr(args, key) is not None:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} applies to --model hvae, not to the one-layer VAE")
+        if args.skip_connections:
+            raise UsageError("--skip-connections applies to --model hvae, not to the one-layer VAE")
         if args.flow_depth is not None and args.flow is None:
             raise UsageError("--flow-depth applies to a --flow (iaf or planar)")
         if args.flow is not None and args.flow_depth is None:

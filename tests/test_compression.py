@@ -324,3 +324,24 @@ def test_files_written_by_this_release_decode_and_encoding_gives_the_same_bytes(
         written = bytes.fromhex(WRITTEN[name])
         assert torch.equal(coder.decode(CompressedImages.from_bytes(written)), x), name
         assert coder.encode(x).to_bytes() == written, name
+
+
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down", "deterministic"])
+def test_a_model_with_skip_connections_round_trips_and_costs_its_information(guide, mnist):
+    """Three layers, every generative network reading all the layers above it: the coder
+    gives each conditional the layers it reads."""
+    torch.manual_seed(0)
+    hvae, x = one_epoch(
+        HierarchicalVAE(z_dims=(8, 4, 2), hidden=((64,), (32,), (16,)), guide=guide, skip=True),
+        mnist,
+        60,
+    )
+    coder = BitsBackCoder(hvae)
+    trace = []
+    message = CompressedImages.from_bytes(coder.encode(x, trace).to_bytes())
+    assert torch.equal(coder.decode(message), x)
+    lengths = np.array([b for b, _ in trace], dtype=np.float64)
+    info = coder.information(x, [z for _, z in trace])
+    grown = np.diff(lengths)
+    assert abs(grown.sum() - info[1:].sum()) < 1e-3 * info[1:].sum() + 64
+    assert_at_most_the_elbo(hvae, x, info)

@@ -196,6 +196,97 @@ def test_the_deterministic_guide_draws_each_layer_from_its_own_estimate():
         assert torch.isfinite(torch.tensor(IWAE(3).loss(other.model, other.guide, x)))
 
 
+# -- skip connections in the generative path ----------------------------------------------------
+
+
+def test_skip_connections_feed_every_generative_network_all_the_layers_above_it():
+    torch.manual_seed(0)
+    skip = HierarchicalVAE(z_dims=(6, 4, 3), hidden=((16,), (8,), (8,)), skip=True)
+    assert skip.conditionals[0].net[0].in_features == 4 + 3  # p(z1 | z2, z3)
+    assert skip.conditionals[1].net[0].in_features == 3  # p(z2 | z3)
+    x = X[:5]
+    trace = pyro.poutine.trace(skip.model).get_trace(x)
+    z = {i: trace.nodes[f"z{i}"]["value"] for i in (1, 2, 3)}
+    by_hand = (
+        dist.Normal(0.0, 1.0).log_prob(z[3]).sum(-1)
+        + skip.conditional(2, z[3]).log_prob(z[2])
+        + skip.conditional(1, torch.cat([z[2], z[3]], -1)).log_prob(z[1])
+        + dist.Bernoulli(logits=skip.decoder(torch.cat([z[1], z[2], z[3]], -1))).log_prob(x).sum(-1)
+    )
+    traced = sum(
+        trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]) for n in ("z1", "z2", "z3", "x")
+    )
+    torch.testing.assert_close(traced, by_hand)
+
+
+@pytest.mark.parametrize("guide", ["bottom-up", "top-down", "deterministic"])
+def test_a_skip_model_whose_skip_weights_are_zero_is_the_chain_model(guide):
+    """The weights that read the layers further up set to zero, a skip model is the model
+    without skip connections: the same log p(x) estimate with the same draws (to rounding);
+    and L^{>1} is defined for the guides that give q(z_{>1} | x)."""
+    torch.manual_seed(0)
+    sizes = dict(z_dims=(6, 4, 3), hidden=((16,), (8,), (8,)), guide=guide)
+    chain, skip = HierarchicalVAE(**sizes), HierarchicalVAE(**sizes, skip=True)
+    state = chain.state_dict()
+    with torch.no_grad():
+        for name, tensor in skip.state_dict().items():
+            if tensor.shape == state[name].shape:
+                tensor.copy_(state[name])
+            else:  # a first layer that reads the skip inputs: the chain's columns, then zeros
+                tensor.zero_()
+                tensor[:, : state[name].shape[1]] = state[name]
+    a = estimate_log_px(chain.model, chain.guide, X, num_particles=20, psis=False, seed=3)
+    b = estimate_log_px(skip.model, skip.guide, X, num_particles=20, psis=False, seed=3)
+    torch.testing.assert_close(a.log_px, b.log_px, rtol=0, atol=1e-5)
+    torch.testing.assert_close(skip.decode(torch.ones(2, 3)), chain.decode(torch.ones(2, 3)))
+    if guide != "bottom-up":
+        for k in (1, 2):
+            lower = [f"z{i}" for i in range(1, k + 1)]
+            torch.testing.assert_close(
+                bound_above(skip.model, skip.guide, X, lower, num_particles=4, seed=0),
+                bound_above(chain.model, chain.guide, X, lower, num_particles=4, seed=0),
+                rtol=0,
+                atol=1e-4,
+            )
+    # and it trains, and a checkpoint keeps the connections
+    trainer = Trainer(skip.model, skip.guide, lr=3e-3, elbo=make_elbo("dreg", num_particles=3))
+    before = IWAE(3).loss(skip.model, skip.guide, X)
+    for _ in range(40):
+        trainer.step(X)
+    assert IWAE(3).loss(skip.model, skip.guide, X) < before - 20
+    again = model_from_checkpoint(
+        {
+            "model_class": "HierarchicalVAE",
+            "model_config": skip.config(),
+            "model": skip.state_dict(),
+        }
+    )
+    assert again.skip and again.conditionals[0].net[0].in_features == 7
+
+
+def test_train_svi_takes_skip_connections_for_two_layers_only(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    from pyro_vae.checks import ConfigError
+    from pyro_vae.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="skip_connections: applies to model hvae"):
+        TrainConfig(skip_connections=True)
+    monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
+    status, err = run_in_process(
+        "train_svi.py", ["--skip-connections", "--out", str(tmp_path / "v")], capsys
+    )
+    assert status == 2 and "--skip-connections applies to --model hvae" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "v").exists()
+    out = tmp_path / "run"
+    args = ["--model", "hvae", "--z-dims", "6,3", "--layer-hidden", "16/8", "--skip-connections"]
+    args += [*TINY, "--epochs", "1", "--eval-particles", "0", "--out", str(out)]
+    assert run_in_process("train_svi.py", args, capsys)[0] == 0
+    assert json.loads((out / "config.json").read_text())["skip_connections"] is True
+    model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+    assert model.skip and model.decoder.net[0].in_features == 9
+
+
 # -- the scripts --------------------------------------------------------------------------------
 
 

@@ -512,15 +512,21 @@ class _Layers(_Scheme):
         top = self.layers - 1
         engine = torch.quasirandom.SobolEngine(self.vae.z_dims[top], scramble=False)
         u = engine.draw(4097, dtype=torch.float64)[1:]  # the first point is the origin, u = 0
-        z = torch.special.ndtri(u)
+        z = {top + 1: torch.special.ndtri(u)}  # 1-based, as the model's ``context`` keys them
         grids = {}
         for layer in range(top - 1, -1, -1):
-            loc, scale = net.conditionals[layer](z)
+            loc, scale = net.conditionals[layer](net.context(layer + 1, z))
             mean = loc.mean(0)
             var = (scale.square() + loc.square()).mean(0) - mean.square()
             grids[layer] = (mean, var.clamp_min(1e-12).sqrt())
-            z = loc
+            z[layer + 1] = loc
         return grids
+
+    @staticmethod
+    def _above(net, layer: int, values: dict) -> Tensor:
+        """What the generative network of 0-based ``layer`` (-1: p(x | ...)) reads, one row,
+        from the coded ``values`` (keyed by 0-based layer)."""
+        return net.context(layer + 1, {k + 1: v[None] for k, v in values.items()})
 
     def _grid(self, net, layer: int, values: dict) -> tuple[Tensor, Tensor]:
         """(a, b): layer's buckets are a + b * (the standard normal's), (d_layer,) each."""
@@ -530,7 +536,7 @@ class _Layers(_Scheme):
             if self._static is None:  # once per coder, from the float64 networks
                 self._static = self._marginal_grids(net)
             return self._static[layer]
-        p = net.conditional(layer + 1, values[layer + 1][None]).base_dist
+        p = net.conditional(layer + 1, self._above(net, layer, values)).base_dist
         return p.loc[0], p.scale[0]
 
     def _table(self, grid: tuple[Tensor, Tensor], loc: Tensor, scale: Tensor) -> np.ndarray:
@@ -555,7 +561,7 @@ class _Layers(_Scheme):
         elif layer == self.layers - 1 or net.guide_kind == "deterministic":
             loc, scale = estimates[layer]
         else:
-            q = net.merged(layer + 1, estimates[layer], values[layer + 1][None]).base_dist
+            q = net.merged(layer + 1, estimates[layer], self._above(net, layer, values)).base_dist
             loc, scale = q.loc, q.scale
         return self._table(grid, loc[0], scale[0])
 
@@ -564,7 +570,7 @@ class _Layers(_Scheme):
         grid is the conditional's own (top-down and deterministic guides): uniform buckets."""
         if net.guide_kind != "bottom-up":
             return None
-        p = net.conditional(layer + 1, values[layer + 1][None]).base_dist
+        p = net.conditional(layer + 1, self._above(net, layer, values)).base_dist
         return self._table(grid, p.loc[0], p.scale[0])
 
     def _guide_pass(self, net, x: Tensor, pick) -> tuple[dict, dict, dict, dict]:
@@ -579,7 +585,7 @@ class _Layers(_Scheme):
         return z, values, grids, tables
 
     def _pixels(self, net, values: dict) -> np.ndarray:
-        return torch.sigmoid(net.decoder(values[0][None]))[0].numpy()
+        return torch.sigmoid(net.decoder(self._above(net, -1, values)))[0].numpy()
 
     def encode(self, x: Tensor, trace: list | None) -> CompressedImages:
         categorical, bernoulli, uniform = self.shared._models()

@@ -362,8 +362,9 @@ def ood_scores(
 ) -> dict[str, Tensor]:
     """The scores of ``SCORES`` for every row of ``x`` (binary images), float64 tensors of
     shape (N,), nats per image, higher = more like the training data; for a hierarchical
-    model with the top-down or deterministic guide also ``llr_above_1`` (``LLR_SCORE``) and
-    ``llr_above_1_sampled`` (``LLR_SAMPLED_SCORE``); with a
+    model with the top-down or deterministic guide also ``llr_above_1`` (``LLR_SCORE``),
+    ``llr_above_k`` for every other k below the top layer, and ``llr_above_1_sampled``
+    (``LLR_SAMPLED_SCORE``); with a
     ``background`` model also ``background_ratio`` (``BACKGROUND_SCORE``)."""
     for m in (vae, background):
         if m is not None and getattr(m, "likelihood_name", None) != "bernoulli":
@@ -389,6 +390,16 @@ def ood_scores(
             seed=seed,
             progress=progress,
         )
+        for k in range(2, len(vae.latent_sites)):  # three layers and more: every k
+            scores[f"llr_above_{k}"] = llr_above(
+                vae.model,
+                vae.guide,
+                x,
+                vae.latent_sites[:k],
+                num_particles=num_particles,
+                seed=seed,
+                progress=progress,
+            )
         scores[LLR_SAMPLED_SCORE] = llr_above_sampled(
             vae.model,
             vae.guide,

@@ -89,6 +89,8 @@ def build_model(
         layers["hidden"] = config.layer_hidden
     if config.guide is not None:
         layers["guide"] = config.guide
+    if config.skip_connections:
+        layers["skip"] = True
     return HierarchicalVAE(**layers, **common), "HierarchicalVAE"
 
 

@@ -22,13 +22,18 @@ Training options every guide takes: ``scale_link`` (how a network output becomes
 deviation, ``pyro_vae.networks.nets.SCALE_LINKS``) and ``weight_norm`` (every linear layer weight
 normalised).
 
+``skip=True`` gives the generative path skip connections (Havtorn et al. 2021 use them between
+latent layers): every generative network reads all the layers above it, p(z_l | z_{>l}) and
+p(x | z_1, ..., z_L), their draws concatenated from the nearest layer up (``context``).  The
+guides are unchanged; the top-down guide merges with p(z_l | z_{>l}).
+
 The default sizes are Burda et al.'s two-layer architecture: 784-200-200-100 (stochastic)
 -100-100-50 (stochastic), tanh units; the generative path mirrors it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -68,6 +73,7 @@ class HierarchicalVAE(PyroModel):
         scale_link: str = "softplus",
         weight_norm: bool = False,
         batch_norm: bool = False,
+        skip: bool = False,
     ) -> None:
         super().__init__()
         self.x_dim = positive_int("x_dim", x_dim)
@@ -86,6 +92,7 @@ class HierarchicalVAE(PyroModel):
         self.activation, self.guide_kind = activation, guide
         self.scale_link, self.weight_norm = scale_link, bool(weight_norm)
         self.batch_norm = bool(batch_norm)
+        self.skip = bool(skip)
         self.image_shape = tuple(image_shape)
         below = (self.x_dim, *self.z_dims[:-1])
         nets = {
@@ -98,10 +105,11 @@ class HierarchicalVAE(PyroModel):
             Encoder(below[i], z, h, activation, **nets)
             for i, (z, h) in enumerate(zip(self.z_dims, self.hidden))
         )
-        # generation: p(z_l | z_{l+1}) for every layer but the top, and p(x | z_1)
+        # generation: p(z_l | z_{l+1}) for every layer but the top, and p(x | z_1); with skip
+        # connections each reads every layer above it
         self.conditionals = nn.ModuleList(
             Encoder(
-                self.z_dims[i + 1],
+                self._context_size(i + 1),
                 self.z_dims[i],
                 tuple(reversed(self.hidden[i + 1])),
                 activation,
@@ -110,7 +118,7 @@ class HierarchicalVAE(PyroModel):
             for i in range(len(self.z_dims) - 1)
         )
         self.decoder = Decoder(
-            self.z_dims[0],
+            self._context_size(0),
             self.x_dim,
             self.hidden[0],
             activation,
@@ -131,7 +139,20 @@ class HierarchicalVAE(PyroModel):
             "scale_link": self.scale_link,
             "weight_norm": self.weight_norm,
             "batch_norm": self.batch_norm,
+            "skip": self.skip,
         }
+
+    def _context_size(self, layer: int) -> int:
+        """The input size of the generative network of ``layer`` (1-based; 0 for x)."""
+        return sum(self.z_dims[layer:]) if self.skip else self.z_dims[layer]
+
+    def context(self, layer: int, z: Mapping[int, Tensor]) -> Tensor:
+        """What the generative network of ``layer`` (1-based, 0 for p(x | ...)) reads, from
+        the draws ``z`` of the layers above it keyed by their 1-based layer: z_{layer+1}, or
+        with skip connections z_{layer+1}, ..., z_L concatenated."""
+        if not self.skip:
+            return z[layer + 1]
+        return torch.cat([z[i] for i in range(layer + 1, len(self.z_dims) + 1)], dim=-1)
 
     def init_output_bias(self, mean: Tensor) -> None:
         """Start p(x | z_1)'s logits at the logit of ``mean`` (the training images' mean,
@@ -150,12 +171,14 @@ class HierarchicalVAE(PyroModel):
         return dist.Normal(self._zero, 1.0).expand([self.z_dims[-1]]).to_event(1)
 
     def conditional(self, layer: int, z_above: Tensor) -> dist.TorchDistribution:
-        """p(z_layer | z_{layer+1}) (``layer`` 1-based, below the top), one event."""
+        """p(z_layer | z_{layer+1}) (``layer`` 1-based, below the top), one event;
+        ``z_above`` is ``context(layer, ...)`` (z_{layer+1} without skip connections)."""
         loc, scale = self.conditionals[layer - 1](z_above)
         return dist.Normal(loc, scale).to_event(1)
 
     def likelihood(self, z1: Tensor) -> dist.TorchDistribution:
-        """p(x | z_1): independent Bernoulli pixels from logits."""
+        """p(x | z_1): independent Bernoulli pixels from logits; ``z1`` is ``context(0,
+        ...)`` (z_1 without skip connections)."""
         return BernoulliImage(logits=self.decoder(z1))
 
     # -- model and guides ----------------------------------------------------------------------
@@ -165,10 +188,11 @@ class HierarchicalVAE(PyroModel):
         self.register()
         names = self.latent_sites
         with pyro.plate(self.plate_name, x.shape[0]):
-            z = pyro.sample(names[-1], self.top_prior())
+            z = {len(names): pyro.sample(names[-1], self.top_prior())}
             for layer in range(len(names) - 1, 0, -1):
-                z = pyro.sample(names[layer - 1], self.conditional(layer, z))
-            pyro.sample("x", self.likelihood(z), obs=x)
+                p = self.conditional(layer, self.context(layer, z))
+                z[layer] = pyro.sample(names[layer - 1], p)
+            pyro.sample("x", self.likelihood(self.context(0, z)), obs=x)
 
     def guide(self, x: Tensor) -> None:
         """q(z_1, ..., z_L | x), bottom-up or top-down (``guide`` of the constructor)."""
@@ -207,13 +231,13 @@ class HierarchicalVAE(PyroModel):
                 h = pyro.sample(name, dist.Normal(*encoder(h)).to_event(1))
             return
         est = self._estimates_from(raw)
-        z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
+        z = {len(names): pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))}
         for layer in range(len(names) - 1, 0, -1):
             if self.guide_kind == "deterministic":
                 q = dist.Normal(*est[layer - 1]).to_event(1)
             else:
-                q = self.merged(layer, est[layer - 1], z)
-            z = pyro.sample(names[layer - 1], q)
+                q = self.merged(layer, est[layer - 1], self.context(layer, z))
+            z[layer] = pyro.sample(names[layer - 1], q)
 
     def _estimates_from(self, raw: Tensor) -> list[tuple[Tensor, Tensor]]:
         pieces = raw.split([2 * d for d in self.z_dims], dim=-1)
@@ -227,7 +251,8 @@ class HierarchicalVAE(PyroModel):
 
     def merged(self, layer: int, estimate: tuple[Tensor, Tensor], z_above: Tensor):
         """q(z_layer | x, z_{layer+1}) of the top-down guide: the bottom-up estimate and
-        p(z_layer | z_{layer+1}) merged by precision (``layer`` 1-based, below the top)."""
+        p(z_layer | z_{layer+1}) merged by precision (``layer`` 1-based, below the top;
+        ``z_above`` as ``conditional``'s)."""
         loc_hat, scale_hat = estimate
         prior = self.conditionals[layer - 1](z_above)
         precision_hat, precision_p = scale_hat.pow(-2), prior[1].pow(-2)
@@ -251,15 +276,15 @@ class HierarchicalVAE(PyroModel):
         self.register()
         with pyro.plate(self.plate_name, x.shape[0]):
             est = self.estimates(x)
-            z = pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))
+            z = {len(names): pyro.sample(names[-1], dist.Normal(*est[-1]).to_event(1))}
             for layer in range(len(names) - 1, 0, -1):
                 if layer > k and self.guide_kind == "deterministic":
                     q = dist.Normal(*est[layer - 1]).to_event(1)
                 elif layer > k:
-                    q = self.merged(layer, est[layer - 1], z)
+                    q = self.merged(layer, est[layer - 1], self.context(layer, z))
                 else:
-                    q = self.conditional(layer, z)
-                z = pyro.sample(names[layer - 1], q)
+                    q = self.conditional(layer, self.context(layer, z))
+                z[layer] = pyro.sample(names[layer - 1], q)
 
     # -- conveniences (no Pyro involved) -------------------------------------------------------
 
@@ -269,22 +294,23 @@ class HierarchicalVAE(PyroModel):
         means of the layers below (bottom-up) or the bottom-up estimates (top-down)."""
         return self.estimates(x)[-1]
 
+    def _down_means(self, z_top: Tensor) -> Tensor:
+        """p(x | ...)'s input with the layers below the top at their conditional means."""
+        z = {len(self.z_dims): z_top}
+        for layer in range(len(self.z_dims) - 1, 0, -1):
+            z[layer] = self.conditionals[layer - 1](self.context(layer, z))[0]
+        return self.context(0, z)
+
     @torch.no_grad()
     def decode(self, z_top: Tensor) -> Tensor:
         """Pixel probabilities for top-layer codes, the layers below at their conditional
         means."""
-        z = z_top
-        for layer in range(len(self.z_dims) - 1, 0, -1):
-            z = self.conditionals[layer - 1](z)[0]
-        return torch.sigmoid(self.decoder(z))
+        return torch.sigmoid(self.decoder(self._down_means(z_top)))
 
     @torch.no_grad()
     def reconstruction_log_prob(self, x: Tensor) -> Tensor:
         """log p(x | z_1 = the decoded mean of the top code) per row of x, nats."""
-        z = self.encode(x)[0]
-        for layer in range(len(self.z_dims) - 1, 0, -1):
-            z = self.conditionals[layer - 1](z)[0]
-        return self.likelihood(z).log_prob(x)
+        return self.likelihood(self._down_means(self.encode(x)[0])).log_prob(x)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
