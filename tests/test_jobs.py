@@ -29,7 +29,9 @@ def test_evaluate_log_px_is_the_runs_estimate_and_writes_only_when_asked(trained
     assert unwritten.written is None
     direct = run.log_px("test", 20, num_particles=8, seed=3)
     assert torch.equal(unwritten.result.log_px, direct.log_px)
-    assert unwritten.report == run.log_px_report(direct, "test")
+    # the report is the run's, and records its typed config, read back equal
+    assert unwritten.report == {**run.log_px_report(direct, "test"), "config": config.to_dict()}
+    assert EvalConfig.from_dict(json.loads(json.dumps(unwritten.report["config"]))) == config
 
     written = evaluate_log_px(run, config, tmp_path / "out")
     assert written.written == tmp_path / "out" / "marginal_likelihood_k8.json"
@@ -70,6 +72,7 @@ def test_decompose_gaps_reports_nats_per_image(trained_run):
     result = decompose_gaps(run, config)
     report = result.report
     assert report["family"] == "own" and report["num_datapoints"] == 3
+    assert GapsConfig.from_dict(report["config"]) == config
     if report["status"] == "ok":  # the gaps add up: log p(x) - ELBO[q] = approx + amortised
         total = report["approximation_gap"]["mean"] + report["amortisation_gap"]["mean"]
         assert report["inference_gap"]["mean"] == pytest.approx(total, abs=1e-6)
@@ -83,6 +86,8 @@ def test_score_ood_scores_both_sets_and_writes_them(trained_run, tmp_path):
     report = result.report
     assert report["in"] == "mnist" and report["out"] == "noise"
     assert report["images"] == {"in": 20, "out": 20}
+    saved = json.loads((tmp_path / "ood_mnist_vs_noise.json").read_text())
+    assert OODConfig.from_dict(saved["config"]) == config
     assert set(report["metrics"]) == set(result.result["in"]) == set(result.result["out"])
     for name, auroc in ((s, m["auroc"]) for s, m in report["metrics"].items()):
         assert 0.0 <= auroc <= 1.0, name
@@ -147,6 +152,7 @@ def test_compress_and_decompress_are_one_call_each_and_exact(trained_run, tmp_pa
     packed = compress(run, "test", CompressConfig(count=12), tmp_path / "t.pvbb")
     assert packed.written == tmp_path / "t.pvbb"
     assert packed.report["images"] == 12 and packed.report["bytes"] == packed.written.stat().st_size
+    assert CompressConfig.from_dict(packed.report["config"]) == CompressConfig(count=12)
     expected = run.heldout("test", 12).images
     back = decompress(run, packed.written.read_bytes(), tmp_path / "t.npy")
     assert np.array_equal(back.result.reshape(12, -1), expected.numpy().astype(np.uint8))

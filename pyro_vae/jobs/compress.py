@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyro_vae.apps.compression import BitsBackCoder, CompressedImages, CompressionError
+from pyro_vae.apps.compression import (
+    BitsBackCoder,
+    CompressedImages,
+    CompressionError,
+    model_hash,
+)
 from pyro_vae.checks import ConfigError
 from pyro_vae.choices import HELDOUT_SPLITS
 from pyro_vae.config import CompressConfig
@@ -98,6 +103,7 @@ def compress(
         "bytes": len(data),
         "bits_per_pixel": 8 * len(data) / max(1, x.numel()),
         "images_per_second": len(x) / seconds if seconds else float("inf"),
+        "config": config.to_dict(),
     }
     lengths = [bits for bits, *_ in trace]
     if len(lengths) >= 2:
@@ -126,14 +132,12 @@ def decompress(
         check_output_file(output, inputs=(run.path, *inputs), force=force, flag=flag)
     if not isinstance(message, CompressedImages):
         message = CompressedImages.from_bytes(message)
-    coder = coder_for(run)
-    if message.weights != coder.weights:  # before how it was coded: not this model's file
+    if message.weights != model_hash(run.model):  # before how it was coded: not its file
         raise CompressionError("the file was made with other model weights")
-    if (message.latent_bits, message.particles) != (coder.latent_bits, coder.particles):
-        try:  # the file says how it was coded
-            coder = BitsBackCoder(run.model, message.latent_bits, message.particles)
-        except ValueError as e:  # K > 1 with a hierarchical model: not this model's file
-            raise CompressionError(str(e)) from None
+    try:  # the file says how it was coded
+        coder = BitsBackCoder(run.model, message.latent_bits, message.particles)
+    except ValueError as e:  # K > 1 with a hierarchical model: not this model's file
+        raise CompressionError(str(e)) from None
     start = time.perf_counter()
     images = coder.decode(message)
     seconds = time.perf_counter() - start

@@ -3,7 +3,8 @@ decomposition (``decompose_gaps``) and the out-of-distribution scores (``score_o
 takes a loaded ``Run`` and a typed config, refuses before any work what it could not write,
 computes, and writes its report and figures into ``directory`` when one is given (the run's
 own by default in the scripts; an existing report is replaced only with ``force``).  The
-evaluation scripts parse flags into the config, call one of these and print.
+evaluation scripts parse flags into the config, call one of these and print.  Every report
+records its config (``"config"``, read back with ``EvalConfig.from_dict`` and the like).
 
     from pyro_vae import EvalConfig, Run, evaluate_log_px
 
@@ -121,7 +122,7 @@ def evaluate_log_px(
     )
     if not ranks.is_main:
         return EvalResult({}, result)
-    report = run.log_px_report(result, config.split)
+    report = {**run.log_px_report(result, config.split), "config": config.to_dict()}
     written = None
     if outputs is not None:
         with outputs:
@@ -171,6 +172,7 @@ def decompose_gaps(
         "binarize": run.data.binarize,
         "checkpoint": str(run.path),
         "fit_lr": config.fit_lr,
+        "config": config.to_dict(),
     }
     written = None
     if outputs is not None:
@@ -337,6 +339,7 @@ def score_ood(
         },
         "positive_class": "out-of-distribution images; detector = -score",
         "units": "scores in nats per image, higher = more like the training data",
+        "config": config.to_dict(),
     }
     written = None
     if outputs is not None:

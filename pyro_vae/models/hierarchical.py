@@ -139,7 +139,9 @@ class HierarchicalVAE(PyroModel):
             "scale_link": self.scale_link,
             "weight_norm": self.weight_norm,
             "batch_norm": self.batch_norm,
-            "skip": self.skip,
+            # only when on: the config is part of the compressed files' weights hash, and
+            # files made by models without the option must still decode
+            **({"skip": True} if self.skip else {}),
         }
 
     def _context_size(self, layer: int) -> int:
