@@ -74,6 +74,7 @@ _PUBLIC: dict[str, str] = {
     "evaluate_log_px": "pyro_vae.jobs",
     "score_ood": "pyro_vae.jobs",
     "compress": "pyro_vae.jobs",
+    "compare_baselines": "pyro_vae.jobs",
     "decompress": "pyro_vae.jobs",
     "train_ssvae": "pyro_vae.jobs",
     "train_vae": "pyro_vae.jobs",
@@ -82,6 +83,7 @@ _PUBLIC: dict[str, str] = {
     "GapsConfig": "pyro_vae.config",
     "OODConfig": "pyro_vae.config",
     "CompressConfig": "pyro_vae.config",
+    "BaselinesConfig": "pyro_vae.config",
     "TrainConfig": "pyro_vae.config",
     "EarlyStopping": "pyro_vae.training.trainer",
     "NonFiniteError": "pyro_vae.training.stepper",
@@ -113,6 +115,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.apps import plots  # noqa: F401
     from pyro_vae.choices import PRESETS  # noqa: F401
     from pyro_vae.config import (  # noqa: F401
+        BaselinesConfig,
         CompressConfig,
         EvalConfig,
         GapsConfig,
@@ -148,6 +151,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pyro_vae.jobs import (  # noqa: F401
         EvalResult,
         TrainResult,
+        compare_baselines,
         compress,
         decompose_gaps,
         decompress,

@@ -44,8 +44,10 @@ from pyro_vae.choices import (
 
 __all__ = [
     "MIGRATIONS",
+    "MIN_SAMPLE_IMAGES",
     "RUNTIME_KEYS",
     "SSVAE_MIGRATIONS",
+    "BaselinesConfig",
     "CompressConfig",
     "Config",
     "EvalConfig",
@@ -213,6 +215,21 @@ def _dataset(name: str, value: Any) -> str:
     raise ConfigError(
         name, f"{value!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file"
     )
+
+
+#: the fewest images a sample-quality comparison takes
+MIN_SAMPLE_IMAGES = 10
+
+
+def _sample_count(name: str, value: Any) -> int:
+    value = _integer(1)(name, value)
+    if value < MIN_SAMPLE_IMAGES:
+        raise ConfigError(
+            name,
+            f"at least {MIN_SAMPLE_IMAGES} (precision and recall compare neighbourhoods of "
+            f"several images), got {value}",
+        )
+    return value
 
 
 def _setting(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
@@ -529,6 +546,22 @@ class OODConfig(Config):
             raise ConfigError(
                 "ood", f"{self.ood} is also the in-distribution set: nothing to tell apart"
             )
+
+
+@dataclass(frozen=True)
+class BaselinesConfig(Config):
+    """PCA, a linear and a deep autoencoder, the VAE and a GAN side by side
+    (``compare_baselines``, ``compare_baselines.py``): each fitted to the statically
+    binarised training images with each latent size of ``z_dims``, for ``epochs`` epochs."""
+
+    z_dims: tuple[int, ...] = _setting((2, 10, 50), _sizes, "latent sizes to compare")
+    epochs: int = _setting(10, _integer(1), "training epochs per model")
+    hidden: tuple[int, ...] = _setting((400,), _sizes, "the autoencoder's and VAE's layers")
+    train_size: int | None = _setting(None, _optional(_integer(1)), "first N training images")
+    test_size: int | None = _setting(None, _optional(_sample_count), "first N test images")
+    samples: int = _setting(10000, _sample_count, "samples per model, and reference images")
+    seed: int = _setting(0, _seed, "the seed of every random draw")
+    script: ClassVar[str] = "a comparison (compare_baselines.py)"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ at the end, and an existing one is replaced only with --force.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from pyro_vae.choices import CAPABILITIES, METHODS
@@ -34,14 +33,11 @@ from pyro_vae.cli import (
     apply_threads,
     hidden_sizes,
     output_dir,
-    outputs_for,
     positive_int,
     run,
     shown,
 )
 from pyro_vae.io.rundir import default_run_dir
-
-MIN_IMAGES = 10
 
 
 def build_parser() -> ArgumentParser:
@@ -115,103 +111,38 @@ def print_table(d: int, result) -> None:
 
 def main(args) -> dict:
     # torch loads here, after the arguments are parsed
-    from pyro_vae.apps.baselines import compare_latent_models, fit_classifier
-    from pyro_vae.apps.plots import plot_image_rows, plot_latent_maps
-    from pyro_vae.data import binarize_static, first_rows, load_dataset
-    from pyro_vae.seeding import seed_everything
+    from pyro_vae.config import BaselinesConfig
+    from pyro_vae.jobs.baselines import compare_baselines
 
     apply_threads(args)
     if args.device != "cpu":
         raise UsageError("compare_baselines.py runs on the CPU: drop --device")
-    for flag, value in (("--samples", args.samples), ("--test-size", args.test_size)):
-        if value is not None and value < MIN_IMAGES:
-            raise UsageError(
-                f"{flag}: at least {MIN_IMAGES} (precision and recall compare neighbourhoods "
-                f"of several images), got {value}"
-            )
-    outputs = outputs_for(
-        output_dir(args.out or default_run_dir("baselines")), args, "comparison.json"
+    config = BaselinesConfig(
+        z_dims=tuple(args.z_dims),
+        epochs=args.epochs,
+        hidden=args.hidden,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        samples=args.samples,
+        seed=args.seed,
     )
-    seed_everything(args.seed)
-    splits = load_dataset("mnist", args.data_dir)
-    train = first_rows(splits["train"], args.train_size, "--train-size", "training")
-    test = first_rows(splits["test"], args.test_size, "--test-size", "test")
-    # PCA has at most min(images, pixels) components: checked before anything trains
-    largest = min(len(train), train.images.shape[1])
-    too_large = [d for d in args.z_dims if d > largest]
-    if too_large:
-        raise UsageError(
-            f"--z-dims {too_large[0]}: PCA has at most {largest} components with "
-            f"{len(train)} training images of {train.images.shape[1]} pixels"
-        )
-    train = binarize_static(train, args.seed, "train")
-    test = binarize_static(test, args.seed, "test")
-    start = time.perf_counter()
-    classifier = fit_classifier(train.images, train.labels, seed=args.seed)
-    accuracy = float((classifier(test.images).argmax(-1) == test.labels).float().mean())
-    report = {
-        "classifier_test_accuracy": accuracy,
-        "epochs": args.epochs,
-        "hidden": list(args.hidden),
-        "train_images": len(train),
-        "test_images": len(test),
-        "units": "per pixel, nats (cross-entropy) and squared probability error; Fréchet "
-        "distance in squared classifier-feature units",
-        "capabilities": CAPABILITIES,
-        "results": {},
-        "reference": {},
-    }
-    with outputs:  # a failure on the way leaves the previous set as it was
-        for d in args.z_dims:
-            result = compare_latent_models(
-                train.images,
-                test.images,
-                classifier,
-                d,
-                hidden=args.hidden,
-                epochs=args.epochs,
-                num_samples=args.samples,
-                seed=args.seed,
-            )
-            report["results"][str(d)] = result.metrics
-            report["reference"][str(d)] = result.reference
-            originals = {"test images": test.images}
-            plot_image_rows(
-                originals | result.reconstructions,
-                train.image_shape,
-                outputs.path(f"figures/reconstructions_d{d}.png"),
-                title=f"reconstructions, d = {d}",
-            )
-            plot_image_rows(
-                result.samples,
-                train.image_shape,
-                outputs.path(f"figures/samples_d{d}.png"),
-                n=12,
-                title=f"samples, d = {d}",
-            )
-            plot_image_rows(
-                result.interpolations,
-                train.image_shape,
-                outputs.path(f"figures/interpolations_d{d}.png"),
-                title=f"interpolations, d = {d}",
-            )
-            if d == 2:
-                plot_latent_maps(
-                    result.codes, test.labels, outputs.path("figures/latent_maps_d2.png")
-                )
-            if not args.quiet:
-                print_table(d, result)
-        report["seconds"] = time.perf_counter() - start
-        outputs.write_json("comparison.json", report)
-        outputs.commit()
+    out = output_dir(args.out or default_run_dir("baselines"))
+    result = compare_baselines(
+        config,
+        out.path,
+        force=args.force,
+        data_dir=args.data_dir,
+        on_size=None if args.quiet else print_table,
+        flag="--out",
+    )
     if not args.quiet:
         print("what each method can do:", end="")
         for name in METHODS:
             can = [k for k, v in CAPABILITIES[name].items() if v]
             print(f"  {name}: {', '.join(can)};", end="")
-        print(f"\ndigit classifier: test accuracy {accuracy:.3f}")
-        print(f"report: {outputs.directory / 'comparison.json'}")
-    return report
+        print(f"\ndigit classifier: test accuracy {result.report['classifier_test_accuracy']:.3f}")
+    print(f"report: {result.written}")
+    return result.report
 
 
 if __name__ == "__main__":

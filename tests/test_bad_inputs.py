@@ -185,7 +185,12 @@ PATH_CASES = [
         + ["--out", "{tmp}/o"],
         "the model itself",
     ),
-    ("compare_baselines.py", ["--z-dims", "1000", "--out", "{tmp}/b"], "--z-dims 1000: PCA"),
+    (
+        "compare_baselines.py",
+        ["--z-dims", "1000", "--out", "{tmp}/b"],
+        "--z-dims: PCA has at most 784 components with 50000 training images of 784 pixels, "
+        "got 1000",
+    ),
     ("train_svi.py", ["--threads", "100000", "--out", "{tmp}/r"], "--threads 100000: more than"),
     (
         "train_svi.py",
@@ -195,7 +200,7 @@ PATH_CASES = [
     (
         "compare_baselines.py",
         ["--train-size", "5", "--z-dims", "2", "10", "--out", "{tmp}/b"],
-        "--z-dims 10: PCA has at most 5",
+        "--z-dims: PCA has at most 5 components with 5 training images of 784 pixels, got 10",
     ),
     (
         "detect_ood.py",

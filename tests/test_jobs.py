@@ -180,3 +180,32 @@ def test_compress_refuses_before_any_work(trained_run, tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as caught:
         CompressConfig(latent_bits=17)
     assert caught.value.field == "latent_bits"
+
+
+def test_compare_baselines_is_one_call_with_its_config_recorded(data_dir, tmp_path, monkeypatch):
+    import pyro_vae.jobs.baselines as job
+    from pyro_vae import BaselinesConfig, compare_baselines
+
+    config = BaselinesConfig(
+        z_dims=(2,), epochs=1, hidden=(16,), train_size=300, test_size=40, samples=40
+    )
+    seen = []
+    result = compare_baselines(
+        config, tmp_path, data_dir=data_dir, on_size=lambda d, r: seen.append((d, r))
+    )
+    assert result.written == tmp_path / "comparison.json"
+    saved = json.loads(result.written.read_text())
+    assert saved == json.loads(json.dumps(result.report))
+    assert BaselinesConfig.from_dict(saved["config"]) == config
+    assert [d for d, _ in seen] == [2] and seen[0][1] is result.result[2]
+    assert set(saved["results"]["2"]) == {"PCA", "linear autoencoder", "autoencoder", "VAE", "GAN"}
+    assert (tmp_path / "figures" / "samples_d2.png").is_file()
+    # a second call refuses before any work; a latent size PCA cannot have, too
+    monkeypatch.setattr(job, "compare_latent_models", lambda *a, **k: pytest.fail("worked"))
+    with pytest.raises(RunDirError, match="comparison.json already exists"):
+        compare_baselines(config, tmp_path, data_dir=data_dir)
+    with pytest.raises(ConfigError, match="PCA has at most 300 components") as caught:
+        compare_baselines(config.replace(z_dims=(400,)), data_dir=data_dir)
+    assert caught.value.field == "z_dims"
+    with pytest.raises(ConfigError, match="samples: at least 10"):
+        BaselinesConfig(samples=3)

@@ -7,7 +7,9 @@
   ``evaluate_log_px(run, EvalConfig)``, ``decompose_gaps(run, GapsConfig)`` and
   ``score_ood(run, OODConfig)``, each writing its report into a directory when given one;
 - bits-back coding (``compress``): ``compress(run, images, CompressConfig)`` and
-  ``decompress(run, message)``.
+  ``decompress(run, message)``;
+- the comparison with other latent-variable models (``baselines``):
+  ``compare_baselines(BaselinesConfig, directory)``.
 
     from pyro_vae import EvalConfig, Run, TrainConfig, evaluate_log_px, train_vae
 
@@ -15,6 +17,7 @@
     print(evaluate_log_px(trained, EvalConfig(num_particles=1000)).report["log_px"])
 """
 
+from pyro_vae.jobs.baselines import compare_baselines
 from pyro_vae.jobs.compress import compress, decompress
 from pyro_vae.jobs.evaluate import EvalResult, decompose_gaps, evaluate_log_px, score_ood
 from pyro_vae.jobs.train import (
@@ -32,6 +35,7 @@ __all__ = [
     "TrainResult",
     "accuracy",
     "build_model",
+    "compare_baselines",
     "compress",
     "curve_label",
     "decompress",
