@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from pyro_vae.checks import ConfigError
 from pyro_vae.choices import (
     ACTIVATIONS,
+    ARRAY_SUFFIXES,
     BINARIZATIONS,
     CLASSIFIERS,
     COMPRESSORS,
@@ -210,7 +211,7 @@ def _dataset(name: str, value: Any) -> str:
     later job finds it from anywhere)."""
     if value in DATASETS:
         return value
-    if isinstance(value, str) and Path(value).suffix.lower() in (".npy", ".npz"):
+    if isinstance(value, str) and Path(value).suffix.lower() in ARRAY_SUFFIXES:
         return str(Path(value).expanduser().resolve())
     raise ConfigError(
         name, f"{value!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file"

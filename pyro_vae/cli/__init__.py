@@ -16,78 +16,10 @@ import os
 # the user gave wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pyro_vae.cli.exits import run  # noqa: E402
-from pyro_vae.cli.flags import (  # noqa: E402
-    RESUMABLE_FLAGS,
-    ArgumentParser,
-    ResultError,
-    UsageError,
-    adam_betas,
-    add_data_args,
-    add_force_arg,
-    add_preset_arg,
-    add_resume_arg,
-    add_runtime_args,
-    add_training_args,
-    apply_preset,
-    apply_threads,
-    hidden_sizes,
-    layer_sizes,
-    nonnegative_float,
-    nonnegative_int,
-    number_type,
-    optimizer_options,
-    output_dir,
-    outputs_for,
-    positive_float,
-    positive_int,
-    probability,
-    run_config,
-    seed_value,
-    shown,
-    unit_interval,
-    warmup_length,
-)
-from pyro_vae.cli.resume import (  # noqa: E402
-    begin_run,
-    merge_resumed_args,
-    resolve_device,
-    resume_state,
-)
+# the three modules' public names, each listed once in its own module's __all__
+from pyro_vae.cli import exits, flags, resume  # noqa: E402
+from pyro_vae.cli.exits import *  # noqa: E402, F403
+from pyro_vae.cli.flags import *  # noqa: E402, F403
+from pyro_vae.cli.resume import *  # noqa: E402, F403
 
-__all__ = [
-    "RESUMABLE_FLAGS",
-    "ArgumentParser",
-    "ResultError",
-    "UsageError",
-    "adam_betas",
-    "add_data_args",
-    "add_force_arg",
-    "add_preset_arg",
-    "add_resume_arg",
-    "add_runtime_args",
-    "add_training_args",
-    "apply_preset",
-    "apply_threads",
-    "begin_run",
-    "hidden_sizes",
-    "layer_sizes",
-    "merge_resumed_args",
-    "nonnegative_float",
-    "nonnegative_int",
-    "number_type",
-    "optimizer_options",
-    "output_dir",
-    "outputs_for",
-    "positive_float",
-    "positive_int",
-    "probability",
-    "resolve_device",
-    "resume_state",
-    "run",
-    "run_config",
-    "seed_value",
-    "shown",
-    "unit_interval",
-    "warmup_length",
-]
+__all__ = [*exits.__all__, *flags.__all__, *resume.__all__]

@@ -12,7 +12,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pyro_vae.choices import ACTIVATIONS, BINARIZATIONS, DATASETS, LARGEST_SIZE, LR_SCHEDULES
+from pyro_vae.choices import (
+    ACTIVATIONS,
+    ARRAY_SUFFIXES,
+    BINARIZATIONS,
+    DATASETS,
+    LARGEST_SIZE,
+    LR_SCHEDULES,
+)
 from pyro_vae.io.rundir import Outputs, RunDir
 
 __all__ = [
@@ -206,7 +213,7 @@ def dataset_name(s: str) -> str:
     """A data set's name, or a ``.npy`` / ``.npz`` file of images that exists."""
     if s in DATASETS:
         return s
-    if Path(s).suffix.lower() in (".npy", ".npz"):
+    if Path(s).suffix.lower() in ARRAY_SUFFIXES:
         if not Path(s).is_file():
             raise argparse.ArgumentTypeError(f"{s}: no such file")
         return str(Path(s).expanduser().resolve())

