@@ -24,19 +24,17 @@ from pathlib import Path
 
 import torch
 
+from pyro_vae import OODConfig, Run, RunData, score_ood
 from pyro_vae.apps.ood import (
     COMPRESSORS,
     MADE,
     SCORES,
-    choose_compressor,
     complexity_bits,
     detection_metrics,
     log_px_per_image,
     made_images,
-    ood_scores,
 )
 from pyro_vae.data import heldout_images
-from pyro_vae.training.runs import Run, RunData
 
 
 def images(name: str, data: RunData, split: str, n: int | None) -> torch.Tensor:
@@ -77,16 +75,22 @@ def main(args) -> int:
         if config.dataset != own:
             print(f"error: {run} was trained on {config.dataset}, not {own}", file=sys.stderr)
             return 2
+        # the scores as scripts/detect_ood.py gives them (one call): the compressor chosen on
+        # the in-distribution validation images only (seeds: 0 inside, 1 outside, 2 choosing)
+        scored = score_ood(
+            trained,
+            OODConfig(
+                ood=other,
+                images=args.images,
+                num_particles=args.num_particles,
+                select_images=args.select_images,
+            ),
+        )
+        report, s_in, s_out = scored.report, scored.result["in"], scored.result["out"]
         inside = images(own, config, "test", args.images)
         outside = images(other, config, "test", args.images)
-        # the compressor as scripts/detect_ood.py --compressor auto chooses it: on the
-        # in-distribution validation images only
-        valid = images(own, config, "valid", args.select_images)
-        log_px_valid = log_px_per_image(vae, valid, num_particles=args.num_particles, seed=2)
-        chosen, correlations = choose_compressor(log_px_valid, valid, vae.image_shape)
-        options = {"num_particles": args.num_particles, "compressor": chosen}
-        s_in = ood_scores(vae, inside, seed=0, **options)
-        s_out = ood_scores(vae, outside, seed=1, **options)
+        chosen = report["compressor"]
+        correlations = report["compressor_selection"]["correlations"]
         row = {
             "model": own,
             "ood": other,
@@ -95,11 +99,9 @@ def main(args) -> int:
             "mean_log_px": [float(s_in["log_px"].mean()), float(s_out["log_px"].mean())],
             "compressor": chosen,
             "compressor_selection": {
-                "split": "valid",
-                "images": len(valid),
-                "correlations": correlations,
+                k: report["compressor_selection"][k] for k in ("split", "images", "correlations")
             },
-            "metrics": {s: detection_metrics(s_in[s], s_out[s]) for s in SCORES},
+            "metrics": {s: report["metrics"][s] for s in SCORES},
             "complexity_ratio_by_compressor": {},
         }
         for name in COMPRESSORS:
