@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ARCHS",
     "ARRAY_SUFFIXES",
     "CAPABILITIES",
     "ACTIVATIONS",
@@ -42,6 +43,8 @@ LARGEST_SIZE = 2**63 - 1
 #: the data sets that load offline (``load_dataset``): MNIST and Fashion-MNIST (28 x 28,
 #: 8-bit), and scikit-learn's bundled digits (8 x 8, 17 grey levels, 1,797 images)
 DATASETS = ("mnist", "fashion-mnist", "digits")
+#: the VAE's networks: fully connected, or convolutional (images only)
+ARCHS = ("mlp", "conv")
 #: the files read as a user's data set (``--dataset FILE``)
 ARRAY_SUFFIXES = (".npy", ".npz")
 #: dynamic: a fresh Bernoulli draw per epoch; static: one draw, seeded; none: grey pixels

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from pyro_vae.checks import ConfigError
 from pyro_vae.choices import (
     ACTIVATIONS,
+    ARCHS,
     ARRAY_SUFFIXES,
     BINARIZATIONS,
     CLASSIFIERS,
@@ -94,6 +95,8 @@ MIGRATIONS: dict[str, Any] = {
     "layer_hidden": None,
     "guide": None,
     "skip_connections": False,
+    "arch": "mlp",
+    "channels": (32, 64),
     "flow": None,
     "flow_depth": None,
     "covariance": "diagonal",
@@ -339,6 +342,8 @@ class TrainConfig(RunConfig):
     z_dim: int = _setting(50, _integer(1), "latent dimensions of the VAE")
     hidden: tuple[int, ...] = _setting(_IW_FAST["hidden"], _sizes, "the VAE's hidden sizes")
     activation: str = _setting(_IW_FAST["activation"], _choice(ACTIVATIONS), "hidden activation")
+    arch: str = _setting("mlp", _choice(ARCHS), "the VAE's networks: mlp or conv")
+    channels: tuple[int, ...] = _setting((32, 64), _sizes, "conv: filters per convolution")
     z_dims: tuple[int, ...] | None = _setting(None, _optional(_sizes), "hvae: layer sizes")
     layer_hidden: tuple[tuple[int, ...], ...] | None = _setting(
         None, _optional(_layer_sizes), "hvae: hidden sizes per layer"
@@ -404,6 +409,8 @@ class TrainConfig(RunConfig):
         for name in ("flow", "flow_depth", "x_scale"):
             if getattr(self, name) is not None:
                 raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
+        if self.arch != "mlp":
+            raise ConfigError("arch", "conv applies to model vae; the hierarchical VAE's are mlp")
         for name, value in (("likelihood", "bernoulli"), ("covariance", "diagonal"), ("beta", 1.0)):
             if getattr(self, name) != value:
                 raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from pyro_vae.choices import (
+    ARCHS,
     COVARIANCES,
     DEFAULT_PRESET,
     ELBO_NAMES,
@@ -94,6 +95,19 @@ def build_parser() -> ArgumentParser:
         choices=HVAE_GUIDES,
         help="hvae: q(z1|x) q(z2|z1)... (bottom-up), or the ladder VAE's precision-weighted "
         f"top-down merge (top-down) (default: {HVAE_DEFAULTS['guide']})",
+    )
+    p.add_argument(
+        "--arch",
+        default="mlp",
+        choices=ARCHS,
+        help="the VAE's encoder and decoder: fully connected (mlp) or convolutional (conv: "
+        "3x3 convolutions of stride 2, then the --hidden layers; images only) (default: mlp)",
+    )
+    p.add_argument(
+        "--channels",
+        type=hidden_sizes,
+        default=(32, 64),
+        help="--arch conv: filters of each convolution, comma-separated (default: 32,64)",
     )
     p.add_argument(
         "--skip-connections",
@@ -265,6 +279,8 @@ def check_model_flags(args) -> None:
         "--x-scale": (args.x_scale, None),
         "--beta": (args.beta, 1.0),
         "--z-dim": (args.z_dim, build_parser().get_default("z_dim")),
+        "--arch": (args.arch, "mlp"),
+        "--channels": (tuple(args.channels), (32, 64)),
         "--hidden": (args.hidden, PRESETS[args.preset]["hidden"]),
     }
     for flag, (value, default) in one_layer_only.items():

@@ -79,6 +79,8 @@ def build_model(
             flow_depth=config.flow_depth or 2,
             covariance=config.covariance,
             levels=levels or 256,
+            arch=config.arch,
+            channels=config.channels,
             **common,
         )
         return vae, "VAE"

@@ -13,10 +13,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae.checks import ConfigError, positive_int, positive_number, sizes
-from pyro_vae.choices import COVARIANCES, FLOWS, LIKELIHOODS, SCALE_LINKS
+from pyro_vae.choices import ARCHS, COVARIANCES, FLOWS, LIKELIHOODS, SCALE_LINKS
 from pyro_vae.models.base import PyroModel
 from pyro_vae.networks.distributions import BernoulliImage, DiscretizedLogistic
-from pyro_vae.networks.nets import Decoder, Encoder, scale_from
+from pyro_vae.networks.nets import (
+    ConvDecoder,
+    ConvEncoder,
+    Decoder,
+    Encoder,
+    image_layout,
+    scale_from,
+)
 
 __all__ = ["COVARIANCES", "FLOWS", "LIKELIHOODS", "VAE"]
 
@@ -33,6 +40,11 @@ class VAE(PyroModel):
     ``"continuous-bernoulli"`` decodes to the logits of a continuous Bernoulli (intensities in
     [0, 1]); ``"logistic"`` decodes to a location and a scale per pixel of a discretised
     logistic over ``levels`` values (256 for 8-bit images scaled to [0, 1]).
+
+    ``arch="conv"`` makes encoder and decoder convolutional (``ConvEncoder`` /
+    ``ConvDecoder``: 3x3 convolutions of stride 2 with ``channels`` filters, ``hidden`` the
+    fully connected layers between them and z), for images (H, W) or (H, W, C) of any size;
+    ``"mlp"`` (the default) fully connected ones through ``hidden``.
 
     The guide is a diagonal Gaussian by default; ``covariance="full"`` makes it a full-covariance
     one, ``flow="iaf"`` or ``"planar"`` pushes the diagonal Gaussian through ``flow_depth``
@@ -65,6 +77,8 @@ class VAE(PyroModel):
         weight_norm: bool = False,
         batch_norm: bool = False,
         levels: int = 256,
+        arch: str = "mlp",
+        channels: Sequence[int] = (32, 64),
     ) -> None:
         super().__init__()
         if covariance not in COVARIANCES:
@@ -99,10 +113,23 @@ class VAE(PyroModel):
         self.scale_link, self.weight_norm = scale_link, bool(weight_norm)
         self.batch_norm = bool(batch_norm)
         nets = {"weight_norm": self.weight_norm, "batch_norm": self.batch_norm}
-        self.encoder = Encoder(x_dim, z_dim, hidden, activation, scale_link=scale_link, **nets)
+        if arch not in ARCHS:
+            raise ConfigError("arch", f"unknown architecture {arch!r}; choose from {ARCHS}")
+        self.arch, self.channels = arch, sizes("channels", channels)
         # the discretised logistic has two outputs per pixel: a location and a scale
-        outputs = 2 * x_dim if likelihood == "logistic" else x_dim
-        self.decoder = Decoder(z_dim, outputs, hidden, activation, **nets)
+        per_pixel = 2 if likelihood == "logistic" else 1
+        if arch == "conv":
+            self._check_conv(covariance)
+            self.encoder = ConvEncoder(
+                self.image_shape, z_dim, self.channels, hidden, activation,
+                scale_link=scale_link, **nets,
+            )  # fmt: skip
+            self.decoder = ConvDecoder(
+                z_dim, self.image_shape, self.channels, hidden, activation, per_pixel, **nets
+            )
+        else:
+            self.encoder = Encoder(x_dim, z_dim, hidden, activation, scale_link=scale_link, **nets)
+            self.decoder = Decoder(z_dim, per_pixel * x_dim, hidden, activation, **nets)
         self.flow, self.flow_depth = flow, flow_depth
         self.flows = nn.ModuleList(_flows(flow, flow_depth, z_dim) if flow else [])
         self.covariance = covariance
@@ -136,7 +163,25 @@ class VAE(PyroModel):
             "batch_norm": self.batch_norm,
             # older checkpoints have no levels: their likelihoods do not use it
             **({"levels": self.levels} if self.likelihood_name == "logistic" else {}),
+            # only for conv: the config is part of the compressed files' weights hash, and
+            # files made by fully connected models must still decode
+            **({"arch": "conv", "channels": list(self.channels)} if self.arch == "conv" else {}),
         }
+
+    def _check_conv(self, covariance: str) -> None:
+        """What convolutional networks need: images, and a guide they can feed."""
+        if covariance == "full":
+            raise ConfigError(
+                "covariance", "full takes the fully connected encoder (arch mlp), not conv"
+            )
+        try:
+            c, h, w = image_layout(self.image_shape)
+        except ValueError as e:
+            raise ConfigError("arch", f"conv: {e}") from None
+        if c * h * w != self.x_dim:
+            raise ConfigError(
+                "arch", f"conv: images of shape {self.image_shape} are not {self.x_dim} values"
+            )
 
     def init_output_bias(self, mean: Tensor) -> None:
         """Start the decoder's output at ``mean`` (the training images' mean): its logit,

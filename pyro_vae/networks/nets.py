@@ -16,11 +16,14 @@ from pyro_vae.choices import SCALE_LINKS
 __all__ = [
     "ACTIVATIONS",
     "SCALE_LINKS",
+    "ConvDecoder",
+    "ConvEncoder",
     "ConvNet",
     "Decoder",
     "FlatBatchNorm",
     "Encoder",
     "mlp",
+    "image_layout",
     "scale_from",
     "with_class",
 ]
@@ -199,6 +202,173 @@ class Decoder(nn.Module):
     def with_class(self, z: Tensor, y: Tensor, num_classes: int) -> Tensor:
         """``self([z, one_hot(y)])``, computed as ``with_class`` does."""
         return with_class(self.net, z, y, num_classes)
+
+
+def image_layout(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(channels, height, width) of images stored flat in (H, W) or (H, W, C) order; a
+    ``ValueError`` for any other shape (vectors have no neighbourhoods to convolve)."""
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if len(shape) == 3:
+        return shape[2], shape[0], shape[1]
+    raise ValueError(f"convolutional networks take images (H, W) or (H, W, C), not shape {shape}")
+
+
+def _halvings(size: int, steps: int) -> list[int]:
+    """``size`` after each of ``steps`` stride-2 convolutions (3x3, padding 1): ceil(size/2)."""
+    sizes = [size]
+    for _ in range(steps):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """Flat images x (..., H * W * C) -> (loc, scale), each (..., z_dim): 3x3 convolutions
+    of stride 2 with ``channels`` filters each, then an ``mlp`` through ``hidden`` to the
+    2 z_dim outputs that ``link`` splits as ``Encoder``'s.  ``net(x)`` is the raw output."""
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        z_dim: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: Sequence[int] = (256,),
+        activation: str = "relu",
+        min_scale: float = 1e-4,
+        scale_link: str = "softplus",
+        weight_norm: bool = False,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if scale_link not in SCALE_LINKS:
+            raise ValueError(f"unknown scale link {scale_link!r}; choose from {SCALE_LINKS}")
+        self.image_shape = tuple(image_shape)
+        c, h, w = image_layout(image_shape)
+        heights, widths = _halvings(h, len(channels)), _halvings(w, len(channels))
+        layers: list[nn.Module] = [_ImagesIn(self.image_shape)]
+        for c_out in channels:
+            conv = nn.Conv2d(c, c_out, 3, stride=2, padding=1)
+            layers.append(nn.utils.parametrizations.weight_norm(conv) if weight_norm else conv)
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(ACTIVATIONS[activation]())
+            c = c_out
+        layers.append(nn.Flatten())
+        features = c * heights[-1] * widths[-1]
+        self.net = _KeepLeading(
+            nn.Sequential(
+                *layers,
+                mlp(
+                    [features, *hidden, 2 * z_dim],
+                    activation,
+                    weight_norm=weight_norm,
+                    batch_norm=batch_norm,
+                ),
+            )
+        )
+        self.min_scale, self.scale_link = min_scale, scale_link
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.link(self.net(x))
+
+    def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(loc, scale) from the raw output (..., 2 z_dim), as ``Encoder.link``."""
+        loc, raw_scale = raw.chunk(2, dim=-1)
+        return loc, scale_from(raw_scale, self.scale_link, self.min_scale)
+
+
+class ConvDecoder(nn.Module):
+    """z (..., z_dim) -> (..., outputs * H * W * C) unconstrained outputs, ``outputs`` values
+    per pixel (1: logits or a mean; 2: a location and a raw scale, the first H * W * C values
+    all locations): an ``mlp`` through ``hidden`` to the smallest feature map, then 3x3
+    transposed convolutions of stride 2 mirroring ``ConvEncoder`` (``channels`` in reverse)
+    up to the image's size, a last 3x3 convolution to the outputs, and a bias per output value
+    (``set_output_bias``)."""
+
+    def __init__(
+        self,
+        z_dim: int,
+        image_shape: Sequence[int],
+        channels: Sequence[int] = (32, 64),
+        hidden: Sequence[int] = (256,),
+        activation: str = "relu",
+        outputs: int = 1,
+        weight_norm: bool = False,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_shape, self.outputs = tuple(image_shape), outputs
+        c, h, w = image_layout(image_shape)
+        self.channels = c
+        heights, widths = _halvings(h, len(channels)), _halvings(w, len(channels))
+        top = list(channels)[-1] if channels else c
+        self.start = (top, heights[-1], widths[-1])
+        self.dense = mlp(
+            [z_dim, *reversed(list(hidden)), top * heights[-1] * widths[-1]],
+            activation,
+            final_activation=True,
+            weight_norm=weight_norm,
+            batch_norm=batch_norm,
+        )
+        layers: list[nn.Module] = []
+        sizes = list(zip(heights, widths))
+        c_in = top
+        for i in range(len(channels) - 1, -1, -1):  # up from the smallest map
+            (h_out, w_out), (h_in, w_in) = sizes[i], sizes[i + 1]
+            c_out = channels[i - 1] if i > 0 else channels[0]
+            up = nn.ConvTranspose2d(
+                c_in, c_out, 3, stride=2, padding=1,
+                output_padding=(h_out - (2 * h_in - 1), w_out - (2 * w_in - 1)),
+            )  # fmt: skip
+            layers.append(nn.utils.parametrizations.weight_norm(up) if weight_norm else up)
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(ACTIVATIONS[activation]())
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, outputs * c, 3, padding=1))
+        self.convs = nn.Sequential(*layers)
+        # a bias per pixel and output (the convolutions' biases are per channel): the output
+        # bias can then start at the data's mean image, as Burda et al. start theirs
+        self.bias = nn.Parameter(torch.zeros(outputs * c * h * w))
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: Tensor) -> None:
+        """Set the per-value output bias (``outputs * H * W * C`` values, in output order)."""
+        self.bias.copy_(bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        lead = z.shape[:-1]
+        maps = self.convs(self.dense(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start))
+        c, h, w = self.channels, maps.shape[-2], maps.shape[-1]
+        # (M, outputs * C, H, W) -> (M, outputs, H, W, C): flat in the images' own order
+        out = maps.reshape(-1, self.outputs, c, h, w).permute(0, 1, 3, 4, 2).flatten(1)
+        return (out + self.bias).reshape(*lead, -1)
+
+
+class _ImagesIn(nn.Module):
+    """Flat images (M, H * W * C) -> (M, C, H, W)."""
+
+    def __init__(self, image_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.layout = image_layout(image_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c, h, w = self.layout
+        return x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+
+
+class _KeepLeading(nn.Module):
+    """Applies ``body`` to (M, D) with every leading dimension of the input folded into M,
+    and unfolds them again."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        return self.body(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
 
 
 def with_class(net: nn.Sequential, h: Tensor, y: Tensor, num_classes: int) -> Tensor:
