@@ -10,15 +10,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pyro_vae.choices import ARRAY_SUFFIXES, DATASETS
+
 __all__ = [
     "ConfigError",
     "as_tensor",
     "check_data_matrix",
+    "is_user_data",
     "positive_int",
     "positive_number",
     "sizes",
@@ -35,6 +39,20 @@ class ConfigError(ValueError):
             field, _, message = field.partition(": ")
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+
+def is_user_data(name: str) -> bool:
+    """Whether ``name`` names a user's images (a ``.npy`` / ``.npz`` file or a folder) rather
+    than a named data set.  An absolute path without a suffix counts as a folder even when it
+    is gone, so that a run trained on one says so instead of calling it an unknown name."""
+    if name in DATASETS:
+        return False
+    path = Path(name)
+    return (
+        path.suffix.lower() in ARRAY_SUFFIXES
+        or path.is_dir()
+        or (path.is_absolute() and not path.suffix)
+    )
 
 
 def positive_int(name: str, value, *, allow_zero: bool = False) -> int:

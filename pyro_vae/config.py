@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pyro_vae.checks import ConfigError
+from pyro_vae.checks import ConfigError, is_user_data
 from pyro_vae.choices import (
     ACTIVATIONS,
     ARCHS,
-    ARRAY_SUFFIXES,
     BINARIZATIONS,
     CLASSIFIERS,
     COMPRESSORS,
@@ -210,14 +209,16 @@ def _seed(name: str, value: Any) -> int:
 
 
 def _dataset(name: str, value: Any) -> str:
-    """A data set's name, or a ``.npy`` / ``.npz`` file of images (made absolute, so that a
-    later job finds it from anywhere)."""
+    """A data set's name, or a ``.npy`` / ``.npz`` file or a folder of images (made
+    absolute, so that a later job finds it from anywhere)."""
     if value in DATASETS:
         return value
-    if isinstance(value, str) and Path(value).suffix.lower() in ARRAY_SUFFIXES:
+    if isinstance(value, str) and is_user_data(value):
         return str(Path(value).expanduser().resolve())
     raise ConfigError(
-        name, f"{value!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file"
+        name,
+        f"{value!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file, nor a "
+        "folder of images",
     )
 
 

@@ -139,7 +139,7 @@ def test_the_script_refuses_a_bad_file_in_one_line_and_writes_nothing(tmp_path, 
     assert status == 2 and "NaN or inf" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     status, err = run_in_process("train_svi.py", ["--dataset", "images.csv"], capsys)
-    assert status == 2 and "nor a .npy or .npz file" in err
+    assert status == 2 and "nor a .npy or .npz file, nor a folder of images" in err
 
 
 def test_float_intensities_take_a_continuous_likelihood_not_the_discretised_one(tmp_path, capsys):
@@ -166,3 +166,124 @@ def test_figures_show_colour_and_vectors():
     vectors = image_grid(torch.rand(4, 7), (7,), nrow=2)
     assert grey.ndim == 2 and colour.shape[-1] == 3 and vectors.ndim == 2
     assert colour.shape[:2] == grey.shape
+
+
+# -- a folder of image files ---------------------------------------------------------------------
+
+
+def digit_folder(root, with_classes=True, count=60):
+    """The first ``count`` digits as 8-bit grey PNGs, one sub-folder per class (or none)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:count] * 255 / 16).round().astype(np.uint8)
+    for i, (image, label) in enumerate(zip(images, digits.target[:count])):
+        folder = root / f"class_{label}" if with_classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{i:03d}.png")
+    return images, digits.target[:count]
+
+
+def test_a_folder_with_class_sub_folders_gives_images_and_labels(tmp_path):
+    images, labels = digit_folder(tmp_path / "digits")
+    splits = load_dataset(str(tmp_path / "digits"))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 48, "valid": 6, "test": 6}
+    assert splits["train"].image_shape == (8, 8) and splits["train"].levels == 256
+    # every image comes back exactly, with its class (sub-folders in sorted name order)
+    got = torch.cat([s.images for s in splits.values()])
+    got_labels = torch.cat([s.labels for s in splits.values()])
+    by_bytes = {
+        (img * 255).round().to(torch.uint8).numpy().tobytes(): int(y)
+        for img, y in zip(got, got_labels)
+    }
+    classes = sorted({f"class_{y}" for y in labels})
+    for image, label in zip(images, labels):
+        assert by_bytes[image.reshape(-1).tobytes()] == classes.index(f"class_{label}")
+    # the same split every time
+    again = load_dataset(str(tmp_path / "digits"))
+    assert torch.equal(again["test"].images, splits["test"].images)
+
+
+def test_a_flat_folder_with_one_colour_image_is_read_as_colour(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (5, 6), dtype=np.uint8), mode="L").save(
+            tmp_path / f"g{i}.png"
+        )
+    colour = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    Image.fromarray(colour, mode="RGB").save(tmp_path / "z.png")
+    splits = load_dataset(str(tmp_path))
+    assert splits["train"].image_shape == (5, 6, 3) and splits["train"].labels is None
+    got = (torch.cat([s.images for s in splits.values()]) * 255).round().to(torch.uint8)
+    assert any(np.array_equal(row.numpy(), colour.reshape(-1)) for row in got)
+
+
+def bad_folders(tmp_path):
+    from PIL import Image
+
+    grey = np.zeros((4, 4), np.uint8)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    for name, sizes in (("sizes", [(4, 4)] * 4 + [(5, 4)]), ("beside", [(4, 4)] * 5)):
+        (tmp_path / name / "a").mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            Image.fromarray(np.zeros((h, w), np.uint8)).save(tmp_path / name / "a" / f"{i}.png")
+    Image.fromarray(grey).save(tmp_path / "beside" / "loose.png")
+    (tmp_path / "corrupt").mkdir()
+    for i in range(4):
+        Image.fromarray(grey).save(tmp_path / "corrupt" / f"{i}.png")
+    (tmp_path / "corrupt" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "deep").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(tmp_path / "deep" / f"{i}.png")
+    (tmp_path / "few").mkdir()
+    for i in range(2):
+        Image.fromarray(grey).save(tmp_path / "few" / f"{i}.png")
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("empty", "holds no image files"),
+        ("sizes", "every image must have one size"),
+        ("beside", "lies beside the class sub-folders"),
+        ("corrupt", "9.png: not a readable image"),
+        ("deep", "16-bit or floating point"),
+        ("few", "too few"),
+    ],
+)
+def test_a_bad_folder_is_one_line(tmp_path, name, message):
+    from pyro_vae.data import load_image_folder
+
+    bad_folders(tmp_path)
+    with pytest.raises(DataError, match=message) as caught:
+        load_image_folder(tmp_path / name)
+    assert "\n" not in str(caught.value) and str(tmp_path / name) in str(caught.value)
+
+
+def test_train_and_evaluate_on_a_folder_and_refuse_it_once_it_changed(tmp_path, capsys):
+    digit_folder(tmp_path / "digits", count=120)
+    out = tmp_path / "run"
+    args = ["--dataset", str(tmp_path / "digits"), "--likelihood", "logistic", "--binarize"]
+    args += ["none", "--arch", "conv", "--channels", "4,8", "--hidden", "16", "--z-dim", "2"]
+    args += ["--epochs", "1", "--batch-size", "32", "--eval-particles", "5", "--quiet"]
+    status, err = run_in_process("train_svi.py", [*args, "--out", str(out)], capsys)
+    assert status == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == str((tmp_path / "digits").resolve()) and config["dataset_sha256"]
+    run = Run.load(out)
+    assert len(run.heldout("test").images) == 12
+    # one image changed: the run's held-out images are not the folder's any more
+    from PIL import Image
+
+    first = sorted((tmp_path / "digits").rglob("*.png"))[0]
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(first)
+    status, err = run_in_process(
+        "evaluate_marginal_likelihood.py",
+        ["--checkpoint", str(out), "--num-particles", "5", "--out", str(tmp_path / "e")],
+        capsys,
+    )
+    assert status == 2 and "changed since" in err and len(err.strip().splitlines()) == 1, err

@@ -210,15 +210,18 @@ def layer_sizes(s: str) -> tuple[tuple[int, ...], ...]:
 
 
 def dataset_name(s: str) -> str:
-    """A data set's name, or a ``.npy`` / ``.npz`` file of images that exists."""
+    """A data set's name, or a ``.npy`` / ``.npz`` file or a folder of images that exists."""
     if s in DATASETS:
         return s
     if Path(s).suffix.lower() in ARRAY_SUFFIXES:
         if not Path(s).is_file():
             raise argparse.ArgumentTypeError(f"{s}: no such file")
         return str(Path(s).expanduser().resolve())
+    if Path(s).is_dir():
+        return str(Path(s).expanduser().resolve())
     raise argparse.ArgumentTypeError(
-        f"{s!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file"
+        f"{s!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file, nor a folder "
+        "of images"
     )
 
 

