@@ -575,7 +575,7 @@ class BaselinesConfig(Config):
 
 @dataclass(frozen=True)
 class CompressConfig(Config):
-    """Bits-back coding of binary images with a trained run (``compress``, ``compress.py
+    """Bits-back coding of images (binary, or 8-bit grey) with a trained run (``compress``, ``compress.py
     encode``): ``latent_bits`` buckets per latent dimension (2**bits of equal prior mass),
     ``particles`` latents per image (importance-weighted bits-back: about -log p̂_K(x) per
     image instead of the -ELBO), the first ``count`` images."""

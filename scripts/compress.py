@@ -1,12 +1,14 @@
-"""Lossless compression of binary images with a trained VAE (bits-back coding with ANS).
+"""Lossless compression of images with a trained VAE (bits-back coding with ANS).
 
     python scripts/compress.py --checkpoint runs/vae-... encode --split test --output test.pvbb
     python scripts/compress.py --checkpoint runs/vae-... encode --input digits.npy --output d.pvbb
     python scripts/compress.py --checkpoint runs/vae-... decode --input d.pvbb --output d.npy
 
-``encode`` takes binary images from a ``.npy`` file ((N, H, W) or (N, H*W), values 0/1) or
-the run's held-out split binarised as in training; ``decode`` writes them back as a uint8
-``.npy`` file of shape (N, H, W).  With ``encode --particles K`` the code is importance-weighted
+``encode`` takes images from a ``.npy`` file ((N, H, W) or (N, H*W)): values 0/1 for a
+model of binary pixels, uint8 grey levels 0-255 for one with the discretised logistic
+likelihood (``--likelihood logistic``, 8-bit grey images); or the run's held-out split
+prepared as in training; ``decode`` writes them back as a uint8 ``.npy`` file of shape
+(N, H, W).  With ``encode --particles K`` the code is importance-weighted
 bits-back (BB-IS, Ruan et al. 2021): about -log p̂_K(x) per image instead of the -ELBO (one-layer
 models; a hierarchical VAE's layers are chained with one particle).  The
 file holds a header (format version, a hash of the model's weights, image count and shape,
@@ -38,7 +40,7 @@ def build_parser() -> ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images -> compressed file")
-    enc.add_argument("--input", type=Path, default=None, help=".npy file of binary images")
+    enc.add_argument("--input", type=Path, default=None, help=".npy file of images (0/1, or 8-bit grey levels)")
     enc.add_argument(
         "--split",
         default=None,

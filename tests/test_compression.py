@@ -345,3 +345,51 @@ def test_a_model_with_skip_connections_round_trips_and_costs_its_information(gui
     grown = np.diff(lengths)
     assert abs(grown.sum() - info[1:].sum()) < 1e-3 * info[1:].sum() + 64
     assert_at_most_the_elbo(hvae, x, info)
+
+
+# -- grey levels: the discretised logistic's categorical per pixel -------------------------------
+
+
+@pytest.mark.parametrize("levels,k", [(17, 1), (256, 1), (256, 4)])
+def test_grey_images_round_trip_and_cost_the_discretised_likelihoods_information(levels, k):
+    torch.manual_seed(0)
+    vae = VAE(
+        x_dim=64, z_dim=4, hidden=(32,), image_shape=(8, 8), likelihood="logistic", levels=levels
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, levels, (40, 64), generator=g).float() / (levels - 1)
+    coder = BitsBackCoder(vae, particles=k)
+    trace = []
+    message = CompressedImages.from_bytes(coder.encode(x, trace).to_bytes())
+    assert torch.equal(coder.decode(message), x)
+    lengths = np.array([t[0] for t in trace], dtype=np.float64)
+    grown = np.diff(lengths)
+    # the message grows by what the information says (the buckets drawn; K = 1), and on
+    # average the code costs the -ELBO (or -log p̂_K) of the discretised model
+    info = coder.information(x, [t[1] for t in trace] if k == 1 else None)
+    if k == 1:
+        assert abs(grown.sum() - info[1:].sum()) < 1e-3 * info[1:].sum() + 64
+        assert_at_most_the_elbo(vae, x, info)
+    else:
+        se = math.sqrt(np.var(grown) / len(grown) + np.var(info) / len(info))
+        assert abs(grown.mean() - info[1:].mean()) < 4 * se
+    with pytest.raises(ValueError, match=f"{levels} levels"):
+        coder.encode(x + 0.3 / (levels - 1))
+
+
+def test_compress_and_decompress_an_8_bit_run_as_uint8_levels(data_dir, tmp_path, capsys):
+    from helpers import run_in_process
+
+    from pyro_vae import CompressConfig, Run, compress, decompress
+
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--binarize", "none", "--likelihood", "logistic"]
+    args += ["--z-dim", "4", "--hidden", "32", "--epochs", "1", "--eval-particles", "0"]
+    assert run_in_process("train_svi.py", [*args, "--quiet", "--out", str(out)], capsys)[0] == 0
+    run = Run.load(out)
+    packed = compress(run, "test", CompressConfig(count=20))
+    back = decompress(run, packed.result.to_bytes()).result
+    expected = (run.heldout("test", 20).images * 16).round().reshape(20, 8, 8)
+    assert back.dtype == np.uint8 and np.array_equal(back, expected.numpy().astype(np.uint8))
+    # the levels as uint8 give the same bytes
+    assert compress(run, back, CompressConfig()).result.to_bytes() == packed.result.to_bytes()

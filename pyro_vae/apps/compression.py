@@ -1,4 +1,4 @@
-"""Lossless compression of binarised images with a trained VAE: bits-back coding with ANS.
+"""Lossless compression of images with a trained VAE: bits-back coding with ANS.
 
 Bits-back coding (Frey & Hinton 1997; Townsend, Bird & Barber 2019, "BB-ANS") turns the VAE
 into a code whose length per image is -log p(x|z) - log p(z) + log q(z|x) for a z drawn
@@ -46,6 +46,11 @@ top-down guide, to p(z_l | z_{l+1}) at the layer above (known when z_l is coded,
 costs exactly ``latent_bits`` per dimension); under the bottom-up guide, which draws z_1
 first, to the model's marginal of z_l (see ``_marginal_grids``).  The rate approaches the
 -ELBO as for one layer; the first image pays its layers' prior cost in full, once.
+
+**Pixels**: binary images are coded with the model's Bernoulli p(x|z); grey images of a
+model with the discretised logistic likelihood (8-bit: 256 levels) with the categorical of
+its level probabilities per pixel, so that the code length is the same -log p(x|z) in bits
+(one stochastic layer; grey (H, W) images, since the file records a height and a width).
 
 The networks run in float64 on one thread, so that encoder and decoder compute the same
 probability tables bit for bit: decode with the same weights (checked through a hash in the
@@ -192,8 +197,18 @@ class BitsBackCoder:
     length each image should cost, in bits."""
 
     def __init__(self, vae, latent_bits: int = 10, particles: int = 1) -> None:
-        if getattr(vae, "likelihood_name", None) != "bernoulli":
-            raise ValueError("bits-back coding here needs a VAE with a Bernoulli likelihood")
+        likelihood = getattr(vae, "likelihood_name", None)
+        if likelihood not in ("bernoulli", "logistic"):
+            raise ValueError(
+                "bits-back coding here needs a VAE with a Bernoulli or a discretised logistic "
+                "likelihood (a discrete p(x|z))"
+            )
+        if likelihood == "logistic" and len(tuple(vae.image_shape)) != 2:
+            raise ValueError(
+                f"bits-back coding here takes grey images (H, W), not {tuple(vae.image_shape)}"
+            )
+        # None: binary pixels; else the grey levels of the discretised logistic
+        self.levels = vae.levels if likelihood == "logistic" else None
         if getattr(vae, "flow", None) or getattr(vae, "covariance", "diagonal") != "diagonal":
             # the coder draws each latent dimension from its own factor of q(z|x)
             raise ValueError("bits-back coding here needs the diagonal Gaussian guide")
@@ -231,9 +246,42 @@ class BitsBackCoder:
         return (cdf[..., 1:] - cdf[..., :-1]).clamp_min(0).numpy()
 
     def _pixel_probs(self, nets, buckets: np.ndarray) -> np.ndarray:
-        """p(x_d = 1 | z = bucket medians): (N, pixels)."""
+        """p(x | z = bucket medians): binary pixels P(x_d = 1) (N, pixels); grey pixels the
+        probability of every level (N, pixels, levels)."""
         z = self.centres[torch.as_tensor(buckets, dtype=torch.long)]
-        return torch.sigmoid(nets.decode(z)).numpy()
+        if self.levels is None:
+            return torch.sigmoid(nets.decode(z)).numpy()
+        return nets.net.likelihood(z).level_probs().numpy()
+
+    # -- pixels: binary with p(x_d = 1), or grey levels with their categorical ------------
+
+    def _pixel_symbols(self, x: Tensor | np.ndarray) -> np.ndarray:
+        """An image's pixels as the coder's symbols: 0/1, or the level 0..levels-1."""
+        x = np.asarray(x, dtype=np.float64)
+        steps = 1 if self.levels is None else self.levels - 1
+        return np.rint(x * steps).astype(np.int32)
+
+    def _encode_pixels(self, coder, x: Tensor | np.ndarray, probs: np.ndarray) -> None:
+        model = self._pixel_model()
+        coder.encode_reverse(self._pixel_symbols(x), model, probs)
+
+    def _decode_pixels(self, coder, probs: np.ndarray) -> np.ndarray:
+        """One image's pixels off the stack, as values in [0, 1] (float32)."""
+        symbols = coder.decode(self._pixel_model(), probs)
+        steps = 1 if self.levels is None else self.levels - 1
+        return symbols.astype(np.float32) / np.float32(steps)  # as ``_checked`` makes them
+
+    def _pixel_model(self):
+        m = self._stream.model
+        return m.Bernoulli(perfect=False) if self.levels is None else m.Categorical(perfect=False)
+
+    def _log_px(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """log p(x | z) of one image under K pixel tables (K, pixels[, levels]), nats: (K,)."""
+        if self.levels is None:
+            return np.where(x > 0.5, np.log(probs), np.log1p(-probs)).sum(-1)
+        symbols = self._pixel_symbols(x)
+        picked = np.take_along_axis(probs, symbols[None, :, None], axis=-1)[..., 0]
+        return np.log(picked.clip(min=2.0**-24)).sum(-1)
 
     # -- the pieces every scheme shares ---------------------------------------------------
 
@@ -252,8 +300,7 @@ class BitsBackCoder:
     def _log_weights(self, nets, x: np.ndarray, z: np.ndarray, table: np.ndarray) -> np.ndarray:
         """log w_k = log p(x | z_k) + log P(z_k) - log Q(z_k | x) of the discretised model
         for K buckets z (K, z_dim) of one image x (pixels), natural log: (K,)."""
-        probs = self._pixel_probs(nets, z)
-        log_px = np.where(x > 0.5, np.log(probs), np.log1p(-probs)).sum(-1)
+        log_px = self._log_px(x, self._pixel_probs(nets, z))
         normalised = table / table.sum(-1, keepdims=True)
         # the coder gives every bucket at least its smallest probability, 2**-24
         q = normalised[np.arange(z.shape[1]), z].clip(min=2.0**-24)
@@ -282,7 +329,7 @@ class BitsBackCoder:
         appends (message length in bits, buckets of z) after each image (with K > 1 the
         buckets of all K particles, (K, z_dim), and the chosen index; with several layers a
         tuple of buckets, layer 1 first)."""
-        return self._scheme.encode(_check_binary(images, self.vae.x_dim), trace)
+        return self._scheme.encode(self._checked(images), trace)
 
     def decode(self, message: CompressedImages) -> Tensor:
         """The images of ``message``, (N, H*W) float32 in {0, 1}; raises
@@ -314,7 +361,28 @@ class BitsBackCoder:
         ``-log2 (mean_k w_k)`` for K particles (N, K, z_dim), the importance-weighted
         estimate's; by default ẑ is drawn from ``Q(·|x)``.  Its mean over draws is the
         discretised model's -ELBO (K = 1) or -log p̂_K(x) (K > 1), in bits."""
-        return self._scheme.information(_check_binary(images, self.vae.x_dim), buckets, seed)
+        return self._scheme.information(self._checked(images), buckets, seed)
+
+    def _checked(self, images: Tensor) -> Tensor:
+        """(N, pixels) float64 on the CPU; a ``ValueError`` for pixels the model cannot code."""
+        x = torch.as_tensor(images)
+        x = x.reshape(len(x), x[0].numel() if len(x) else self.vae.x_dim).double().cpu()
+        if x.shape[1] != self.vae.x_dim:
+            raise ValueError(f"images have {x.shape[1]} pixels, the model {self.vae.x_dim}")
+        if self.levels is None:
+            if not ((x == 0) | (x == 1)).all():
+                raise ValueError("the model's pixels are binary: the images must be 0/1 values")
+            return x
+        steps = self.levels - 1
+        # float32 values k / steps sit within about 1e-5 steps of the grid
+        if not ((x >= 0) & (x <= 1) & ((x * steps - (x * steps).round()).abs() < 1e-3)).all():
+            raise ValueError(
+                f"the model's pixels have {self.levels} levels: the images must be values "
+                f"k / {steps} in [0, 1]"
+            )
+        # each level as the float32 value k / steps (what the data loader gives the model and
+        # what the decoder rebuilds), so that both sides compute the same posterior tables
+        return (torch.round(x * steps).float() / steps).double()
 
 
 class _Scheme:
@@ -352,7 +420,7 @@ class _OneLayer(_Scheme):
                     else:
                         z = coder.decode(categorical, tables[i - start])
                     probs = c._pixel_probs(nets, z[None])[0]
-                    coder.encode_reverse(x[i].numpy().astype(np.int32), bernoulli, probs)
+                    c._encode_pixels(coder, x[i].numpy(), probs)
                     coder.encode_reverse(z, uniform)
                     if trace is not None:
                         trace.append((coder.num_valid_bits(), z))
@@ -367,7 +435,7 @@ class _OneLayer(_Scheme):
             for i in reversed(range(message.count)):
                 z = coder.decode(uniform, c.vae.z_dim)
                 probs = c._pixel_probs(nets, z[None])[0]
-                x = coder.decode(bernoulli, probs)
+                x = c._decode_pixels(coder, probs)
                 out[i] = x
                 x64 = torch.as_tensor(x[None], dtype=torch.float64)
                 table = c._posterior_tables(nets, x64)[0]
@@ -432,7 +500,7 @@ class _Particles(_OneLayer):
                         z[others].reshape(-1), categorical, repeated[: (k - 1) * z.shape[1]]
                     )
                     probs = c._pixel_probs(nets, z[j][None])[0]
-                    coder.encode_reverse(x[i].numpy().astype(np.int32), bernoulli, probs)
+                    c._encode_pixels(coder, x[i].numpy(), probs)
                     coder.encode_reverse(z[j], uniform)
                     coder.encode_reverse(np.array([j], dtype=np.int32), index_uniform)
                     if trace is not None:
@@ -451,7 +519,7 @@ class _Particles(_OneLayer):
                 j = int(coder.decode(index_uniform, 1)[0])
                 z_j = coder.decode(uniform, c.vae.z_dim)
                 probs = c._pixel_probs(nets, z_j[None])[0]
-                x = coder.decode(bernoulli, probs)
+                x = c._decode_pixels(coder, probs)
                 out[i] = x
                 table = c._posterior_tables(nets, torch.as_tensor(x[None], dtype=torch.float64))[0]
                 repeated = np.repeat(table[None], k, axis=0).reshape(-1, c.buckets)
@@ -727,11 +795,3 @@ def _log_probs(table: np.ndarray, buckets: np.ndarray) -> float:
     return float(np.log(picked).sum())
 
 
-def _check_binary(images: Tensor, x_dim: int) -> Tensor:
-    x = torch.as_tensor(images)
-    x = x.reshape(len(x), x[0].numel() if len(x) else x_dim).double().cpu()
-    if x.shape[1] != x_dim:
-        raise ValueError(f"images have {x.shape[1]} pixels, the model {x_dim}")
-    if not ((x == 0) | (x == 1)).all():
-        raise ValueError("bits-back coding here is for binary images (0/1 values)")
-    return x

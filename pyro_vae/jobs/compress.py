@@ -1,4 +1,4 @@
-"""Bits-back coding as one call on a loaded run: ``compress(run, images)`` codes binary images
+"""Bits-back coding as one call on a loaded run: ``compress(run, images)`` codes images
 (an array, or the name of the run's held-out split) into a ``CompressedImages`` message and,
 given ``output``, writes it atomically; ``decompress(run, message)`` gives the images back,
 exactly.  ``compress.py`` parses its flags, calls one of them and prints.
@@ -49,7 +49,12 @@ def coder_for(run: Run, latent_bits: int = 10, particles: int = 1) -> BitsBackCo
         raise ConfigError(field, text) from None
 
 
-def _binary_images(images: Tensor | np.ndarray, x_dim: int, count: int | None) -> Tensor:
+def _images_for(
+    coder: BitsBackCoder, images: Tensor | np.ndarray, count: int | None
+) -> Tensor:
+    """The first ``count`` images, flat, in [0, 1]: binary for a Bernoulli model; for a
+    discretised logistic one, uint8 levels (0-255) are scaled as the data loader scales them."""
+    x_dim, levels = coder.vae.x_dim, coder.levels
     images = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
     if images.dim() >= 1 and images.shape[0] == 0:
         raise ConfigError("input", f"holds no images (shape {tuple(images.shape)})")
@@ -58,10 +63,13 @@ def _binary_images(images: Tensor | np.ndarray, x_dim: int, count: int | None) -
         raise ConfigError(
             "input", f"expected images of {x_dim} pixels, got shape {tuple(images.shape)}"
         )
-    flat = images.reshape(len(images), -1).float()
-    if not ((flat == 0) | (flat == 1)).all():
-        raise ConfigError("input", "the images must be binary (0/1 values)")
-    return flat
+    flat = images.reshape(len(images), -1)
+    if flat.dtype == torch.uint8 and levels is not None:
+        flat = flat.float() / (levels - 1)
+    try:
+        return coder._checked(flat.float())
+    except ValueError as e:
+        raise ConfigError("input", str(e)) from None
 
 
 def compress(
@@ -75,8 +83,9 @@ def compress(
     inputs: tuple = (),
     flag: str = "--output",
 ) -> EvalResult:
-    """Code binary ``images`` ((N, H, W) or (N, D) of 0/1, or ``"test"`` / ``"valid"``: the
-    run's held-out split binarised as in training) with bits-back: ``result`` is the
+    """Code ``images`` ((N, H, W) or (N, D) of 0/1 for a Bernoulli model, of levels 0-255
+    (uint8) or k / 255 for a discretised logistic one; or ``"test"`` / ``"valid"``: the run's
+    held-out split prepared as in training) with bits-back: ``result`` is the
     ``CompressedImages`` message, ``report`` its size in bytes and bits per pixel (header
     included), the start-up cost of the first image's latents, and the speed.  With
     ``output`` the file is written atomically (refused before any work if it exists without
@@ -89,7 +98,7 @@ def compress(
         if images not in HELDOUT_SPLITS:
             raise ConfigError("split", f"{images!r} is not one of {', '.join(HELDOUT_SPLITS)}")
         images = run.heldout(images, data_dir=data_dir).images
-    x = _binary_images(images, coder.vae.x_dim, config.count)
+    x = _images_for(coder, images, config.count)
     start = time.perf_counter()
     trace: list = []
     message = coder.encode(x, trace)
@@ -125,7 +134,7 @@ def decompress(
     flag: str = "--output",
 ) -> EvalResult:
     """The images of a bits-back ``message`` (or its bytes), exactly as they were coded:
-    ``result`` is a uint8 array (N, H, W); with ``output`` it is written as a ``.npy`` file,
+    ``result`` is a uint8 array (N, H, W) of 0/1, or of levels 0-255; with ``output`` it is written as a ``.npy`` file,
     atomically.  A message made with other weights, or truncated or altered, is a
     ``CompressionError`` (one line)."""
     if output is not None:
@@ -142,7 +151,8 @@ def decompress(
     images = coder.decode(message)
     seconds = time.perf_counter() - start
     h, w = message.image_shape
-    array = images.reshape(-1, h, w).to(torch.uint8).numpy()
+    steps = 1 if coder.levels is None else coder.levels - 1
+    array = (images * steps).round().reshape(-1, h, w).to(torch.uint8).numpy()
     written = None
     if output is not None:
         buffer = io.BytesIO()

@@ -195,6 +195,11 @@ class DiscretizedLogistic(TorchDistribution):
         values = torch.linspace(0, 1, self.levels, dtype=self.loc.dtype, device=self.loc.device)
         return (self._level_probs() * values).sum(-1)
 
+    def level_probs(self) -> Tensor:
+        """The probability of every level of every pixel: (..., D, levels), each row summing
+        to one (what an entropy coder codes a pixel with)."""
+        return self._level_probs()
+
     def _level_probs(self) -> Tensor:
         values = torch.linspace(0, 1, self.levels, dtype=self.loc.dtype, device=self.loc.device)
         return self._pixel_log_prob(values.expand(*self.loc.shape, -1), unsqueeze=True).exp()
