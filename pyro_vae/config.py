@@ -563,6 +563,7 @@ class BaselinesConfig(Config):
     (``compare_baselines``, ``compare_baselines.py``): each fitted to the statically
     binarised training images with each latent size of ``z_dims``, for ``epochs`` epochs."""
 
+    dataset: str = _setting("mnist", _dataset, "a data set's name, or a file or folder")
     z_dims: tuple[int, ...] = _setting((2, 10, 50), _sizes, "latent sizes to compare")
     epochs: int = _setting(10, _integer(1), "training epochs per model")
     hidden: tuple[int, ...] = _setting((400,), _sizes, "the autoencoder's and VAE's layers")

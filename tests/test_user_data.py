@@ -287,3 +287,22 @@ def test_train_and_evaluate_on_a_folder_and_refuse_it_once_it_changed(tmp_path, 
         capsys,
     )
     assert status == 2 and "changed since" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_baselines_compare_on_a_labelled_folder_and_refuse_one_without_labels(tmp_path):
+    from pyro_vae import BaselinesConfig, compare_baselines
+    from pyro_vae.checks import ConfigError
+
+    digit_folder(tmp_path / "classes", count=150)
+    config = BaselinesConfig(
+        dataset=str(tmp_path / "classes"), z_dims=(2,), epochs=1, hidden=(16,), samples=20,
+        test_size=15,
+    )  # fmt: skip
+    report = compare_baselines(config).report
+    assert report["train_images"] == 120 and report["test_images"] == 15
+    vae = report["results"]["2"]["VAE"]
+    assert 0 <= vae["samples"]["class_balance"] <= 1 + 1e-9
+    assert len(vae["samples"]["class_counts"]) == 10 and sum(vae["samples"]["class_counts"]) == 20
+    digit_folder(tmp_path / "flat", with_classes=False, count=60)
+    with pytest.raises(ConfigError, match="has no labels: judging samples needs a classifier"):
+        compare_baselines(config.replace(dataset=str(tmp_path / "flat")))

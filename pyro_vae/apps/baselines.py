@@ -284,11 +284,14 @@ def fit_classifier(
     hidden: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
+    num_classes: int | None = None,
 ) -> nn.Module:
-    """A 784-``hidden``-10 ReLU classifier of images ``x`` (N, 784) with labels ``y``,
-    trained with Adam on the cross-entropy; returns it in eval mode."""
+    """A D-``hidden``-C ReLU classifier of images ``x`` (N, D) with labels ``y`` in
+    0..C-1 (C = ``num_classes``, by default the largest label + 1), trained with Adam on the
+    cross-entropy; returns it in eval mode."""
     torch.manual_seed(seed)
-    net = mlp([x.shape[1], hidden, 10], "relu")
+    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    net = mlp([x.shape[1], hidden, num_classes], "relu")
     generator = torch.Generator().manual_seed(seed)
     stepper = Stepper(lambda xb, yb: F.cross_entropy(net(xb), yb), net.parameters(), lr=lr)
     for _ in range(epochs):
@@ -304,17 +307,19 @@ def sample_quality(
     classifier: nn.Sequential, images: Tensor, reference_features: Tensor | None = None
 ) -> dict:
     """The classifier's mean confidence on ``images`` (mean of the largest class
-    probability), the class balance of its predictions (entropy of their histogram / log 10)
+    probability), the class balance of its predictions (entropy of their histogram / log C,
+    C the classifier's classes)
     and the histogram itself.  Given the classifier's features of real images
     (``classifier_features``), also the Fréchet distance to them and the k-NN precision and
     recall (k = 3) of the images' features against them."""
     probs = F.softmax(classifier(images), dim=-1)
-    counts = torch.bincount(probs.argmax(-1), minlength=10).double()
+    classes = probs.shape[-1]
+    counts = torch.bincount(probs.argmax(-1), minlength=classes).double()
     share = counts / counts.sum()
     entropy = -(share[share > 0] * share[share > 0].log()).sum()
     out = {
         "confidence": float(probs.max(-1).values.mean()),
-        "class_balance": float(entropy / math.log(10)),
+        "class_balance": float(entropy / math.log(classes)) if classes > 1 else 1.0,
         "class_counts": [int(c) for c in counts],
     }
     if reference_features is not None:

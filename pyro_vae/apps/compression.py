@@ -793,5 +793,3 @@ def _log_probs(table: np.ndarray, buckets: np.ndarray) -> float:
     table = table / table.sum(-1, keepdims=True)
     picked = table[np.arange(len(buckets)), buckets].clip(min=2.0**-24)
     return float(np.log(picked).sum())
-
-

@@ -44,7 +44,7 @@ def compare_baselines(
 ) -> EvalResult:
     """Every method at every latent size of ``config``: ``report`` is what
     ``comparison.json`` holds (per size and method the reconstruction errors per pixel, in
-    nats and squared probability, the sample quality in a digit classifier's eyes, the
+    nats and squared probability, the sample quality in the eyes of a classifier of the data's classes, the
     training seconds), ``result`` the ``LatentModelComparison`` of each size.  With
     ``directory`` the report and the figures are written there together at the end (an
     existing report refused before any work, unless ``force``).  ``on_size(d, comparison)``
@@ -54,7 +54,15 @@ def compare_baselines(
     if directory is not None:
         outputs = Outputs(directory, force=force, flag=flag).check(REPORT)
     seed_everything(config.seed)
-    splits = load_dataset("mnist", data_dir)
+    splits = load_dataset(config.dataset, data_dir)
+    if (
+        splits["train"].labels is None
+    ):  # the samples are judged by a classifier of the data's classes
+        raise ConfigError(
+            "dataset",
+            f"{config.dataset} has no labels: judging samples needs a classifier trained on "
+            "them (give a .npz with labels, or a folder with one sub-folder per class)",
+        )
     train = first_rows(splits["train"], config.train_size, "--train-size", "training")
     test = first_rows(splits["test"], config.test_size, "--test-size", "test")
     # PCA has at most min(images, pixels) components: checked before anything trains

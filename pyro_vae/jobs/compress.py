@@ -49,9 +49,7 @@ def coder_for(run: Run, latent_bits: int = 10, particles: int = 1) -> BitsBackCo
         raise ConfigError(field, text) from None
 
 
-def _images_for(
-    coder: BitsBackCoder, images: Tensor | np.ndarray, count: int | None
-) -> Tensor:
+def _images_for(coder: BitsBackCoder, images: Tensor | np.ndarray, count: int | None) -> Tensor:
     """The first ``count`` images, flat, in [0, 1]: binary for a Bernoulli model; for a
     discretised logistic one, uint8 levels (0-255) are scaled as the data loader scales them."""
     x_dim, levels = coder.vae.x_dim, coder.levels
