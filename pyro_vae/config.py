@@ -237,6 +237,12 @@ def _sample_count(name: str, value: Any) -> int:
     return value
 
 
+def _ood_set(name: str, value: Any) -> str:
+    """A data set's name, your own images (``_dataset``) or one of the sets ``MADE`` from the
+    in-distribution images."""
+    return value if value in MADE else _dataset(name, value)
+
+
 def _setting(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -534,8 +540,8 @@ class OODConfig(Config):
     own kind of test images (``inside``, by default the data it was trained on) against
     ``ood`` (another data set, or ``noise`` / ``flipped`` made from the inside images)."""
 
-    ood: str = _setting("fashion-mnist", _choice((*DATASETS, *MADE)), "the other images")
-    inside: str | None = _setting(None, _optional(_choice(DATASETS)), "its own kind")
+    ood: str = _setting("fashion-mnist", _ood_set, "the other images")
+    inside: str | None = _setting(None, _optional(_dataset), "its own kind")
     images: int | None = _setting(None, _optional(_integer(1)), "first N test images of each")
     num_particles: int = _setting(1000, _integer(1), "K for log p(x)")
     compressor: str = _setting("auto", _choice(("auto", *sorted(COMPRESSORS))), "complexity")

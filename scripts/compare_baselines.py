@@ -149,7 +149,9 @@ def main(args) -> dict:
         for name in METHODS:
             can = [k for k, v in CAPABILITIES[name].items() if v]
             print(f"  {name}: {', '.join(can)};", end="")
-        print(f"\nclassifier of the classes: test accuracy {result.report['classifier_test_accuracy']:.3f}")
+        print(
+            f"\nclassifier of the classes: test accuracy {result.report['classifier_test_accuracy']:.3f}"
+        )
     print(f"report: {result.written}")
     return result.report
 

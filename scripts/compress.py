@@ -40,7 +40,9 @@ def build_parser() -> ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images -> compressed file")
-    enc.add_argument("--input", type=Path, default=None, help=".npy file of images (0/1, or 8-bit grey levels)")
+    enc.add_argument(
+        "--input", type=Path, default=None, help=".npy file of images (0/1, or 8-bit grey levels)"
+    )
     enc.add_argument(
         "--split",
         default=None,

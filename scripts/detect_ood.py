@@ -22,12 +22,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pyro_vae.choices import COMPRESSORS, DATASETS, MADE
+from pyro_vae.choices import COMPRESSORS
 from pyro_vae.cli import (
     ArgumentParser,
     add_force_arg,
     add_runtime_args,
     apply_threads,
+    dataset_name,
+    ood_set,
     positive_int,
     resolve_device,
     run,
@@ -44,15 +46,17 @@ def build_parser() -> ArgumentParser:
         "--in",
         dest="inside",
         default=None,
-        choices=DATASETS,
-        help="in-distribution test images (default: the checkpoint's training data)",
+        type=dataset_name,
+        help="in-distribution test images: a data set's name, a .npy/.npz file or a folder "
+        "of images (default: the checkpoint's training data)",
     )
     p.add_argument(
         "--ood",
         dest="outside",
         required=True,
-        choices=(*DATASETS, *MADE),
-        help="out-of-distribution test images: a data set, or noise / flipped made from the "
+        type=ood_set,
+        help="out-of-distribution test images: a data set's name (mnist, fashion-mnist, "
+        "digits), a .npy/.npz file or a folder of images, or noise / flipped made from the "
         "in-distribution ones",
     )
     p.add_argument(

@@ -306,3 +306,26 @@ def test_the_baselines_compare_on_a_labelled_folder_and_refuse_one_without_label
     digit_folder(tmp_path / "flat", with_classes=False, count=60)
     with pytest.raises(ConfigError, match="has no labels: judging samples needs a classifier"):
         compare_baselines(config.replace(dataset=str(tmp_path / "flat")))
+
+
+def test_ood_scores_take_your_own_files_on_both_sides(grey_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--dataset", str(grey_file), "--z-dim", "4", "--hidden", "32", "--epochs", "1"]
+    args += ["--eval-particles", "0", "--quiet", "--out", str(out)]
+    assert run_in_process("train_svi.py", args, capsys)[0] == 0  # binarised, Bernoulli pixels
+    blobs = tmp_path / "blobs.npy"
+    rng = np.random.default_rng(0)
+    np.save(blobs, (rng.random((300, 8, 8)) < 0.1).astype(np.uint8) * 255)
+    args = ["--checkpoint", str(out), "--ood", str(blobs), "--images", "30"]
+    args += ["--num-particles", "5", "--compressor", "bz2", "--quiet"]
+    status, err = run_in_process("detect_ood.py", args, capsys)
+    assert status == 0, err
+    report = json.loads((out / "ood_digits_vs_blobs.json").read_text())
+    assert report["images"] == {"in": 30, "out": 30}
+    assert report["in"] == str(grey_file.resolve()) and report["out"] == str(blobs.resolve())
+    assert 0 <= report["metrics"]["log_px"]["auroc"] <= 1
+    # images of another size: one line
+    np.save(tmp_path / "big.npy", np.zeros((300, 9, 9), np.uint8))
+    args[3] = str(tmp_path / "big.npy")
+    status, err = run_in_process("detect_ood.py", args, capsys)
+    assert status == 2 and "expects 64 pixels" in err and len(err.strip().splitlines()) == 1, err

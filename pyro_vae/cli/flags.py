@@ -19,6 +19,7 @@ from pyro_vae.choices import (
     DATASETS,
     LARGEST_SIZE,
     LR_SCHEDULES,
+    MADE,
 )
 from pyro_vae.io.rundir import Outputs, RunDir
 
@@ -35,6 +36,7 @@ __all__ = [
     "add_runtime_args",
     "add_training_args",
     "dataset_name",
+    "ood_set",
     "apply_preset",
     "apply_threads",
     "hidden_sizes",
@@ -223,6 +225,11 @@ def dataset_name(s: str) -> str:
         f"{s!r} is not one of {', '.join(DATASETS)}, nor a .npy or .npz file, nor a folder "
         "of images"
     )
+
+
+def ood_set(s: str) -> str:
+    """``dataset_name``, or one of the sets made from the in-distribution images (``MADE``)."""
+    return s if s in MADE else dataset_name(s)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ from pyro_vae.apps.plots import (
     save_marginal_likelihood_figures,
 )
 from pyro_vae.checks import ConfigError
-from pyro_vae.choices import MADE
+from pyro_vae.choices import DATASETS, MADE
 from pyro_vae.config import EvalConfig, GapsConfig, OODConfig
 from pyro_vae.data import as_dataset, heldout_images
 from pyro_vae.inference.evaluate import MarginalLikelihood
@@ -185,6 +185,11 @@ def decompose_gaps(
     return EvalResult(report, gaps, written)
 
 
+def _label(name: str) -> str:
+    """A data set's name as it goes into a file name: your own file or folder by its name."""
+    return name if name in (*DATASETS, *MADE) else Path(name).stem
+
+
 def _same_weights(a: Run, b: Run) -> bool:
     mine, theirs = a.state["model"], b.state["model"]
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
@@ -257,13 +262,16 @@ def score_ood(
             "ood", f"{config.ood} is also the in-distribution set: nothing to tell apart"
         )
     background_info = None if background is None else _background_of(run, background)
-    tag = f"ood_{inside_name}_vs_{config.ood}"
+    tag = f"ood_{_label(inside_name)}_vs_{_label(config.ood)}"
     outputs = _outputs(directory, (f"{tag}.json", f"{tag}.npz"), run, force, flag)
     seed_everything(config.seed)
     device = next(model.parameters()).device
     data_dir = data_dir or data.data_dir
     binarize, seed = data.binarize, data.seed
-    inside = heldout_images(inside_name, data_dir, "test", binarize, seed, config.images)
+    if inside_name == data.dataset:  # the run's own test images (its data file's hash checked)
+        inside = run.heldout("test", config.images, data_dir=data_dir, what="--images").images
+    else:
+        inside = heldout_images(inside_name, data_dir, "test", binarize, seed, config.images)
     if config.ood in MADE:
         outside = as_dataset(made_images(config.ood, inside, config.seed)).images
     else:
