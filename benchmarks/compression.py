@@ -94,6 +94,7 @@ def generic_grey(images: np.ndarray) -> dict[str, int]:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
+    # the coder itself, not the compress() job: each setting is timed encoding and decoding
     trained = Run.load(args.checkpoint)
     vae = trained.model
     x = trained.heldout("test", args.eval_size, what="--eval-size").images

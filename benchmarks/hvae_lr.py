@@ -47,6 +47,7 @@ def layer_stats(run: Path, images: int = 2000, draws: int = 20) -> dict:
     from pyro_vae.training.runs import Run
 
     torch.manual_seed(0)
+    # the validation bounds at several K from the estimator (the job reports the test split)
     trained = Run.load(run)
     model, x = trained.model, trained.heldout("valid", images).images
     out = {}

@@ -75,6 +75,7 @@ def pythae_model(vae):
 
 def main(args):
     torch.set_num_threads(args.threads)
+    # the estimator itself, not the evaluate_log_px() job: its passes are what is timed
     trained = Run.load(args.checkpoint)
     vae = trained.model
     x = trained.heldout("test", args.eval_size, what="--eval-size").images

@@ -72,6 +72,8 @@ def main(args) -> int:
         (args.fashion, args.background_fashion, "fashion-mnist", "mnist"),
         (args.mnist, args.background_mnist, "mnist", "fashion-mnist"),
     ):
+        # ood_scores, not the score_ood() job: the in-distribution scores are computed once
+        # and set against three OOD sets
         trained = Run.load(run)
         vae, config = trained.model, trained.data
         if config.dataset != own:
