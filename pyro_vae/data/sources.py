@@ -370,6 +370,19 @@ def _images_of(array: np.ndarray, labels, what: str, levels: int | None = None) 
         raise DataError(f"{what}: {e}") from None
 
 
+def _check_unchanged(path: Path, sha256: str | None) -> None:
+    """A ``DataError`` when a user's file or folder no longer has the hash a run recorded."""
+    if sha256 is not None and file_sha256(path) != sha256:
+        what = (
+            "the images changed since the run was trained on them"
+            if path.is_dir()
+            else ("the file changed since the run was trained on it")
+        )
+        raise DataError(
+            f"{path}: {what} (sha256 differs), so its held-out images are not the run's"
+        )
+
+
 def _read_image(path: Path) -> np.ndarray:
     """One image file as uint8 (H, W) grey or (H, W, 3) colour; a ``DataError`` naming the
     file for anything PIL cannot read or that is not 8-bit."""
@@ -412,11 +425,7 @@ def load_image_folder(path: Path | str, sha256: str | None = None) -> dict[str, 
     files = _image_files(folder)
     if not files:
         raise DataError(f"{folder}: holds no image files (.png, .jpg, ...)")
-    if sha256 is not None and file_sha256(folder) != sha256:
-        raise DataError(
-            f"{folder}: the images changed since the run was trained on them (sha256 "
-            "differs), so its held-out images are not the run's"
-        )
+    _check_unchanged(folder, sha256)
     try:
         classes, index = find_classes(str(folder))
     except FileNotFoundError:  # no sub-folders: images without labels
@@ -473,11 +482,7 @@ def load_array_file(path: Path | str, sha256: str | None = None) -> dict[str, Da
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise DataError(
-            f"{path}: the file changed since the run was trained on it (sha256 differs), so "
-            "its held-out images are not the run's"
-        )
+    _check_unchanged(path, sha256)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):  # a .npy: the array itself

@@ -122,7 +122,25 @@ class ConvNet(nn.Module):
 _MAX_LOG_SCALE = 30.0
 
 
-class Encoder(nn.Module):
+class _GaussianOutput(nn.Module):
+    """What every encoder shares: ``net(x)`` gives the raw output (..., 2 z_dim), ``link``
+    splits it into (loc, scale), the scale through ``scale_link``."""
+
+    def _set_link(self, scale_link: str, min_scale: float) -> None:
+        if scale_link not in SCALE_LINKS:
+            raise ValueError(f"unknown scale link {scale_link!r}; choose from {SCALE_LINKS}")
+        self.min_scale, self.scale_link = min_scale, scale_link
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.link(self.net(x))
+
+    def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(loc, scale) from the last layer's unconstrained output (..., 2 z_dim)."""
+        loc, raw_scale = raw.chunk(2, dim=-1)
+        return loc, scale_from(raw_scale, self.scale_link, self.min_scale)
+
+
+class Encoder(_GaussianOutput):
     """x (..., x_dim) -> (loc, scale), each (..., z_dim); the scale from the second half of
     the last layer through ``scale_link`` (``SCALE_LINKS``; softplus(raw) + min_scale by
     default)."""
@@ -139,24 +157,14 @@ class Encoder(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if scale_link not in SCALE_LINKS:
-            raise ValueError(f"unknown scale link {scale_link!r}; choose from {SCALE_LINKS}")
+        self._set_link(scale_link, min_scale)
         self.net = mlp(
             [x_dim, *hidden, 2 * z_dim], activation, weight_norm=weight_norm, batch_norm=batch_norm
         )
-        self.min_scale, self.scale_link = min_scale, scale_link
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.link(self.net(x))
 
     def with_class(self, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
         """``self([x, one_hot(y)])``, computed as ``with_class`` does."""
         return self.link(with_class(self.net, x, y, num_classes))
-
-    def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        """(loc, scale) from the last layer's unconstrained output (..., 2 z_dim)."""
-        loc, raw_scale = raw.chunk(2, dim=-1)
-        return loc, scale_from(raw_scale, self.scale_link, self.min_scale)
 
 
 def scale_from(raw: Tensor, link: str = "softplus", min_scale: float = 1e-4) -> Tensor:
@@ -223,7 +231,7 @@ def _halvings(size: int, steps: int) -> list[int]:
     return sizes
 
 
-class ConvEncoder(nn.Module):
+class ConvEncoder(_GaussianOutput):
     """Flat images x (..., H * W * C) -> (loc, scale), each (..., z_dim): 3x3 convolutions
     of stride 2 with ``channels`` filters each, then an ``mlp`` through ``hidden`` to the
     2 z_dim outputs that ``link`` splits as ``Encoder``'s.  ``net(x)`` is the raw output."""
@@ -241,8 +249,7 @@ class ConvEncoder(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if scale_link not in SCALE_LINKS:
-            raise ValueError(f"unknown scale link {scale_link!r}; choose from {SCALE_LINKS}")
+        self._set_link(scale_link, min_scale)
         self.image_shape = tuple(image_shape)
         c, h, w = image_layout(image_shape)
         heights, widths = _halvings(h, len(channels)), _halvings(w, len(channels))
@@ -267,15 +274,6 @@ class ConvEncoder(nn.Module):
                 ),
             )
         )
-        self.min_scale, self.scale_link = min_scale, scale_link
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.link(self.net(x))
-
-    def link(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        """(loc, scale) from the raw output (..., 2 z_dim), as ``Encoder.link``."""
-        loc, raw_scale = raw.chunk(2, dim=-1)
-        return loc, scale_from(raw_scale, self.scale_link, self.min_scale)
 
 
 class ConvDecoder(nn.Module):
