@@ -269,7 +269,7 @@ class BitsBackCoder:
         """One image's pixels off the stack, as values in [0, 1] (float32)."""
         symbols = coder.decode(self._pixel_model(), probs)
         steps = 1 if self.levels is None else self.levels - 1
-        return symbols.astype(np.float32) / np.float32(steps)  # as ``_checked`` makes them
+        return symbols.astype(np.float32) / np.float32(steps)  # as ``check_images`` makes them
 
     def _pixel_model(self):
         m = self._stream.model
@@ -329,10 +329,10 @@ class BitsBackCoder:
         appends (message length in bits, buckets of z) after each image (with K > 1 the
         buckets of all K particles, (K, z_dim), and the chosen index; with several layers a
         tuple of buckets, layer 1 first)."""
-        return self._scheme.encode(self._checked(images), trace)
+        return self._scheme.encode(self.check_images(images), trace)
 
     def decode(self, message: CompressedImages) -> Tensor:
-        """The images of ``message``, (N, H*W) float32 in {0, 1}; raises
+        """The images of ``message``, (N, H*W) float32: 0/1, or grey levels k / (levels - 1); raises
         ``CompressionError`` for a message made with other weights or that does not decode."""
         if message.weights != self.weights:
             raise CompressionError("the file was made with other model weights")
@@ -361,10 +361,12 @@ class BitsBackCoder:
         ``-log2 (mean_k w_k)`` for K particles (N, K, z_dim), the importance-weighted
         estimate's; by default ẑ is drawn from ``Q(·|x)``.  Its mean over draws is the
         discretised model's -ELBO (K = 1) or -log p̂_K(x) (K > 1), in bits."""
-        return self._scheme.information(self._checked(images), buckets, seed)
+        return self._scheme.information(self.check_images(images), buckets, seed)
 
-    def _checked(self, images: Tensor) -> Tensor:
-        """(N, pixels) float64 on the CPU; a ``ValueError`` for pixels the model cannot code."""
+    def check_images(self, images: Tensor) -> Tensor:
+        """The images as the coder takes them: (N, pixels) float64 on the CPU, grey levels
+        on the float32 grid k / (levels - 1); a ``ValueError`` for pixels the model cannot
+        code."""
         x = torch.as_tensor(images)
         x = x.reshape(len(x), x[0].numel() if len(x) else self.vae.x_dim).double().cpu()
         if x.shape[1] != self.vae.x_dim:

@@ -65,7 +65,7 @@ def _images_for(coder: BitsBackCoder, images: Tensor | np.ndarray, count: int | 
     if flat.dtype == torch.uint8 and levels is not None:
         flat = flat.float() / (levels - 1)
     try:
-        return coder._checked(flat.float())
+        return coder.check_images(flat.float())
     except ValueError as e:
         raise ConfigError("input", str(e)) from None
 
