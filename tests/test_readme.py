@@ -52,8 +52,17 @@ def test_documented_snippet_runs(code, mnist, monkeypatch, tmp_path):
         sizes = {"train": 512, "valid": 128, "test": 128}
         return {k: v.subset(slice(0, sizes[k])) for k, v in mnist.items()}
 
-    monkeypatch.setattr(pyro_vae.data, "load_dataset", small)
-    monkeypatch.setattr(pyro_vae, "load_dataset", small, raising=False)
+    # every module imported first (the package's public names load them all), then each
+    # binding of load_dataset patched, and restored after the snippet: a module imported for
+    # the first time under the patch would keep the small data for the rest of the session
+    import sys
+
+    for name in pyro_vae.__all__:
+        getattr(pyro_vae, name)
+    real = pyro_vae.data.sources.load_dataset
+    for module in [m for n, m in sys.modules.items() if n.startswith("pyro_vae")]:
+        if getattr(module, "load_dataset", None) is real:
+            monkeypatch.setattr(module, "load_dataset", small)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "<snippet>", "exec"), {"__name__": "__snippet__"})
 
