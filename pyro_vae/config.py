@@ -258,6 +258,7 @@ class Config:
     it back as plain JSON values."""
 
     script: ClassVar[str] = "this job"
+    memory_only: ClassVar[tuple[str, ...]] = ()
     recorded: ClassVar[tuple[str, ...]] = ()
     migrations: ClassVar[dict[str, Any]] = {}
 
@@ -268,6 +269,11 @@ class Config:
 
     def check_together(self) -> None:
         """Settings that are fine alone and not together: a ``ConfigError`` naming one."""
+
+    def recorded_in_report(self) -> dict[str, Any]:
+        """``to_dict`` without the settings that change no number (``memory_only``): what a
+        job's report records, so that the same job gives the same report whatever they are."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.memory_only}
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON values (tuples as lists), for ``config.json``."""
@@ -281,8 +287,9 @@ class Config:
     def from_dict(cls, saved: Mapping[str, Any]) -> Config:
         """A saved config read back typed: what it records besides the settings (the run
         directory, the device, the model's own config: ``recorded``) set aside, keys older
-        runs lack migrated (``migrations``); an unknown key, or a missing key that has no
-        migration, is a ``ConfigError`` naming it."""
+        runs lack migrated (``migrations``), ``memory_only`` keys a report leaves out at
+        their defaults; an unknown key, or a missing key that has no migration, is a
+        ``ConfigError`` naming it."""
         if not isinstance(saved, Mapping):
             raise ConfigError(
                 "config", f"must be a mapping of settings, got {type(saved).__name__}"
@@ -297,6 +304,8 @@ class Config:
                 values[name] = saved[name]
             elif name in cls.migrations:
                 values[name] = cls.migrations[name]
+            elif name in cls.memory_only:  # not recorded in reports: any value gives them
+                values[name] = next(f for f in dataclasses.fields(cls) if f.name == name).default
             else:
                 raise ConfigError(name, "is missing from the saved config")
         return cls(**values)
@@ -516,6 +525,7 @@ class EvalConfig(Config):
     psis: bool = _setting(True, _flag, "the PSIS k-hat diagnostic")
     seed: int = _setting(0, _seed, "the seed of every random draw")
     script: ClassVar[str] = "an evaluation (evaluate_marginal_likelihood.py)"
+    memory_only: ClassVar[tuple[str, ...]] = ("max_rows",)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,10 @@ def test_evaluate_log_px_is_the_runs_estimate_and_writes_only_when_asked(trained
     direct = run.log_px("test", 20, num_particles=8, seed=3)
     assert torch.equal(unwritten.result.log_px, direct.log_px)
     # the report is the run's, and records its typed config, read back equal
-    assert unwritten.report == {**run.log_px_report(direct, "test"), "config": config.to_dict()}
+    assert unwritten.report == {
+        **run.log_px_report(direct, "test"),
+        "config": config.recorded_in_report(),
+    }
     assert EvalConfig.from_dict(json.loads(json.dumps(unwritten.report["config"]))) == config
 
     written = evaluate_log_px(run, config, tmp_path / "out")

@@ -90,7 +90,7 @@ def compare_baselines(
         "capabilities": CAPABILITIES,
         "results": {},
         "reference": {},
-        "config": config.to_dict(),
+        "config": config.recorded_in_report(),
     }
     comparisons: dict[int, LatentModelComparison] = {}
     written = None

@@ -110,7 +110,7 @@ def compress(
         "bytes": len(data),
         "bits_per_pixel": 8 * len(data) / max(1, x.numel()),
         "images_per_second": len(x) / seconds if seconds else float("inf"),
-        "config": config.to_dict(),
+        "config": config.recorded_in_report(),
     }
     lengths = [bits for bits, *_ in trace]
     if len(lengths) >= 2:

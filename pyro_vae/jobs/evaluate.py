@@ -122,7 +122,7 @@ def evaluate_log_px(
     )
     if not ranks.is_main:
         return EvalResult({}, result)
-    report = {**run.log_px_report(result, config.split), "config": config.to_dict()}
+    report = {**run.log_px_report(result, config.split), "config": config.recorded_in_report()}
     written = None
     if outputs is not None:
         with outputs:
@@ -172,7 +172,7 @@ def decompose_gaps(
         "binarize": run.data.binarize,
         "checkpoint": str(run.path),
         "fit_lr": config.fit_lr,
-        "config": config.to_dict(),
+        "config": config.recorded_in_report(),
     }
     written = None
     if outputs is not None:
@@ -347,7 +347,7 @@ def score_ood(
         },
         "positive_class": "out-of-distribution images; detector = -score",
         "units": "scores in nats per image, higher = more like the training data",
-        "config": config.to_dict(),
+        "config": config.recorded_in_report(),
     }
     written = None
     if outputs is not None:
