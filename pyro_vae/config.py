@@ -29,6 +29,7 @@ from pyro_vae.choices import (
     COVARIANCES,
     DATASETS,
     DEFAULT_MAX_ROWS,
+    DEFAULT_PRESET,
     ELBO_NAMES,
     FAMILIES,
     FLOWS,
@@ -39,6 +40,7 @@ from pyro_vae.choices import (
     LR_SCHEDULES,
     MADE,
     MODEL_KINDS,
+    PRESET_MODEL_OVERRIDES,
     PRESETS,
     SCALE_LINKS,
 )
@@ -436,6 +438,15 @@ class TrainConfig(RunConfig):
                 f"needs one list of sizes per stochastic layer of z_dims ({len(self.z_dims)}), "
                 f"got {len(self.layer_hidden)}",
             )
+
+    @classmethod
+    def from_preset(cls, name: str = DEFAULT_PRESET, **settings: Any) -> TrainConfig:
+        """The run ``train_svi.py --preset NAME`` makes: the preset's recipe (with the values
+        it has for ``settings["model"]``), then ``settings`` on top, as flags given win."""
+        if name not in PRESETS:
+            raise ConfigError("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+        recipe = {**PRESETS[name], **PRESET_MODEL_OVERRIDES.get((name, settings.get("model")), {})}
+        return cls(**{**recipe, **settings, "preset": name})
 
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any]) -> TrainConfig:

@@ -130,6 +130,45 @@ def test_a_config_s_defaults_are_its_script_s_defaults(script, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "flags,preset,settings",
+    [
+        ([], "iw-fast", {}),
+        (["--preset", "quick"], "quick", {}),
+        (["--preset", "quick", "--epochs", "3"], "quick", {"epochs": 3}),
+        (["--preset", "quick", "--model", "hvae"], "quick", {"model": "hvae"}),
+        (["--preset", "classic", "--lr", "0.01"], "classic", {"lr": 0.01}),
+    ],
+)
+def test_a_preset_s_config_is_the_run_its_flags_make(flags, preset, settings, tmp_path):
+    """TrainConfig.from_preset(name, **settings) equals train_svi.py --preset name with the
+    same settings as flags (the model's own values of the preset included)."""
+    from helpers import load_script
+
+    from pyro_vae.choices import PRESET_MODEL_OVERRIDES, PRESETS
+    from pyro_vae.cli import begin_run, run_config
+
+    module = load_script("train_svi.py")
+    parser = module.build_parser()
+    args = parser.parse_args([*flags, "--out", str(tmp_path / "run")])
+    args = begin_run(args, parser, "vae", PRESETS, PRESET_MODEL_OVERRIDES)[0]
+    module.check_model_flags(args)
+    # the script names the hierarchical model's layers and guide itself
+    layers = module.HVAE_DEFAULTS if settings.get("model") == "hvae" else {}
+    config = TrainConfig.from_preset(preset, **settings, **layers)
+    assert TrainConfig.from_dict(run_config(args)) == config
+    assert config.preset == preset
+    if preset == "quick":
+        assert (config.epochs, config.init_output_bias, config.kl_warmup) == (
+            settings.get("epochs", 25),
+            True,
+            "10%",
+        )
+    assert TrainConfig.from_preset() == TrainConfig()
+    with pytest.raises(ConfigError, match="preset: must be one of"):
+        TrainConfig.from_preset("fast")
+
+
+@pytest.mark.parametrize(
     "changes,setting,message",
     [
         ({"m1": "runs/vae", "balance": 1.0}, "balance", "the stack (m1) does not take it"),
