@@ -11,7 +11,7 @@ pause point costs one environment lookup.  Under ``torchrun`` (``RANK`` set) the
 Points: ``run-started`` (config.json written, no checkpoint yet), ``checkpoint-write`` (a
 checkpoint's temporary file written and flushed, not yet renamed), ``epoch-saved`` (an
 epoch's checkpoint complete), ``evaluation-chunk`` (the evaluator finished one chunk),
-``data-write`` (a file of the data cache written under its temporary name, not yet renamed).
+``evaluation-block`` (an evaluation job kept its finished images on disk), ``data-write`` (a file of the data cache written under its temporary name, not yet renamed).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ POINTS = (
     "checkpoint-write",
     "epoch-saved",
     "evaluation-chunk",
+    "evaluation-block",
     "data-write",
 )
 

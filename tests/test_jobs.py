@@ -69,6 +69,72 @@ def test_an_existing_report_is_refused_before_any_work(trained_run, tmp_path, mo
         _outputs(trained_run, ("checkpoint.pt",), run, True, "--out")
 
 
+def test_a_stopped_evaluation_goes_on_from_its_last_block_with_the_same_numbers(
+    trained_run, tmp_path, monkeypatch
+):
+    """The finished blocks of an evaluation are kept beside its report while it runs: after a
+    stop it scores only the images left, and the report is an uninterrupted one's, bit for
+    bit; the kept blocks go once the report is written; another evaluation's are not used."""
+    import pyro_vae.jobs.evaluate as job
+
+    run = Run.load(trained_run)
+    # K = 4096: chunks of 8 images; one chunk per block, 3 blocks for 20 images
+    config = EvalConfig(eval_size=20, num_particles=4096, seed=5, psis=True)
+    monkeypatch.setattr(job, "PROGRESS_CHUNKS", 1)
+    whole = evaluate_log_px(run, config, tmp_path / "whole")
+    progress = tmp_path / "stopped" / "marginal_likelihood_k4096.progress.pt"
+
+    scored = []
+    estimate = job.estimate_log_px
+
+    def counting(model, guide, x, **kwargs):
+        scored.append(len(x))
+        return estimate(model, guide, x, **kwargs)
+
+    def stop_after(n):
+        blocks = []
+
+        def pause(name):
+            blocks.append(name)
+            if len(blocks) == n:
+                raise KeyboardInterrupt
+
+        return pause
+
+    monkeypatch.setattr(job, "estimate_log_px", counting)
+    monkeypatch.setattr(job, "pause_point", stop_after(2))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_log_px(run, config, tmp_path / "stopped")
+    assert scored == [8, 8] and progress.is_file()
+    assert not (tmp_path / "stopped" / "marginal_likelihood_k4096.json").exists()
+
+    scored.clear()
+    monkeypatch.setattr(job, "pause_point", lambda name: None)
+    resumed = evaluate_log_px(run, config, tmp_path / "stopped")
+    assert scored == [4]  # only the last block was scored again
+    for field in ("log_px", "elbo", "ess", "khat", "elbo_sem"):
+        assert torch.equal(getattr(resumed.result, field), getattr(whole.result, field)), field
+    assert resumed.written.read_bytes() == whole.written.read_bytes().replace(b"whole", b"stopped")
+    assert not progress.exists()
+
+    # kept blocks of another evaluation (another seed), or a cut file, are scored afresh
+    for bad in ("seed", "cut"):
+        monkeypatch.setattr(job, "pause_point", stop_after(1))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_log_px(run, config.replace(seed=6), tmp_path / bad)
+        kept = tmp_path / bad / "marginal_likelihood_k4096.progress.pt"
+        if bad == "cut":
+            kept.write_bytes(kept.read_bytes()[:100])
+        scored.clear()
+        monkeypatch.setattr(job, "pause_point", lambda name: None)
+        again = evaluate_log_px(
+            run, config if bad == "seed" else config.replace(seed=6), tmp_path / bad
+        )
+        assert scored == [8, 8, 4]
+        expected = whole if bad == "seed" else evaluate_log_px(run, config.replace(seed=6))
+        assert torch.equal(again.result.log_px, expected.result.log_px)
+
+
 def test_decompose_gaps_reports_nats_per_image(trained_run):
     run = Run.load(trained_run)
     config = GapsConfig(images=3, num_particles=50, elbo_particles=20, fit_steps=30)

@@ -164,6 +164,34 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_bitwise(reference, data_dir, tmp_pat
     assert_same(outcome(out), reference)
 
 
+def test_an_evaluation_stopped_with_ctrl_c_goes_on_where_it_stopped(data_dir, tmp_path):
+    """evaluate_marginal_likelihood.py keeps its finished images: Ctrl-C says how many and
+    where, the same command goes on from there, and the report is an uninterrupted one's."""
+    run = tmp_path / "run"
+    proc = start([*ARGS, "--epochs", "1", "--eval-particles", "0", "--out", str(run)], data_dir)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    script = str(ROOT / "scripts" / "evaluate_marginal_likelihood.py")
+    # K = 32768: one image per chunk, 16 per kept block; 20 images are two blocks
+    args = ["--checkpoint", str(run), "--eval-size", "20", "--num-particles", "32768", "--quiet"]
+    proc = start([*args, "--out", str(tmp_path / "whole")], data_dir, script=script)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    out = tmp_path / "stopped"
+    proc = held_at([*args, "--out", str(out)], data_dir, "evaluation-block:1", tmp_path, script)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    kept = out / "marginal_likelihood_k32768.progress.pt"
+    assert proc.stderr.read().strip().splitlines() == [
+        f"interrupted; 16 of 20 images are scored and kept in {kept}: the same command goes "
+        "on from there"
+    ]
+    proc = start([*args, "--out", str(out)], data_dir, script=script)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert not kept.exists()
+    report = json.loads((out / "marginal_likelihood_k32768.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "marginal_likelihood_k32768.json").read_text())
+    assert report == whole
+
+
 def test_resume_of_a_directory_without_a_run_is_one_line(data_dir, tmp_path):
     out = tmp_path / "run"
     (out).mkdir()

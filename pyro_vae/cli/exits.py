@@ -101,8 +101,8 @@ def run(
         # the interpreter that is running (a venv's python), so the command works as printed
         say(f"{e}; checkpoint saved. Resume with: {sys.executable} {sys.argv[0]}{where}")
         return 130
-    except KeyboardInterrupt:
-        say("interrupted")
+    except KeyboardInterrupt as e:
+        say(str(e) or "interrupted")  # an evaluation says what it kept
         return 130
     except _Terminated:
         print(

@@ -19,7 +19,13 @@
 
 from pyro_vae.jobs.baselines import compare_baselines
 from pyro_vae.jobs.compress import compress, decompress
-from pyro_vae.jobs.evaluate import EvalResult, decompose_gaps, evaluate_log_px, score_ood
+from pyro_vae.jobs.evaluate import (
+    EvalResult,
+    EvaluationInterrupted,
+    decompose_gaps,
+    evaluate_log_px,
+    score_ood,
+)
 from pyro_vae.jobs.train import (
     TrainResult,
     accuracy,
@@ -32,6 +38,7 @@ from pyro_vae.jobs.train import (
 
 __all__ = [
     "EvalResult",
+    "EvaluationInterrupted",
     "TrainResult",
     "accuracy",
     "build_model",

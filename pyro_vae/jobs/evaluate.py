@@ -15,7 +15,11 @@ records its config (``"config"``, read back with ``EvalConfig.from_dict`` and th
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyro_vae.apps.compression import model_hash
 from pyro_vae.apps.gaps import GapReport, inference_gaps
 from pyro_vae.apps.ood import (
     choose_compressor,
@@ -44,7 +49,8 @@ from pyro_vae.checks import ConfigError
 from pyro_vae.choices import DATASETS, MADE
 from pyro_vae.config import EvalConfig, GapsConfig, OODConfig
 from pyro_vae.data import as_dataset, heldout_images
-from pyro_vae.inference.evaluate import MarginalLikelihood
+from pyro_vae.faults import pause_point
+from pyro_vae.inference.evaluate import MarginalLikelihood, estimate_log_px, eval_batch_size
 from pyro_vae.io.rundir import Outputs, RunDirError
 from pyro_vae.seeding import seed_everything
 from pyro_vae.training.distributed import Ranks, all_gather_objects
@@ -52,6 +58,7 @@ from pyro_vae.training.runs import Run
 
 __all__ = [
     "EvalResult",
+    "EvaluationInterrupted",
     "decompose_gaps",
     "evaluate_log_px",
     "score_ood",
@@ -108,18 +115,24 @@ def evaluate_log_px(
     if problem is not None:
         raise problem
     seed_everything(config.seed)
-    result: MarginalLikelihood = run.log_px(
-        config.split,
-        config.eval_size,
-        num_particles=config.num_particles,
-        seed=config.seed,
-        max_rows=config.max_rows,
-        psis=config.psis,
-        progress=progress and ranks.is_main,
-        data_dir=data_dir,
-        ranks=ranks,
-        what="--eval-size",
-    )
+    if outputs is not None and not ranks.active:
+        # one process writing a report: its finished images are kept as it goes
+        result = _log_px_kept(
+            run, config, outputs.directory / f"{name}{PROGRESS_SUFFIX}", data_dir, progress
+        )
+    else:
+        result = run.log_px(
+            config.split,
+            config.eval_size,
+            num_particles=config.num_particles,
+            seed=config.seed,
+            max_rows=config.max_rows,
+            psis=config.psis,
+            progress=progress and ranks.is_main,
+            data_dir=data_dir,
+            ranks=ranks,
+            what="--eval-size",
+        )
     if not ranks.is_main:
         return EvalResult({}, result)
     report = {**run.log_px_report(result, config.split), "config": config.recorded_in_report()}
@@ -129,7 +142,134 @@ def evaluate_log_px(
             written = outputs.write_json(f"{name}.json", report)
             save_marginal_likelihood_figures(result, outputs.directory_path("figures"), f"{name}_")
             outputs.commit()
+        (outputs.directory / f"{name}{PROGRESS_SUFFIX}").unlink(missing_ok=True)
     return EvalResult(report, result, written)
+
+
+#: the file beside an evaluation's report that holds its finished images while it runs
+PROGRESS_SUFFIX = ".progress.pt"
+#: chunks of the estimator (``eval_batch_size`` images each) between two saves of progress
+PROGRESS_CHUNKS = 16
+_FIELDS = ("log_px", "elbo", "ess", "khat", "elbo_sem")
+
+
+def _log_px_kept(
+    run: Run,
+    config: EvalConfig,
+    path: Path,
+    data_dir: Path | str | None,
+    progress: bool,
+) -> MarginalLikelihood:
+    """``run.log_px`` in blocks of ``PROGRESS_CHUNKS`` chunks, the finished blocks saved to
+    ``path`` after each, so that an evaluation stopped part way (Ctrl-C, a crash, a machine
+    switched off) goes on from its last block when run again with the same config on the
+    same weights and images, and gives the numbers of an uninterrupted run bit for bit (each
+    chunk draws from a generator seeded by the seed and its position).  A saved file of
+    another evaluation is not used (and is replaced)."""
+    from tqdm.auto import tqdm
+
+    images = run.heldout(config.split, config.eval_size, data_dir=data_dir, what="--eval-size")
+    x = images.images.to(next(run.model.parameters()).device)
+    identity = {
+        "config": config.recorded_in_report(),
+        "weights": model_hash(run.model).hex(),
+        "images": hashlib.sha256(x.detach().cpu().numpy().tobytes()).hexdigest(),
+    }
+    parts = _read_progress(path, identity)
+    done = sum(len(p.log_px) for p in parts)
+    block = eval_batch_size(config.num_particles) * PROGRESS_CHUNKS
+    bar = tqdm(
+        total=len(x),
+        initial=done,
+        desc=f"log p(x), K={config.num_particles}",
+        unit="image",
+        disable=None if progress else True,
+    )
+    with bar, _kept_on_interrupt(path, len(x), parts):
+        for start in range(done, len(x), block):
+            parts.append(
+                estimate_log_px(
+                    run.model.model,
+                    run.model.guide,
+                    x[start : start + block],
+                    num_particles=config.num_particles,
+                    max_rows=config.max_rows,
+                    psis=config.psis,
+                    seed=config.seed,
+                    first_index=start,
+                    validate=False,  # the images were prepared by the run, for its model
+                )
+            )
+            if start + block < len(x):  # the last block goes straight into the report
+                _write_progress(path, identity, parts)
+            bar.update(len(parts[-1].log_px))
+            pause_point("evaluation-block")
+    return MarginalLikelihood.join(parts)
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an evaluation whose finished images are kept: says how many and where."""
+
+
+@contextlib.contextmanager
+def _kept_on_interrupt(path: Path, total: int, parts: list[MarginalLikelihood]):
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = sum(len(p.log_px) for p in parts) if path.is_file() else 0
+        if not kept:
+            raise
+        raise EvaluationInterrupted(
+            f"interrupted; {kept} of {total} images are scored and kept in {path}: the same "
+            "command goes on from there"
+        ) from None
+
+
+def _read_progress(path: Path, identity: dict[str, Any]) -> list[MarginalLikelihood]:
+    """The blocks an earlier run of this evaluation finished, or none (no file, another
+    evaluation's, or a file that cannot be read)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return []
+    except Exception:  # a cut or foreign file is work to redo, not an error
+        return []
+    if not isinstance(saved, dict) or saved.get("identity") != identity:
+        return []
+    try:
+        return [
+            MarginalLikelihood(
+                **{f: part.get(f) for f in _FIELDS},
+                num_particles=identity["config"]["num_particles"],
+                bound_vs_k={int(k): v for k, v in part["bound_vs_k"].items()},
+            )
+            for part in saved["parts"]
+        ]
+    except (KeyError, TypeError, AttributeError):
+        return []
+
+
+def _write_progress(path: Path, identity: dict[str, Any], parts: list[MarginalLikelihood]) -> None:
+    """Save the finished blocks atomically (a temporary file renamed over ``path``)."""
+    payload = {
+        "identity": identity,
+        "parts": [
+            {
+                **{f: getattr(p, f) for f in _FIELDS},
+                "bound_vs_k": {str(k): v for k, v in p.bound_vs_k.items()},
+            }
+            for p in parts
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def decompose_gaps(
