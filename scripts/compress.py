@@ -4,11 +4,11 @@
     python scripts/compress.py --checkpoint runs/vae-... encode --input digits.npy --output d.pvbb
     python scripts/compress.py --checkpoint runs/vae-... decode --input d.pvbb --output d.npy
 
-``encode`` takes images from a ``.npy`` file ((N, H, W) or (N, H*W)): values 0/1 for a
-model of binary pixels, uint8 grey levels 0-255 for one with the discretised logistic
-likelihood (``--likelihood logistic``, 8-bit grey images); or the run's held-out split
-prepared as in training; ``decode`` writes them back as a uint8 ``.npy`` file of shape
-(N, H, W).  With ``encode --particles K`` the code is importance-weighted
+``encode`` takes images from a ``.npy`` file ((N, H, W), (N, H, W, C) or (N, H*W*C)):
+values 0/1 for a model of binary pixels, uint8 levels 0-255 for one with the discretised
+logistic likelihood (``--likelihood logistic``, 8-bit grey or colour images); or the run's
+held-out split prepared as in training; ``decode`` writes them back as a uint8 ``.npy`` file
+of the model's image shape, (N, H, W) or (N, H, W, C).  With ``encode --particles K`` the code is importance-weighted
 bits-back (BB-IS, Ruan et al. 2021): about -log p̂_K(x) per image instead of the -ELBO (one-layer
 models; a hierarchical VAE's layers are chained with one particle).  The
 file holds a header (format version, a hash of the model's weights, image count and shape,
@@ -41,7 +41,10 @@ def build_parser() -> ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images -> compressed file")
     enc.add_argument(
-        "--input", type=Path, default=None, help=".npy file of images (0/1, or 8-bit grey levels)"
+        "--input",
+        type=Path,
+        default=None,
+        help=".npy file of images (0/1, or 8-bit levels, grey or colour)",
     )
     enc.add_argument(
         "--split",

@@ -50,7 +50,7 @@ first, to the model's marginal of z_l (see ``_marginal_grids``).  The rate appro
 **Pixels**: binary images are coded with the model's Bernoulli p(x|z); grey images of a
 model with the discretised logistic likelihood (8-bit: 256 levels) with the categorical of
 its level probabilities per pixel, so that the code length is the same -log p(x|z) in bits
-(one stochastic layer; grey (H, W) images, since the file records a height and a width).
+(one stochastic layer; grey (H, W) or colour (H, W, C) images, each value one symbol).
 
 The networks run in float64 on one thread, so that encoder and decoder compute the same
 probability tables bit for bit: decode with the same weights (checked through a hash in the
@@ -72,14 +72,17 @@ from torch import Tensor
 
 __all__ = ["FORMAT_VERSION", "BitsBackCoder", "CompressedImages", "CompressionError", "model_hash"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAGIC = b"PYROVAE-BB"
 # magic, format version, weights hash, image count, height, width, latent bits, payload
 # words, then a CRC-32 of all of that and the payload; all little-endian.  Version 1 (one
 # particle) is still written for K = 1, so that its files are those of earlier releases;
-# version 2 adds the particle count K after the latent bits.
+# version 2 adds the particle count K after the latent bits; version 3 (images with
+# channels, (H, W, C), the only ones it is written for) the channel count after K.
 _HEADER = struct.Struct("<10sH32sIHHBI")
 _HEADER_V2 = struct.Struct("<10sH32sIHHBHI")
+_HEADER_V3 = struct.Struct("<10sH32sIHHBHBI")
+_HEADERS = {1: _HEADER, 2: _HEADER_V2, 3: _HEADER_V3}
 MAX_PARTICLES = 1024
 _CRC = struct.Struct("<I")
 # images whose posterior tables are computed at once (64 x 50 x 4096 float64: 100 MB at 12 bits)
@@ -117,7 +120,7 @@ class CompressedImages:
 
     words: np.ndarray  # uint32
     count: int
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # (H, W), or (H, W, C) for images with channels
     latent_bits: int
     weights: bytes
     particles: int = 1
@@ -129,8 +132,14 @@ class CompressedImages:
 
     def to_bytes(self) -> bytes:
         """The file's bytes: header (format version, weights hash, image count and shape,
-        latent bits, particles), message, CRC."""
-        if self.particles == 1:  # the one-particle format of earlier releases
+        latent bits, particles, channels), message, CRC."""
+        if len(self.image_shape) == 3:
+            h, w, c = self.image_shape
+            header = _HEADER_V3.pack(
+                MAGIC, 3, self.weights, self.count, h, w, self.latent_bits, self.particles, c,
+                len(self.words),
+            )  # fmt: skip
+        elif self.particles == 1:  # the one-particle format of earlier releases
             header = _HEADER.pack(
                 MAGIC,
                 1,
@@ -143,7 +152,7 @@ class CompressedImages:
         else:
             header = _HEADER_V2.pack(
                 MAGIC,
-                FORMAT_VERSION,
+                2,
                 self.weights,
                 self.count,
                 *self.image_shape,
@@ -160,21 +169,26 @@ class CompressedImages:
         if len(data) < _HEADER.size + _CRC.size or not data.startswith(MAGIC):
             raise CompressionError("not a pyro-vae compressed file (no header)")
         (version,) = struct.unpack_from("<H", data, len(MAGIC))
-        if version == 1:
-            header = _HEADER
-            magic, version, weights, count, h, w, bits, n_words = header.unpack_from(data)
-            particles = 1
-        elif version == FORMAT_VERSION and len(data) >= _HEADER_V2.size + _CRC.size:
-            header = _HEADER_V2
-            magic, version, weights, count, h, w, bits, particles, n_words = header.unpack_from(
-                data
+        header = _HEADERS.get(version)
+        if header is None:
+            supported = ", ".join(map(str, _HEADERS))
+            raise CompressionError(
+                f"format version {version} is not one of the supported {supported}"
             )
-        elif version == FORMAT_VERSION:
+        if len(data) < header.size + _CRC.size:
             raise CompressionError(
                 f"truncated: {len(data)} bytes, shorter than a version {version} header"
             )
+        particles, channels = 1, 0
+        if version == 1:
+            magic, version, weights, count, h, w, bits, n_words = header.unpack_from(data)
+        elif version == 2:
+            magic, version, weights, count, h, w, bits, particles, n_words = header.unpack_from(
+                data
+            )
         else:
-            raise CompressionError(f"format version {version} is not one of the supported 1, 2")
+            fields = header.unpack_from(data)
+            magic, version, weights, count, h, w, bits, particles, channels, n_words = fields
         start = header.size + _CRC.size
         (crc,) = _CRC.unpack_from(data, header.size)
         payload = data[start:]
@@ -186,8 +200,11 @@ class CompressedImages:
             raise CompressionError("the file does not match its checksum: it was altered")
         if not 1 <= bits <= 16 or h * w == 0 or not 1 <= particles <= MAX_PARTICLES:
             raise CompressionError("the header is invalid")
+        if version == 3 and channels == 0:
+            raise CompressionError("the header is invalid")
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-        return cls(words, count, (h, w), bits, weights, particles)
+        shape = (h, w, channels) if version == 3 else (h, w)
+        return cls(words, count, shape, bits, weights, particles)
 
 
 class BitsBackCoder:
@@ -203,9 +220,10 @@ class BitsBackCoder:
                 "bits-back coding here needs a VAE with a Bernoulli or a discretised logistic "
                 "likelihood (a discrete p(x|z))"
             )
-        if likelihood == "logistic" and len(tuple(vae.image_shape)) != 2:
+        if len(tuple(vae.image_shape)) not in (2, 3):
             raise ValueError(
-                f"bits-back coding here takes grey images (H, W), not {tuple(vae.image_shape)}"
+                "bits-back coding here takes images, (H, W) or (H, W, C), not vectors of "
+                f"shape {tuple(vae.image_shape)}"
             )
         # None: binary pixels; else the grey levels of the discretised logistic
         self.levels = vae.levels if likelihood == "logistic" else None

@@ -148,9 +148,8 @@ def decompress(
     start = time.perf_counter()
     images = coder.decode(message)
     seconds = time.perf_counter() - start
-    h, w = message.image_shape
     steps = 1 if coder.levels is None else coder.levels - 1
-    array = (images * steps).round().reshape(-1, h, w).to(torch.uint8).numpy()
+    array = (images * steps).round().reshape(-1, *message.image_shape).to(torch.uint8).numpy()
     written = None
     if output is not None:
         buffer = io.BytesIO()
