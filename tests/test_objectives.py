@@ -368,7 +368,7 @@ def plain_dreg_guide_gradients(lg, guide, x, k, seed, beta=1.0):
     w = torch.softmax(log_w, dim=0).detach()
     (-(((1 - beta) * w + beta * w.square()) * log_w).sum()).backward()
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
-    return -float(bound.sum()), [p.grad.clone() for p in guide.params]
+    return -float(bound.sum().detach()), [p.grad.clone() for p in guide.params]
 
 
 @pytest.fixture
