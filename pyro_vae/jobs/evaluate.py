@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ from pyro_vae.config import EvalConfig, GapsConfig, OODConfig
 from pyro_vae.data import as_dataset, heldout_images
 from pyro_vae.faults import pause_point
 from pyro_vae.inference.evaluate import MarginalLikelihood, estimate_log_px, eval_batch_size
-from pyro_vae.io.rundir import Outputs, RunDirError
+from pyro_vae.io.rundir import Outputs, RunDirError, write_file_atomically
 from pyro_vae.seeding import seed_everything
 from pyro_vae.training.distributed import Ranks, all_gather_objects
 from pyro_vae.training.runs import Run
@@ -261,15 +259,10 @@ def _write_progress(path: Path, identity: dict[str, Any], parts: list[MarginalLi
             for p in parts
         ],
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, buffer.getvalue(), force=True)
 
 
 def decompose_gaps(
