@@ -15,7 +15,6 @@ records its config (``"config"``, read back with ``EvalConfig.from_dict`` and th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import time
@@ -174,7 +173,7 @@ def _log_px_kept(
         "images": hashlib.sha256(x.detach().cpu().numpy().tobytes()).hexdigest(),
     }
     parts = _read_progress(path, identity)
-    done = sum(len(p.log_px) for p in parts)
+    done = kept = sum(len(p.log_px) for p in parts)
     block = eval_batch_size(config.num_particles) * PROGRESS_CHUNKS
     bar = tqdm(
         total=len(x),
@@ -183,25 +182,34 @@ def _log_px_kept(
         unit="image",
         disable=None if progress else True,
     )
-    with bar, _kept_on_interrupt(path, len(x), parts):
-        for start in range(done, len(x), block):
-            parts.append(
-                estimate_log_px(
-                    run.model.model,
-                    run.model.guide,
-                    x[start : start + block],
-                    num_particles=config.num_particles,
-                    max_rows=config.max_rows,
-                    psis=config.psis,
-                    seed=config.seed,
-                    first_index=start,
-                    validate=False,  # the images were prepared by the run, for its model
+    try:
+        with bar:
+            for start in range(done, len(x), block):
+                parts.append(
+                    estimate_log_px(
+                        run.model.model,
+                        run.model.guide,
+                        x[start : start + block],
+                        num_particles=config.num_particles,
+                        max_rows=config.max_rows,
+                        psis=config.psis,
+                        seed=config.seed,
+                        first_index=start,
+                        validate=False,  # the images were prepared by the run, for its model
+                    )
                 )
-            )
-            if start + block < len(x):  # the last block goes straight into the report
-                _write_progress(path, identity, parts)
-            bar.update(len(parts[-1].log_px))
-            pause_point("evaluation-block")
+                if start + block < len(x):  # the last block goes straight into the report
+                    _write_progress(path, identity, parts)
+                    kept = start + block
+                bar.update(len(parts[-1].log_px))
+                pause_point("evaluation-block")
+    except KeyboardInterrupt:
+        if not kept:
+            raise
+        raise EvaluationInterrupted(
+            f"interrupted; {kept} of {len(x)} images are scored and kept in {path}: the same "
+            "command goes on from there"
+        ) from None
     return MarginalLikelihood.join(parts)
 
 
@@ -209,28 +217,12 @@ class EvaluationInterrupted(KeyboardInterrupt):
     """Ctrl-C during an evaluation whose finished images are kept: says how many and where."""
 
 
-@contextlib.contextmanager
-def _kept_on_interrupt(path: Path, total: int, parts: list[MarginalLikelihood]):
-    try:
-        yield
-    except KeyboardInterrupt:
-        kept = sum(len(p.log_px) for p in parts) if path.is_file() else 0
-        if not kept:
-            raise
-        raise EvaluationInterrupted(
-            f"interrupted; {kept} of {total} images are scored and kept in {path}: the same "
-            "command goes on from there"
-        ) from None
-
-
 def _read_progress(path: Path, identity: dict[str, Any]) -> list[MarginalLikelihood]:
     """The blocks an earlier run of this evaluation finished, or none (no file, another
     evaluation's, or a file that cannot be read)."""
     try:
         saved = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        return []
-    except Exception:  # a cut or foreign file is work to redo, not an error
+    except Exception:  # no file, or a cut or foreign one: work to redo, not an error
         return []
     if not isinstance(saved, dict) or saved.get("identity") != identity:
         return []
