@@ -101,6 +101,7 @@ MIGRATIONS: dict[str, Any] = {
     "flow": None,
     "flow_depth": None,
     "covariance": "diagonal",
+    "pixel_uniform": 0.0,
 }
 
 
@@ -369,6 +370,9 @@ class TrainConfig(RunConfig):
     guide: str | None = _setting(None, _optional(_choice(HVAE_GUIDES)), "hvae: the guide")
     skip_connections: bool = _setting(False, _flag, "hvae: each generative net reads all above")
     likelihood: str = _setting("bernoulli", _choice(LIKELIHOODS), "p(x|z)")
+    pixel_uniform: float = _setting(
+        0.0, _number(0.0, 1.0, open_high=True), "logistic: each pixel's uniform share"
+    )
     x_scale: float | None = _setting(None, _optional(_number(0, open_low=True)), "Gaussian std")
     beta: float = _setting(1.0, _number(0, open_low=True), "weight of the KL term")
     flow: str | None = _setting(None, _optional(_choice(FLOWS)), "a flow on the guide")
@@ -413,6 +417,8 @@ class TrainConfig(RunConfig):
                 "needs an objective that reads the weight at every step; elbo jit compiles it "
                 "once (use trace)",
             )
+        if self.pixel_uniform and self.likelihood != "logistic":
+            raise ConfigError("pixel_uniform", "applies to likelihood logistic")
         if self.model == "vae":
             for name in ("z_dims", "layer_hidden", "guide"):
                 if getattr(self, name) is not None:
@@ -427,6 +433,7 @@ class TrainConfig(RunConfig):
         for name in ("flow", "flow_depth", "x_scale"):
             if getattr(self, name) is not None:
                 raise ConfigError(name, "applies to model vae, not to the hierarchical VAE")
+
         if self.arch != "mlp":
             raise ConfigError("arch", "conv applies to model vae; the hierarchical VAE's are mlp")
         for name, value in (("likelihood", "bernoulli"), ("covariance", "diagonal"), ("beta", 1.0)):

@@ -124,6 +124,14 @@ def build_parser() -> ArgumentParser:
         "with --binarize none (default: bernoulli)",
     )
     p.add_argument(
+        "--pixel-uniform",
+        type=probability,
+        default=0.0,
+        help="logistic: each pixel's share of the uniform distribution over its levels, "
+        "(1 - u) p + u / levels, so that no level costs more than -log(u / levels) "
+        "(default: 0)",
+    )
+    p.add_argument(
         "--x-scale",
         type=positive_float,
         default=None,
@@ -277,6 +285,7 @@ def check_model_flags(args) -> None:
         "--covariance": (args.covariance, "diagonal"),
         "--likelihood": (args.likelihood, "bernoulli"),
         "--x-scale": (args.x_scale, None),
+        "--pixel-uniform": (args.pixel_uniform, 0.0),
         "--beta": (args.beta, 1.0),
         "--z-dim": (args.z_dim, build_parser().get_default("z_dim")),
         "--arch": (args.arch, "mlp"),

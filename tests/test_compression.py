@@ -350,11 +350,19 @@ def test_a_model_with_skip_connections_round_trips_and_costs_its_information(gui
 # -- grey levels: the discretised logistic's categorical per pixel -------------------------------
 
 
-@pytest.mark.parametrize("levels,k", [(17, 1), (256, 1), (256, 4)])
-def test_grey_images_round_trip_and_cost_the_discretised_likelihoods_information(levels, k):
+@pytest.mark.parametrize("levels,k,uniform", [(17, 1, 0), (256, 1, 0), (256, 4, 0), (256, 1, 0.01)])
+def test_grey_images_round_trip_and_cost_the_discretised_likelihoods_information(
+    levels, k, uniform
+):
     torch.manual_seed(0)
     vae = VAE(
-        x_dim=64, z_dim=4, hidden=(32,), image_shape=(8, 8), likelihood="logistic", levels=levels
+        x_dim=64,
+        z_dim=4,
+        hidden=(32,),
+        image_shape=(8, 8),
+        likelihood="logistic",
+        levels=levels,
+        pixel_uniform=uniform,
     ).eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, levels, (40, 64), generator=g).float() / (levels - 1)

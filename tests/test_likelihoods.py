@@ -71,6 +71,60 @@ def test_draws_follow_the_levels_probabilities():
     assert ((counts / n - probs).abs() <= 5 * sd + 1e-6).all()
 
 
+@pytest.mark.parametrize("levels", [17, 256])
+def test_a_uniform_share_bounds_every_level_s_cost_and_keeps_the_sum_at_one(levels):
+    """(1 - u) P + u / L: the levels still sum to one, log_prob is the log of the mixture
+    at every level, no level costs more than -log(u / L), draws follow it; u = 0 is the
+    distribution as it was, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    loc = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    log_scale = torch.full((4, 6), math.log(0.1 / (levels - 1)), dtype=torch.float64)  # sharp
+    plain = DiscretizedLogistic(loc, log_scale, levels=levels)
+    u = 0.01
+    mixed = DiscretizedLogistic(loc, log_scale, levels=levels, uniform=u)
+    probs = mixed.level_probs()
+    assert torch.allclose(probs.sum(-1), torch.ones(4, 6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(probs, (1 - u) * plain.level_probs() + u / levels, rtol=1e-12)
+    assert (probs >= u / levels * (1 - 1e-12)).all()
+    values = torch.linspace(0, 1, levels, dtype=torch.float64)
+    for k in (0, 1, levels // 2, levels - 1):
+        x = values[k].expand(4, 6)
+        assert torch.allclose(mixed.log_prob(x), probs[..., k].log().sum(-1), rtol=1e-10)
+        assert (mixed.log_prob(x) >= 6 * math.log(u / levels) - 1e-9).all()
+    x = (torch.randint(0, levels, (3, 4, 6), generator=g) / (levels - 1)).double()
+    zero = DiscretizedLogistic(loc, log_scale, levels=levels, uniform=0.0)
+    assert torch.equal(zero.log_prob(x), plain.log_prob(x))
+    # draws: a far-off level is drawn about u / L of the time
+    torch.manual_seed(6)
+    one = DiscretizedLogistic(torch.tensor([0.0]), torch.tensor([-8.0]), levels=levels, uniform=u)
+    n = 200_000
+    draws = (one.expand((n,)).sample()[:, 0] * (levels - 1)).round().long()
+    p_top = float(one.level_probs()[0, -1])
+    sd = math.sqrt(p_top * (1 - p_top) / n)
+    assert abs(float((draws == levels - 1).double().mean()) - p_top) <= 5 * sd
+    with pytest.raises(ValueError, match=r"uniform must be in \[0, 1\)"):
+        DiscretizedLogistic(loc, log_scale, uniform=1.0)
+
+
+def test_a_vae_s_uniform_share_is_its_config_only_when_on():
+    from pyro_vae import TrainConfig
+    from pyro_vae.checks import ConfigError
+
+    kw = dict(x_dim=12, z_dim=2, hidden=(8,), likelihood="logistic")
+    assert "pixel_uniform" not in VAE(**kw).config()  # earlier files' weight hashes stay
+    vae = VAE(**kw, pixel_uniform=0.01)
+    assert vae.config()["pixel_uniform"] == 0.01
+    assert VAE(**vae.config()).pixel_uniform == 0.01
+    assert vae.likelihood(torch.zeros(1, 2)).uniform == 0.01
+    with pytest.raises(ConfigError, match="pixel_uniform: applies to the logistic likelihood"):
+        VAE(x_dim=12, z_dim=2, hidden=(8,), pixel_uniform=0.01)
+    with pytest.raises(ConfigError, match="pixel_uniform: applies to likelihood logistic"):
+        TrainConfig(pixel_uniform=0.01)
+    with pytest.raises(ConfigError, match="pixel_uniform"):
+        TrainConfig(likelihood="logistic", binarize="none", pixel_uniform=1.0)
+    assert TrainConfig(likelihood="logistic", binarize="none", pixel_uniform=0.01).pixel_uniform
+
+
 def test_a_value_off_the_levels_is_refused_under_validation():
     d = DiscretizedLogistic(torch.zeros(1, 3), torch.zeros(1, 3), validate_args=True)
     d.log_prob(torch.tensor([[0.0, 128 / 255, 1.0]]))
@@ -186,3 +240,27 @@ def test_train_and_evaluate_a_logistic_vae_on_the_digits(tmp_path, capsys):
     assert 0 < nll_bits < math.log2(17)  # better than 17 equally likely levels per pixel
     model = __import__("pyro_vae").Run.load(out).model
     assert model.levels == 17
+
+
+def test_train_svi_takes_a_uniform_share_and_refuses_it_for_binary_pixels(tmp_path, capsys):
+    import json
+
+    from helpers import run_in_process
+
+    from pyro_vae import Run
+
+    out = tmp_path / "digits"
+    args = ["--dataset", "digits", "--likelihood", "logistic", "--binarize", "none"]
+    args += ["--epochs", "1", "--z-dim", "4", "--hidden", "32", "--eval-particles", "10"]
+    status, err = run_in_process(
+        "train_svi.py", [*args, "--pixel-uniform", "0.01", "--out", str(out)], capsys
+    )
+    assert status == 0, err
+    assert json.loads((out / "config.json").read_text())["pixel_uniform"] == 0.01
+    assert Run.load(out).model.pixel_uniform == 0.01
+    for bad, message in (
+        (["--pixel-uniform", "0.01"], "--pixel-uniform: applies to likelihood logistic"),
+        ([*args, "--pixel-uniform", "1"], "is not a number in [0, 1)"),
+    ):
+        status, err = run_in_process("train_svi.py", [*bad, "--out", str(tmp_path / "x")], capsys)
+        assert status == 2 and message in err and len(err.strip().splitlines()) <= 3, err

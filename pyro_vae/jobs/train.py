@@ -81,6 +81,7 @@ def build_model(
             levels=levels or 256,
             arch=config.arch,
             channels=config.channels,
+            pixel_uniform=config.pixel_uniform,
             **common,
         )
         return vae, "VAE"

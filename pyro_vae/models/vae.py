@@ -79,8 +79,14 @@ class VAE(PyroModel):
         levels: int = 256,
         arch: str = "mlp",
         channels: Sequence[int] = (32, 64),
+        pixel_uniform: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(pixel_uniform, (int, float)) and 0.0 <= pixel_uniform < 1.0):
+            raise ConfigError("pixel_uniform", f"must be a number in [0, 1), got {pixel_uniform!r}")
+        if pixel_uniform and likelihood != "logistic":
+            raise ConfigError("pixel_uniform", "applies to the logistic likelihood only")
+        self.pixel_uniform = float(pixel_uniform)
         if covariance not in COVARIANCES:
             raise ValueError(f"unknown covariance {covariance!r}; choose from {COVARIANCES}")
         if covariance == "full" and flow is not None:
@@ -166,6 +172,8 @@ class VAE(PyroModel):
             # only for conv: the config is part of the compressed files' weights hash, and
             # files made by fully connected models must still decode
             **({"arch": "conv", "channels": list(self.channels)} if self.arch == "conv" else {}),
+            # only when on, for the same reason
+            **({"pixel_uniform": self.pixel_uniform} if self.pixel_uniform else {}),
         }
 
     def _check_conv(self, covariance: str) -> None:
@@ -211,7 +219,9 @@ class VAE(PyroModel):
             loc, raw = out.split(self.x_dim, dim=-1)
             # a scale of at least a tenth of a level's bin, reached smoothly (no hard floor)
             scale = scale_from(raw, self.scale_link, min_scale=0.1 / (self.levels - 1))
-            return DiscretizedLogistic(loc, scale.log(), levels=self.levels)
+            return DiscretizedLogistic(
+                loc, scale.log(), levels=self.levels, uniform=self.pixel_uniform
+            )
         return dist.Normal(out, self._x_scale()).to_event(1)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:

@@ -159,15 +159,28 @@ class DiscretizedLogistic(TorchDistribution):
     with a - b = 1 / ((L - 1) s), is computed as b + log(expm1(a - b)) - softplus(a) -
     softplus(b), exact in floating point for bins far in either tail, where the difference
     of two sigmoids rounds to zero (PixelCNN++ switches to the density at the centre there).
+
+    ``uniform`` = u mixes each pixel with the uniform distribution over its levels,
+    (1 - u) P(x) + u / L, so that no level costs more than -log(u / L): a logistic's tails
+    fall exponentially, and a confident pixel many levels off would otherwise cost hundreds
+    of nats.
     """
 
     arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
 
     def __init__(
-        self, loc: Tensor, log_scale: Tensor, levels: int = 256, validate_args: bool | None = None
+        self,
+        loc: Tensor,
+        log_scale: Tensor,
+        levels: int = 256,
+        validate_args: bool | None = None,
+        uniform: float = 0.0,
     ) -> None:
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise ValueError(f"levels must be a whole number of at least 2, got {levels!r}")
+        if not 0.0 <= uniform < 1.0:
+            raise ValueError(f"uniform must be in [0, 1), got {uniform!r}")
+        self.uniform = float(uniform)
         loc, log_scale = torch.broadcast_tensors(loc, log_scale)
         if loc.dim() < 1:
             raise ValueError("loc needs at least one (event) dimension")
@@ -182,7 +195,7 @@ class DiscretizedLogistic(TorchDistribution):
         new = self._get_checked_instance(DiscretizedLogistic, _instance)
         shape = torch.Size(batch_shape) + self.event_shape
         new.loc, new.log_scale = self.loc.expand(shape), self.log_scale.expand(shape)
-        new.levels = self.levels
+        new.levels, new.uniform = self.levels, self.uniform
         super(DiscretizedLogistic, new).__init__(
             torch.Size(batch_shape), self.event_shape, validate_args=False
         )
@@ -215,7 +228,11 @@ class DiscretizedLogistic(TorchDistribution):
                 torch.log(u) - torch.log1p(-u)
             )
             steps = self.levels - 1
-            return (x * steps).round().clamp(0, steps) / steps
+            x = (x * steps).round().clamp(0, steps)
+            if self.uniform:  # the uniform share: a level drawn uniformly instead
+                other = torch.randint(0, self.levels, shape, device=x.device).to(x.dtype)
+                x = torch.where(torch.rand(shape, device=x.device) < self.uniform, other, x)
+            return x / steps
 
     def _pixel_log_prob(self, value: Tensor, unsqueeze: bool = False) -> Tensor:
         loc, log_scale = self.loc, self.log_scale
@@ -231,7 +248,13 @@ class DiscretizedLogistic(TorchDistribution):
         lowest = -F.softplus(-a)  # log σ(a): the bin reaches to -inf
         highest = -F.softplus(b)  # log(1 - σ(b)): the bin reaches to +inf
         level = torch.round(value * steps)
-        return torch.where(level <= 0, lowest, torch.where(level >= steps, highest, middle))
+        log_p = torch.where(level <= 0, lowest, torch.where(level >= steps, highest, middle))
+        if self.uniform:
+            log_p = torch.logaddexp(
+                log_p + math.log1p(-self.uniform),
+                log_p.new_tensor(math.log(self.uniform / self.levels)),
+            )
+        return log_p
 
     def log_prob(self, value: Tensor) -> Tensor:
         """log P(x) summed over the last dimension (nats)."""
