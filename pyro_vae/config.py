@@ -102,6 +102,7 @@ MIGRATIONS: dict[str, Any] = {
     "flow_depth": None,
     "covariance": "diagonal",
     "pixel_uniform": 0.0,
+    "keep_best": False,
 }
 
 
@@ -393,6 +394,7 @@ class TrainConfig(RunConfig):
     perturb: float = _setting(0.0, _number(0.0, 1.0, open_high=True), "pixel noise in training")
     # evaluation and the record
     eval_particles: int = _setting(500, _integer(0), "K for the test log p(x) (0: skip)")
+    keep_best: bool = _setting(False, _flag, "keep and use the best validation epoch's weights")
     preset: str | None = _setting("iw-fast", _optional(_choice(tuple(PRESETS))), "the recipe")
 
     script: ClassVar[str] = "a train_svi.py run"

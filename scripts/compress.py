@@ -104,10 +104,10 @@ def main(args) -> dict:
     from pyro_vae.training.runs import Run
 
     apply_threads(args)
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    trained = Run.load(args.checkpoint)  # the coder runs on the CPU in float64
     inputs = (args.input,) if args.input is not None else ()
-    check_output_file(args.output, inputs=(checkpoint, *inputs), force=args.force)
-    trained = Run.load(checkpoint)  # the coder runs on the CPU in float64
+    checkpoints = (resolve_checkpoint(args.checkpoint), trained.path)
+    check_output_file(args.output, inputs=(*checkpoints, *inputs), force=args.force)
     if args.command == "encode":
         config = CompressConfig(
             latent_bits=args.latent_bits or 10, particles=args.particles, count=args.count

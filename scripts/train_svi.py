@@ -239,6 +239,13 @@ def build_parser() -> ArgumentParser:
         "by --preset)",
     )
     p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="keep the weights of the epoch with the best validation ELBO in best.pt beside "
+        "checkpoint.pt: the test report, the figures and every later job given the run "
+        "directory use them (checkpoint.pt stays the last epoch, for --resume)",
+    )
+    p.add_argument(
         "--num-particles",
         type=positive_int,
         default=None,

@@ -447,3 +447,37 @@ def test_the_scripts_let_idle_threads_wait_passively_unless_told_otherwise():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE", out.stderr
+
+
+def test_a_run_that_keeps_its_best_epoch_is_that_epoch_for_the_later_scripts(data_dir, tmp_path):
+    """train_svi.py --keep-best: evaluation.json names the best validation epoch, and the
+    evaluator and the compressor given the run directory read best.pt, not the last epoch."""
+    run_dir = tmp_path / "run"
+    args = ["--epochs", "6", "--eval-particles", "10", "--keep-best", "--out", str(run_dir)]
+    # 32 training images and a large step: the validation ELBO peaks before the last epoch
+    overfit = "--train-size 32 --batch-size 8 --lr 0.03 --lr-schedule constant --hidden 128"
+    overfit += " --z-dim 8 --eval-size 64 --quiet"
+    result = run_script("train_svi.py", [*args, *overfit.split()], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run_dir / "config.json").read_text())["keep_best"] is True
+    val = [json.loads(line)["val_elbo"] for line in (run_dir / "metrics.jsonl").open()]
+    best = max(range(len(val)), key=lambda i: (val[i], i)) + 1
+    assert best < 6  # else best.pt could not be told from checkpoint.pt
+    assert json.loads((run_dir / "evaluation.json").read_text())["best_epoch"] == best
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(run_dir), "--num-particles", "5", "--eval-size", "8", "--quiet"]
+    result = run_script("evaluate_marginal_likelihood.py", [*args, "--out", str(out)], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "marginal_likelihood_k5.json").read_text())
+    assert report["epoch"] == best and report["checkpoint"] == str(run_dir / "best.pt")
+    encoded = tmp_path / "test.pvbb"
+    args = ["--checkpoint", str(run_dir), "encode", "--split", "test", "--count", "4"]
+    result = run_script("compress.py", [*args, "--output", str(encoded)], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # the file names the weights it was coded with: best.pt decodes it, checkpoint.pt refuses
+    args = ["decode", "--input", str(encoded), "--output", str(tmp_path / "back.npy")]
+    result = run_script("compress.py", ["--checkpoint", str(run_dir / "best.pt"), *args], data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = ["--checkpoint", str(run_dir / "checkpoint.pt"), *args[:-1], str(tmp_path / "x.npy")]
+    result = run_script("compress.py", last, data_dir)
+    assert result.returncode == 2 and "weights" in result.stderr, result.stderr

@@ -244,3 +244,46 @@ def test_one_library_call_trains_resumes_and_evaluates_a_run_without_argparse(da
     assert strict_json(halves.report) == strict_json(whole.report)
     again = Run.load(tmp_path / "whole")
     assert again.heldout("test", 128).images.shape == (128, 784)
+
+
+def test_keep_best_scores_and_hands_on_the_best_validation_epoch(data_dir, tmp_path):
+    """keep_best: best.pt holds the weights of the epoch with the best validation ELBO; the
+    test report is theirs (the report of a run stopped at that epoch, bit for bit), and the
+    run directory stands for them in every later job; a resumed run keeps the same best.pt."""
+    from pyro_vae import Run, TrainConfig, load_checkpoint, train_vae
+    from pyro_vae.io.checkpoints import CheckpointError
+    from pyro_vae.io.rundir import strict_json
+
+    # 32 training images and a large step: the validation ELBO peaks before the last epoch
+    config = TrainConfig(
+        z_dim=8, hidden=(128,), epochs=8, batch_size=8, train_size=32, eval_size=64, lr=0.03,
+        lr_schedule="constant", eval_particles=10, keep_best=True, data_dir=str(data_dir),
+    )  # fmt: skip
+    kept = train_vae(config, tmp_path / "kept", progress=False)
+    val = [m["val_elbo"] for m in kept.training.trainer.history]
+    best = max(range(len(val)), key=lambda i: (val[i], i)) + 1
+    assert best < config.epochs  # else this test would not tell best.pt from checkpoint.pt
+    assert kept.report["best_epoch"] == best
+    assert kept.run.epoch == best and kept.run.path.name == "best.pt"
+    assert Run.load(tmp_path / "kept").epoch == best
+    assert Run.load(tmp_path / "kept" / "checkpoint.pt").epoch == config.epochs
+
+    short = train_vae(
+        config.replace(epochs=best, keep_best=False), tmp_path / "short", progress=False
+    )
+    weights = load_checkpoint(tmp_path / "kept" / "best.pt")["model"]
+    assert all(torch.equal(weights[k], v) for k, v in short.run.model.state_dict().items())
+    without_epoch = {k: v for k, v in kept.report.items() if k != "best_epoch"}
+    assert strict_json(without_epoch) == strict_json(short.report)
+
+    train_vae(config.replace(epochs=3), tmp_path / "halves", progress=False).training.close()
+    state = load_checkpoint(tmp_path / "halves")
+    halves = train_vae(config, tmp_path / "halves", state=state, new=False, progress=False)
+    resumed = load_checkpoint(tmp_path / "halves" / "best.pt")
+    assert resumed["epoch"] == best
+    assert all(torch.equal(resumed["model"][k], v) for k, v in weights.items())
+    assert strict_json(halves.report) == strict_json(kept.report)
+
+    (tmp_path / "kept" / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match="keeps its best epoch, but has no"):
+        Run.load(tmp_path / "kept")

@@ -176,7 +176,9 @@ def train_vae(
     """Train the model ``config`` describes into ``directory`` and evaluate it on the test
     split: a checkpoint after every epoch (``state``: a checkpoint of this run to continue
     from; ``new``: the directory must hold nothing yet), then ``evaluation.json`` (test ELBO,
-    and log p(x) at ``config.eval_particles``) and the figures.  ``record`` is what
+    and log p(x) at ``config.eval_particles``) and the figures.  With ``config.keep_best``
+    the weights of the epoch with the best validation ELBO are kept in ``best.pt``, and the
+    report, the figures and every later job that reads the run directory use them.  ``record`` is what
     ``config.json`` holds (default: the config, the device and the model); on several
     processes (``ranks``) rank 0 alone writes, and the other ranks get ``run=None``.
 
@@ -249,7 +251,19 @@ def train_vae(
     )
     training = job.open(directory, config, model, model_class, trainer, loader, **recorded)
     quiet = not progress or not ranks.is_main
-    training.fit(config.epochs, val_data=(valid.images.to(device),), progress=not quiet)
+    training.fit(
+        config.epochs,
+        val_data=(valid.images.to(device),),
+        callbacks=[training.keep_best("val_elbo")] if config.keep_best else [],
+        progress=not quiet,
+    )
+    best_epoch = None
+    if config.keep_best:
+        # Every rank has passed the last epoch's checkpoint (a collective), which rank 0
+        # writes after best.pt: the file is complete for all of them.
+        best = load_checkpoint(training.best_path, map_location=device)
+        model.load_state_dict(best["model"])
+        best_epoch = int(best["epoch"])
     model.eval()  # batch normalisation, if any, on its running statistics from here on
 
     test_x = test.images.to(device)
@@ -258,6 +272,8 @@ def train_vae(
         "dataset": config.dataset,
         "units": "nats per image",
     }
+    if best_epoch is not None:
+        report["best_epoch"] = best_epoch  # the weights the report, figures and Run.load use
     if config.eval_particles:
         result = sharded_log_px(
             model.model,
@@ -286,7 +302,7 @@ def train_vae(
         seed=config.seed,
         objective=curve_label(config),
     )
-    # the run as a later job reads it: the checkpoint the last epoch wrote
+    # the run as a later job reads it: the last epoch's checkpoint, or best.pt (keep_best)
     return TrainResult(Run.load(training.dir.path, device=device), report, training)
 
 

@@ -50,7 +50,10 @@ from pyro_vae.training.distributed import Ranks, all_gather_objects, sharded_log
 from pyro_vae.training.stepper import NonFiniteError
 from pyro_vae.training.trainer import StopRule, Trainer, TrainingInterrupted, stop_on_sigint
 
-__all__ = ["CONFIG_CLASSES", "Run", "RunData", "TrainingRun"]
+__all__ = ["BEST_NAME", "CONFIG_CLASSES", "Run", "RunData", "TrainingRun"]
+
+#: the weights of the best validation epoch, beside ``checkpoint.pt`` (``keep_best``)
+BEST_NAME = "best.pt"
 
 #: the config class of each model class's training runs
 CONFIG_CLASSES = {
@@ -120,7 +123,7 @@ class TrainingRun:
 
     @property
     def best_path(self) -> Path:
-        return self.dir.path / "best.pt"
+        return self.dir.path / BEST_NAME
 
     def keep_best(self, metric: str) -> Callable[[Trainer, dict[str, Any]], None]:
         """A ``fit`` callback that writes ``best.pt`` (the model, its config, the epoch)
@@ -314,11 +317,18 @@ class Run:
     @classmethod
     def load(cls, path: Path | str, *, device: str | torch.device = "cpu") -> Run:
         """The run in ``path`` (a run directory or a checkpoint file), its model on
-        ``device``.  One-line ``CheckpointError`` when there is none or it cannot be read."""
+        ``device``.  A directory of a run trained with ``keep_best`` stands for the weights
+        its report scored, ``best.pt``; ``checkpoint.pt`` (the last epoch) is read when named.
+        One-line ``CheckpointError`` when there is none or it cannot be read."""
         from pyro_vae.models import model_from_checkpoint
 
         checkpoint = resolve_checkpoint(path)
         state = load_checkpoint(checkpoint, map_location=device)
+        best = Path(path) / BEST_NAME
+        if Path(path).is_dir() and (state.get("config") or {}).get("keep_best"):
+            if not best.is_file():  # written before each epoch's checkpoint: removed since
+                raise CheckpointError(f"{path}: the run keeps its best epoch, but has no {best}")
+            checkpoint, state = best, load_checkpoint(best, map_location=device)
         model = model_from_checkpoint(state).to(device).eval()
         return cls(checkpoint, state, model)
 
