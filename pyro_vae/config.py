@@ -103,6 +103,8 @@ MIGRATIONS: dict[str, Any] = {
     "covariance": "diagonal",
     "pixel_uniform": 0.0,
     "keep_best": False,
+    "patience": 0,
+    "max_minutes": None,
 }
 
 
@@ -395,6 +397,10 @@ class TrainConfig(RunConfig):
     # evaluation and the record
     eval_particles: int = _setting(500, _integer(0), "K for the test log p(x) (0: skip)")
     keep_best: bool = _setting(False, _flag, "keep and use the best validation epoch's weights")
+    patience: int = _setting(0, _integer(0), "epochs without a better validation ELBO")
+    max_minutes: float | None = _setting(
+        None, _optional(_number(0, open_low=True)), "stop once the epochs took this long"
+    )
     preset: str | None = _setting("iw-fast", _optional(_choice(tuple(PRESETS))), "the recipe")
 
     script: ClassVar[str] = "a train_svi.py run"

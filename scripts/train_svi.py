@@ -246,6 +246,20 @@ def build_parser() -> ArgumentParser:
         "directory use them (checkpoint.pt stays the last epoch, for --resume)",
     )
     p.add_argument(
+        "--patience",
+        type=nonnegative_int,
+        default=0,
+        help="stop after N epochs without a better validation ELBO (default: 0, off); may "
+        "change on --resume",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=positive_float,
+        default=None,
+        help="stop once the epochs so far took this long (default: no limit); may change on "
+        "--resume",
+    )
+    p.add_argument(
         "--num-particles",
         type=positive_int,
         default=None,

@@ -372,6 +372,8 @@ BAD_INPUTS = [
     (["--preset", "fastest"], "invalid choice"),
     (["--lr-schedule", "linear"], "invalid choice"),
     (["--threads", "0"], "positive integer"),
+    (["--patience", "-1"], "--patience"),
+    (["--max-minutes", "0"], "--max-minutes"),
 ]
 
 

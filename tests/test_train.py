@@ -287,3 +287,50 @@ def test_keep_best_scores_and_hands_on_the_best_validation_epoch(data_dir, tmp_p
     (tmp_path / "kept" / "best.pt").unlink()
     with pytest.raises(CheckpointError, match="keeps its best epoch, but has no"):
         Run.load(tmp_path / "kept")
+
+
+def test_patience_and_max_minutes_stop_a_vae_run_and_a_resume_may_change_them(data_dir, tmp_path):
+    """patience: training stops once the validation ELBO has not improved for that many
+    epochs (the report says why); a resumed run may change it and then continues exactly as
+    a run that never stopped; max_minutes stops on the time the epochs took."""
+    import json
+
+    from pyro_vae import TrainConfig, load_checkpoint, train_vae
+
+    config = TrainConfig(
+        z_dim=8, hidden=(128,), epochs=6, batch_size=8, train_size=32, eval_size=64, lr=0.03,
+        lr_schedule="constant", eval_particles=10, keep_best=True, data_dir=str(data_dir),
+    )  # fmt: skip
+    whole = train_vae(config, tmp_path / "whole", progress=False)
+    val = [m["val_elbo"] for m in whole.training.trainer.history]
+    # the first epoch after which the best so far is 2 epochs old
+    stop, best = next(
+        (t, b)
+        for t in range(1, len(val) + 1)
+        for b in [max(range(t), key=lambda i: (val[i], -i))]
+        if t - 1 - b >= 2
+    )
+    assert stop < len(val)
+    stopped = train_vae(config.replace(patience=2), tmp_path / "stopped", progress=False)
+    assert stopped.training.trainer.epoch == stop
+    assert "val_elbo has not improved for 2 epochs" in stopped.report["stopped"]
+    assert stopped.report["best_epoch"] == best + 1
+    assert "stopped" not in whole.report
+    # the same patience again: nothing more to train; none: on to the sixth epoch
+    state = load_checkpoint(tmp_path / "stopped")
+    again = train_vae(
+        config.replace(patience=2), tmp_path / "stopped", state=state, new=False, progress=False
+    )
+    assert again.training.trainer.epoch == stop
+    state = load_checkpoint(tmp_path / "stopped")
+    on = train_vae(config, tmp_path / "stopped", state=state, new=False, progress=False)
+    lines = [
+        [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+        for lines in (
+            (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            for name in ("whole", "stopped")
+        )
+    ]
+    assert lines[0] == lines[1] and on.report == whole.report
+    timed = train_vae(config.replace(max_minutes=1e-6), tmp_path / "timed", progress=False)
+    assert timed.training.trainer.epoch == 1 and "time budget" in timed.report["stopped"]

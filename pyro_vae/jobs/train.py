@@ -176,7 +176,9 @@ def train_vae(
     """Train the model ``config`` describes into ``directory`` and evaluate it on the test
     split: a checkpoint after every epoch (``state``: a checkpoint of this run to continue
     from; ``new``: the directory must hold nothing yet), then ``evaluation.json`` (test ELBO,
-    and log p(x) at ``config.eval_particles``) and the figures.  With ``config.keep_best``
+    and log p(x) at ``config.eval_particles``) and the figures; ``config.patience`` and
+    ``config.max_minutes`` stop training early (on the validation ELBO, on the time the epochs
+    took; the report says why under ``stopped``).  With ``config.keep_best``
     the weights of the epoch with the best validation ELBO are kept in ``best.pt``, and the
     report, the figures and every later job that reads the run directory use them.  ``record`` is what
     ``config.json`` holds (default: the config, the device and the model); on several
@@ -251,12 +253,23 @@ def train_vae(
     )
     training = job.open(directory, config, model, model_class, trainer, loader, **recorded)
     quiet = not progress or not ranks.is_main
-    training.fit(
-        config.epochs,
-        val_data=(valid.images.to(device),),
-        callbacks=[training.keep_best("val_elbo")] if config.keep_best else [],
-        progress=not quiet,
+    stopper = EarlyStopping(
+        "val_elbo",
+        patience=config.patience,
+        max_seconds=None if config.max_minutes is None else 60 * config.max_minutes,
     )
+    stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
+    if stopped is None and trainer.epoch < config.epochs:
+        training.fit(
+            config.epochs,
+            val_data=(valid.images.to(device),),
+            callbacks=[training.keep_best("val_elbo")] if config.keep_best else [],
+            stop_rules=[stopper],
+            progress=not quiet,
+        )
+        stopped = trainer.stop_reason
+    if stopped is not None and log is not None and ranks.is_main:
+        log(f"stopped after epoch {trainer.epoch}: {stopped}")
     best_epoch = None
     if config.keep_best:
         # Every rank has passed the last epoch's checkpoint (a collective), which rank 0
@@ -274,6 +287,8 @@ def train_vae(
     }
     if best_epoch is not None:
         report["best_epoch"] = best_epoch  # the weights the report, figures and Run.load use
+    if stopped is not None:
+        report["stopped"] = stopped
     if config.eval_particles:
         result = sharded_log_px(
             model.model,
