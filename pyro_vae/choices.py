@@ -152,3 +152,6 @@ CAPABILITIES = {
 DEFAULT_KS = (1, 5, 50, 500, 5000)
 #: particles x images the evaluator holds at once
 DEFAULT_MAX_ROWS = 1 << 15
+#: floats of a network's working memory per forward pass that the evaluator's default pass
+#: size aims at, for networks that say how much they need per row (``row_floats``)
+PASS_FLOATS = 1 << 25

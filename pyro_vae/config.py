@@ -28,7 +28,6 @@ from pyro_vae.choices import (
     COMPRESSORS,
     COVARIANCES,
     DATASETS,
-    DEFAULT_MAX_ROWS,
     DEFAULT_PRESET,
     ELBO_NAMES,
     FAMILIES,
@@ -547,7 +546,9 @@ class EvalConfig(Config):
     split: str = _setting("test", _choice(HELDOUT_SPLITS), "the held-out split")
     eval_size: int | None = _setting(None, _optional(_integer(1)), "first N images of the split")
     num_particles: int = _setting(5000, _integer(1), "K importance samples per image")
-    max_rows: int = _setting(DEFAULT_MAX_ROWS, _integer(1), "particles x images per pass")
+    max_rows: int | None = _setting(
+        None, _optional(_integer(1)), "particles x images per pass (None: sized to the model)"
+    )
     psis: bool = _setting(True, _flag, "the PSIS k-hat diagnostic")
     seed: int = _setting(0, _seed, "the seed of every random draw")
     script: ClassVar[str] = "an evaluation (evaluate_marginal_likelihood.py)"

@@ -50,9 +50,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--max-rows",
         type=positive_int,
-        default=DEFAULT_MAX_ROWS,
+        default=None,
         help="particles x images per forward pass of the model; bounds memory, changes no "
-        f"number (default: {DEFAULT_MAX_ROWS})",
+        f"number (default: {DEFAULT_MAX_ROWS}, fewer for convolutional networks)",
     )
     p.add_argument("--no-psis", action="store_true", help="skip the PSIS k̂ diagnostic")
     p.add_argument(

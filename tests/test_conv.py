@@ -95,3 +95,34 @@ def test_train_svi_trains_a_conv_vae_on_8_bit_digits_and_refuses_it_for_two_laye
     )
     assert status == 2 and "--arch applies to --model vae" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "h").exists()
+
+
+def test_conv_networks_get_smaller_evaluation_passes_that_change_no_number():
+    """rows_per_pass: a conv model's default pass is sized by its networks' largest unfolded
+    map (the last convolution's 9 x channels x H x W input); a fully connected model keeps
+    DEFAULT_MAX_ROWS.  The sharded evaluator uses it (passes of at most that many rows) and gives the
+    numbers of the default pass bit for bit."""
+    from pyro_vae.choices import DEFAULT_MAX_ROWS, PASS_FLOATS
+    from pyro_vae.inference.evaluate import rows_per_pass
+    from pyro_vae.training.distributed import Ranks, sharded_log_px
+
+    vae = VAE(x_dim=784, z_dim=4, hidden=(16,), image_shape=(28, 28), arch="conv", channels=(32, 8))
+    assert vae.decoder.row_floats == 9 * 32 * 28 * 28
+    rows = rows_per_pass(vae)
+    assert rows == PASS_FLOATS // (9 * 32 * 28 * 28) and 16 <= rows < DEFAULT_MAX_ROWS
+    assert rows_per_pass(VAE(x_dim=784, z_dim=4, hidden=(16,))) == DEFAULT_MAX_ROWS
+    assert rows_per_pass("not a module") == DEFAULT_MAX_ROWS
+    big = VAE(x_dim=3 * 64**2, z_dim=4, hidden=(16,), image_shape=(64, 64, 3), arch="conv")
+    assert rows_per_pass(big) == max(16, PASS_FLOATS // big.decoder.row_floats)
+
+    passes = []  # rows of z per pass of the decoder
+    vae.decoder.register_forward_hook(lambda m, args, out: passes.append(args[0][..., 0].numel()))
+    x = torch.bernoulli(torch.full((3, 784), 0.3), generator=torch.Generator().manual_seed(1))
+    sized = sharded_log_px(vae.model, vae.guide, x, ranks=Ranks(), num_particles=rows + 5, seed=0)
+    assert max(passes) <= rows
+    passes.clear()
+    whole = estimate_log_px(
+        vae.model, vae.guide, x, num_particles=rows + 5, seed=0, max_rows=DEFAULT_MAX_ROWS
+    )
+    assert max(passes) == 3 * (rows + 5)
+    assert torch.equal(sized.log_px, whole.log_px) and torch.equal(sized.elbo, whole.elbo)

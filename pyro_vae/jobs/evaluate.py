@@ -47,7 +47,12 @@ from pyro_vae.choices import DATASETS, MADE
 from pyro_vae.config import EvalConfig, GapsConfig, OODConfig
 from pyro_vae.data import as_dataset, heldout_images
 from pyro_vae.faults import pause_point
-from pyro_vae.inference.evaluate import MarginalLikelihood, estimate_log_px, eval_batch_size
+from pyro_vae.inference.evaluate import (
+    MarginalLikelihood,
+    estimate_log_px,
+    eval_batch_size,
+    rows_per_pass,
+)
 from pyro_vae.io.rundir import Outputs, RunDirError, write_file_atomically
 from pyro_vae.seeding import seed_everything
 from pyro_vae.training.distributed import Ranks, all_gather_objects
@@ -191,7 +196,7 @@ def _log_px_kept(
                         run.model.guide,
                         x[start : start + block],
                         num_particles=config.num_particles,
-                        max_rows=config.max_rows,
+                        max_rows=config.max_rows or rows_per_pass(run.model),
                         psis=config.psis,
                         seed=config.seed,
                         first_index=start,

@@ -254,6 +254,11 @@ class ConvEncoder(_GaussianOutput):
         c, h, w = image_layout(image_shape)
         heights, widths = _halvings(h, len(channels)), _halvings(w, len(channels))
         layers: list[nn.Module] = [_ImagesIn(self.image_shape)]
+        #: floats of working memory per image: the largest unfolded input of a convolution
+        self.row_floats = max(
+            [c_in * 9 * h * w for c_in, h, w in zip([c, *channels], heights[1:], widths[1:])],
+            default=0,
+        )
         for c_out in channels:
             conv = nn.Conv2d(c, c_out, 3, stride=2, padding=1)
             layers.append(nn.utils.parametrizations.weight_norm(conv) if weight_norm else conv)
@@ -311,10 +316,11 @@ class ConvDecoder(nn.Module):
         )
         layers: list[nn.Module] = []
         sizes = list(zip(heights, widths))
-        c_in = top
+        c_in, columns = top, []
         for i in range(len(channels) - 1, -1, -1):  # up from the smallest map
             (h_out, w_out), (h_in, w_in) = sizes[i], sizes[i + 1]
             c_out = channels[i - 1] if i > 0 else channels[0]
+            columns.append(9 * c_out * h_in * w_in)
             up = nn.ConvTranspose2d(
                 c_in, c_out, 3, stride=2, padding=1,
                 output_padding=(h_out - (2 * h_in - 1), w_out - (2 * w_in - 1)),
@@ -326,6 +332,9 @@ class ConvDecoder(nn.Module):
             c_in = c_out
         layers.append(nn.Conv2d(c_in, outputs * c, 3, padding=1))
         self.convs = nn.Sequential(*layers)
+        #: floats of working memory per z: the largest unfolded map of a convolution (the
+        #: columns of a transposed one, the input of the last one)
+        self.row_floats = max([*columns, 9 * c_in * h * w])
         # a bias per pixel and output (the convolutions' biases are per channel): the output
         # bias can then start at the data's mean image, as Burda et al. start theirs
         self.bias = nn.Parameter(torch.zeros(outputs * c * h * w))

@@ -225,13 +225,14 @@ def sharded_log_px(
     ``seed`` and its position, so the per-datapoint values are bit for bit those of one
     process with the same seed, whatever the number of ranks."""
     from pyro_vae.inference.evaluate import (
-        DEFAULT_MAX_ROWS,
         MarginalLikelihood,
         estimate_log_px,
         eval_batch_size,
+        rows_per_pass,
     )
 
-    max_rows = DEFAULT_MAX_ROWS if max_rows is None else max_rows
+    if max_rows is None:  # sized to the model's networks (a bound method's module)
+        max_rows = rows_per_pass(getattr(model, "__self__", None), getattr(guide, "__self__", None))
     n = data[0].shape[0]
     start, stop = shard_bounds(n, ranks, align=eval_batch_size(num_particles))
     part = None
