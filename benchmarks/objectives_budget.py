@@ -193,11 +193,14 @@ def job_for(args, objective: str, minutes: float) -> Job:
 
 
 def finished(out: Path) -> bool:
+    """The run trained all its epochs, or stopped early by its own rule (``--patience``)."""
     config = json.loads((out / "config.json").read_text())
     lines = (
         (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
     )
-    return len(lines) >= config["epochs"]
+    report = out / "evaluation.json"
+    stopped = report.is_file() and "stopped" in json.loads(report.read_text())
+    return len(lines) >= config["epochs"] or stopped
 
 
 def read_result(args, out: Path) -> dict | None:
