@@ -150,6 +150,40 @@ class _Job:
         )
 
 
+def _fit(
+    training: TrainingRun,
+    config: TrainConfig | SSVAEConfig,
+    metric: str,
+    *,
+    val_data: tuple,
+    callbacks: list,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> str | None:
+    """Train up to ``config.epochs``, stopped early by ``config.patience`` (epochs without a
+    better ``metric``) or ``config.max_minutes``: why it stopped early, or None.  A resumed
+    run that had stopped already trains no further."""
+    trainer = training.trainer
+    stopper = EarlyStopping(
+        metric,
+        patience=config.patience,
+        max_seconds=None if config.max_minutes is None else 60 * config.max_minutes,
+    )
+    stopped = stopper.reason(trainer.history)
+    if stopped is None and trainer.epoch < config.epochs:
+        training.fit(
+            config.epochs,
+            val_data=val_data,
+            callbacks=callbacks,
+            stop_rules=[stopper],
+            progress=progress,
+        )
+        stopped = trainer.stop_reason
+    if stopped is not None and log is not None and training.is_main:
+        log(f"stopped after epoch {trainer.epoch}: {stopped}")
+    return stopped
+
+
 @dataclass
 class TrainResult:
     """What ``train_vae`` returns: the trained run (read back as a later job reads it), the
@@ -253,23 +287,15 @@ def train_vae(
     )
     training = job.open(directory, config, model, model_class, trainer, loader, **recorded)
     quiet = not progress or not ranks.is_main
-    stopper = EarlyStopping(
+    stopped = _fit(
+        training,
+        config,
         "val_elbo",
-        patience=config.patience,
-        max_seconds=None if config.max_minutes is None else 60 * config.max_minutes,
+        val_data=(valid.images.to(device),),
+        callbacks=[training.keep_best("val_elbo")] if config.keep_best else [],
+        progress=not quiet,
+        log=log,
     )
-    stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
-    if stopped is None and trainer.epoch < config.epochs:
-        training.fit(
-            config.epochs,
-            val_data=(valid.images.to(device),),
-            callbacks=[training.keep_best("val_elbo")] if config.keep_best else [],
-            stop_rules=[stopper],
-            progress=not quiet,
-        )
-        stopped = trainer.stop_reason
-    if stopped is not None and log is not None and ranks.is_main:
-        log(f"stopped after epoch {trainer.epoch}: {stopped}")
     best_epoch = None
     if config.keep_best:
         # Every rank has passed the last epoch's checkpoint (a collective), which rank 0
@@ -455,24 +481,16 @@ def train_ssvae(
         metrics["val_accuracy"] = accuracy(model, valid_x, valid_y)
 
     quiet = not progress or not ranks.is_main
-    stopper = EarlyStopping(
+    # val_elbo: the pure model on unlabelled images, y drawn from q(y|x).
+    stopped = _fit(
+        training,
+        config,
         "val_accuracy",
-        patience=config.patience,
-        max_seconds=None if config.max_minutes is None else 60 * config.max_minutes,
+        val_data=(valid_x,),
+        callbacks=[val_accuracy, training.keep_best("val_accuracy")],
+        progress=not quiet,
+        log=log,
     )
-    stopped = stopper.reason(trainer.history)  # a resumed run that had stopped already
-    if stopped is None and trainer.epoch < config.epochs:
-        # val_elbo: the pure model on unlabelled images, y drawn from q(y|x).
-        training.fit(
-            config.epochs,
-            val_data=(valid_x,),
-            callbacks=[val_accuracy, training.keep_best("val_accuracy")],
-            stop_rules=[stopper],
-            progress=not quiet,
-        )
-        stopped = trainer.stop_reason
-    if stopped is not None and log is not None and ranks.is_main:
-        log(f"stopped after epoch {trainer.epoch}: {stopped}")
     if not ranks.is_main:  # the test evaluation is rank 0's (the labelled test set is small)
         return TrainResult(None, {}, training)
 
