@@ -104,7 +104,8 @@ def main(args) -> dict:
     report = result.report
     print(
         f"{args.split} set, {report['num_datapoints']} images, K={args.num_particles}, "
-        f"{report['binarize']} binarisation"
+        f"{report['binarize']} binarisation; weights {report['checkpoint']} (epoch "
+        f"{report['epoch']})"
     )
     print(
         f"  log p(x)  {report['log_px']:9.2f} ± {report['log_px_sem']:.2f}   (NLL {report['nll']:.2f})"

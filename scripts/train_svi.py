@@ -363,6 +363,12 @@ def main(args) -> dict:
         which = "nll" if "nll" in rates else "neg_elbo"
         shown = "-log p(x)" if which == "nll" else "-ELBO"
         lines.append(f"{shown} in bits   {rates[which]:.4f} bits/dim")
+    if "stopped" in report:
+        lines.append(f"stopped early    {report['stopped']}")
+    if "best_epoch" in report:
+        lines.append(
+            f"scored weights   best.pt, epoch {report['best_epoch']} (best validation ELBO)"
+        )
     print("\n".join([*lines, f"run directory    {out}"]))
     return report
 

@@ -466,12 +466,14 @@ def test_a_run_that_keeps_its_best_epoch_is_that_epoch_for_the_later_scripts(dat
     best = max(range(len(val)), key=lambda i: (val[i], i)) + 1
     assert best < 6  # else best.pt could not be told from checkpoint.pt
     assert json.loads((run_dir / "evaluation.json").read_text())["best_epoch"] == best
+    assert f"scored weights   best.pt, epoch {best}" in result.stdout
     out = tmp_path / "eval"
     args = ["--checkpoint", str(run_dir), "--num-particles", "5", "--eval-size", "8", "--quiet"]
     result = run_script("evaluate_marginal_likelihood.py", [*args, "--out", str(out)], data_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "marginal_likelihood_k5.json").read_text())
     assert report["epoch"] == best and report["checkpoint"] == str(run_dir / "best.pt")
+    assert f"weights {run_dir / 'best.pt'} (epoch {best})" in result.stdout
     encoded = tmp_path / "test.pvbb"
     args = ["--checkpoint", str(run_dir), "encode", "--split", "test", "--count", "4"]
     result = run_script("compress.py", [*args, "--output", str(encoded)], data_dir)
