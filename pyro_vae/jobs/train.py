@@ -212,11 +212,12 @@ def train_vae(
     from; ``new``: the directory must hold nothing yet), then ``evaluation.json`` (test ELBO,
     and log p(x) at ``config.eval_particles``) and the figures; ``config.patience`` and
     ``config.max_minutes`` stop training early (on the validation ELBO, on the time the epochs
-    took; the report says why under ``stopped``).  With ``config.keep_best``
-    the weights of the epoch with the best validation ELBO are kept in ``best.pt``, and the
-    report, the figures and every later job that reads the run directory use them.  ``record`` is what
-    ``config.json`` holds (default: the config, the device and the model); on several
-    processes (``ranks``) rank 0 alone writes, and the other ranks get ``run=None``.
+    took; the report says why under ``stopped``).  With ``config.keep_best`` the weights of
+    the epoch with the best validation ELBO are kept in ``best.pt``, and the report (its
+    ``best_epoch``), the figures and every later job that reads the run directory use them.
+    ``record`` is what ``config.json`` holds (default: the config, the device and the model);
+    on several processes (``ranks``) rank 0 alone writes, and the other ranks get
+    ``run=None``.
 
     Settings the data cannot satisfy (a batch larger than the training set) are a
     ``ConfigError`` naming them, before anything is written.
@@ -296,13 +297,12 @@ def train_vae(
         progress=not quiet,
         log=log,
     )
-    best_epoch = None
+    best = None
     if config.keep_best:
         # Every rank has passed the last epoch's checkpoint (a collective), which rank 0
         # writes after best.pt: the file is complete for all of them.
         best = load_checkpoint(training.best_path, map_location=device)
         model.load_state_dict(best["model"])
-        best_epoch = int(best["epoch"])
     model.eval()  # batch normalisation, if any, on its running statistics from here on
 
     test_x = test.images.to(device)
@@ -311,8 +311,8 @@ def train_vae(
         "dataset": config.dataset,
         "units": "nats per image",
     }
-    if best_epoch is not None:
-        report["best_epoch"] = best_epoch  # the weights the report, figures and Run.load use
+    if best is not None:
+        report["best_epoch"] = int(best["epoch"])  # the weights scored here and by later jobs
     if stopped is not None:
         report["stopped"] = stopped
     if config.eval_particles:
