@@ -96,6 +96,10 @@ OBJECTIVES |= {
     "hvae-td-warm": hvae_arm("top-down", True, True, True),
     "hvae-td-warm-soft": hvae_arm("top-down", True, True, True, ["--scale-link", "softclamp"]),
     "hvae-det-warm": hvae_arm("deterministic", True, True, True),
+    # the ladder guide with batch normalisation, as Sønderby et al. trained it
+    "hvae-td-warm-soft-bn": hvae_arm(
+        "top-down", True, True, True, ["--scale-link", "softclamp", "--batch-norm"]
+    ),
     # three layers with skip connections in the generative path (Havtorn et al.'s structure)
     "hvae-det3-skip-warm": hvae_arm("deterministic", True, True, True, THREE_LAYERS_SKIP),
     # 8-bit MNIST (grey levels, not binarised): the convolutional VAE with the discretised
