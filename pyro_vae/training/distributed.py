@@ -230,9 +230,10 @@ def sharded_log_px(
         eval_batch_size,
         rows_per_pass,
     )
+    from pyro_vae.training.stepper import owner_modules
 
-    if max_rows is None:  # sized to the model's networks (a bound method's module)
-        max_rows = rows_per_pass(getattr(model, "__self__", None), getattr(guide, "__self__", None))
+    if max_rows is None:  # sized to the networks of the modules model and guide belong to
+        max_rows = rows_per_pass(*owner_modules(model, guide))
     n = data[0].shape[0]
     start, stop = shard_bounds(n, ranks, align=eval_batch_size(num_particles))
     part = None
